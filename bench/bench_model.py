@@ -1,0 +1,82 @@
+"""Forward + backward throughput of the DiT alone: params, samples/s, tokens/s, FLOP/s, MFU (one JSON line).
+
+python bench/bench_model.py [config/file.py] [--key=value]   e.g. bench/bench_model.py config/dit_large.py --batch_size=64
+"""
+import dataclasses
+import json
+import os
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from configurator import configure  # noqa: E402
+from model import DiT, DiTConfig  # noqa: E402
+
+# bench settings, then every DiTConfig field as a setting
+batch_size = 8
+dtype = 'bfloat16'  # 'bfloat16' | 'float16' | 'float32' (autocast; weights stay fp32 as in training)
+compile = False
+device = 'auto'
+warmup_steps = 3
+steps = 10
+globals().update(dataclasses.asdict(DiTConfig()))
+config = configure(globals())
+
+# dense bf16 peak FLOP/s by device name (no sparsity)
+PEAK_FLOPS = {'H100': 989e12, 'H200': 989e12, 'A100': 312e12}
+
+
+def cpu_matmul_peak(dim, dtype):
+    """Measured CPU peak: FLOP/s of a dim x dim matmul in the run's dtype, best of a few."""
+    a, b = torch.randn(dim, dim, dtype=dtype), torch.randn(dim, dim, dtype=dtype)
+    best = float('inf')
+    for _ in range(5):
+        start = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - start)
+    return 2 * dim ** 3 / best
+
+
+if __name__ == '__main__':
+    device = ('cuda' if torch.cuda.is_available() else 'cpu') if device == 'auto' else device
+    ptdtype = {'bfloat16': torch.bfloat16, 'float16': torch.float16, 'float32': torch.float32}[dtype]
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    cfg = DiTConfig(**{f.name: config[f.name] for f in dataclasses.fields(DiTConfig)})
+    torch.manual_seed(0)
+    model = DiT(cfg).to(device)
+    flops_per_sample = model.flops_per_sample()
+    step_model = torch.compile(model) if compile else model
+    L = cfg.grid_size ** 2
+    x = torch.randn(batch_size, L, cfg.in_dim, device=device)
+    cond = torch.randn(batch_size, L, cfg.cond_dim, device=device)
+    t = torch.rand(batch_size, device=device)
+    autocast = torch.autocast(device.split(':')[0], dtype=ptdtype, enabled=ptdtype != torch.float32)
+    sync = torch.cuda.synchronize if device.startswith('cuda') else (lambda: None)
+    for i in range(warmup_steps + steps):
+        if i == warmup_steps:
+            sync()
+            start = time.perf_counter()
+        with autocast:
+            loss = step_model(x, t, cond).float().square().mean()
+        loss.backward()
+        model.zero_grad(set_to_none=True)
+    sync()
+    seconds = (time.perf_counter() - start) / steps
+    if device.startswith('cuda'):
+        name = torch.cuda.get_device_name()
+        peak = next((v for k, v in PEAK_FLOPS.items() if k in name), None)
+        memory = torch.cuda.max_memory_allocated() / 2 ** 30
+    else:
+        name = f'cpu ({torch.get_num_threads()} threads)'
+        peak = cpu_matmul_peak(cfg.dim, ptdtype)
+        memory = None
+    achieved = 3 * flops_per_sample * batch_size / seconds
+    print(json.dumps({
+        'bench': 'model', 'device': name, 'dim': cfg.dim, 'n_layers': cfg.n_layers, 'n_heads': cfg.n_heads,
+        'params': model.num_params(), 'batch_size': batch_size, 'dtype': dtype, 'compile': compile,
+        'ms_per_step': round(1000 * seconds, 2), 'samples_per_s': round(batch_size / seconds, 2),
+        'tokens_per_s': round(batch_size * L / seconds, 1), 'train_flops_per_sample': 3 * flops_per_sample,
+        'achieved_tflops': round(achieved / 1e12, 4), 'peak_tflops': peak and round(peak / 1e12, 4),
+        'mfu': peak and round(achieved / peak, 4), 'peak_memory_gib': memory and round(memory, 2)}))

@@ -1,0 +1,79 @@
+"""Flow matching on a linear path, velocity prediction.
+
+Convention (fixed; the seed's, Lumina-Next's and facebookresearch/flow_matching's; SD3/diffusers run the
+other way, never mix them): t in [0, 1], t = 0 is noise x0 ~ N(0, I), t = 1 is data x1.
+    x_t = (1 - (1 - sigma_min) * t) * x0 + t * x1
+    v   = d x_t / dt = x1 - (1 - sigma_min) * x0
+Sampling integrates dx/dt = v(x, t) from t = 0 (x = x0 ~ N(0, I)) to t = 1.
+"""
+import torch
+import torch.nn.functional as F
+
+
+def sample_t(n, kind='logit_normal', mean=0.0, std=1.0, generator=None, device=None):
+    """n training times in (0, 1): logit-normal (SD3's default, more weight mid-path) or uniform."""
+    if kind == 'logit_normal':
+        return torch.sigmoid(mean + std * torch.randn(n, generator=generator, device=device))
+    if kind == 'uniform':
+        return torch.rand(n, generator=generator, device=device)
+    raise ValueError(f"t sampling kind should be 'logit_normal' or 'uniform', got {kind!r}")
+
+
+def expand_t(t, x):
+    """t [B] -> [B, 1, ..., 1] to broadcast against x [B, ...]."""
+    return t.reshape(-1, *([1] * (x.dim() - 1))).to(x.dtype)
+
+
+def interpolate(x0, x1, t, sigma_min=1e-4):
+    """The point x_t on the path from noise x0 (t = 0) to data x1 (t = 1)."""
+    t = expand_t(t, x1)
+    return (1 - (1 - sigma_min) * t) * x0 + t * x1
+
+
+def velocity_target(x0, x1, sigma_min=1e-4):
+    """d x_t / dt: the regression target; must use the same x0 that made x_t."""
+    return x1 - (1 - sigma_min) * x0
+
+
+def flow_loss(model, x1, cond, cond_drop_prob=0.1, t_sampling='logit_normal', sigma_min=1e-4, generator=None):
+    """MSE between predicted and true velocity at random t, with the condition dropped per sample for CFG."""
+    B, device = x1.shape[0], x1.device
+    x0 = torch.randn(x1.shape, generator=generator, device=device, dtype=x1.dtype)
+    t = sample_t(B, t_sampling, generator=generator, device=device)
+    drop = torch.rand(B, generator=generator, device=device) < cond_drop_prob
+    pred = model(interpolate(x0, x1, t, sigma_min), t, cond, drop_cond=drop)
+    return F.mse_loss(pred.float(), velocity_target(x0, x1, sigma_min).float())
+
+
+@torch.no_grad()
+def sample(velocity_fn, x0, steps=50, method='euler'):
+    """Integrate dx/dt = velocity_fn(x, t) from t = 0 to 1 on a uniform grid of `steps` steps.
+
+    Euler costs one call a step (error O(1/steps)); Heun two (error O(1/steps^2)).
+    """
+    if method not in ('euler', 'heun'):
+        raise ValueError(f"sampling method should be 'euler' or 'heun', got {method!r}")
+    x, dt = x0, 1.0 / steps
+    for i in range(steps):
+        t = torch.full((x.shape[0],), i * dt, device=x.device)
+        v = velocity_fn(x, t)
+        if method == 'heun':
+            v = 0.5 * (v + velocity_fn(x + dt * v, t + dt))
+        x = x + dt * v
+    return x
+
+
+def guided(model, cond, scale=1.0):
+    """velocity_fn(x, t) for sample(): classifier-free guidance v_null + scale * (v_cond - v_null).
+
+    scale 1.0 is the plain conditional model (one forward); otherwise both run as one batched forward.
+    """
+    if scale == 1.0:
+        return lambda x, t: model(x, t, cond)
+    B = cond.shape[0]
+    drop = torch.arange(2 * B, device=cond.device) >= B
+
+    def velocity_fn(x, t):
+        v_cond, v_null = model(torch.cat([x, x]), torch.cat([t, t]), torch.cat([cond, cond]), drop_cond=drop).chunk(2)
+        return v_null + scale * (v_cond - v_null)
+    return velocity_fn

@@ -1,0 +1,233 @@
+"""The BLIP3-o diffusion head: a Lumina-Next style DiT that predicts the flow velocity of CLIP tokens.
+
+Input: noisy standardized CLIP patch tokens x [B, L, in_dim] (L = grid_size**2), time t [B] in [0, 1],
+EVA patch tokens cond [B, M, cond_dim]. Output: velocity [B, L, in_dim] (see flow.py for the convention).
+
+  c    = TimestepEmbedder(t) + Linear(mean_M(EVA projected))        conditioning vector, drives adaLN
+  h    = Linear(in_dim -> dim)(x)
+  kv   = Linear(cond_dim -> dim)(RMSNorm(cond))                     computed once, shared by all blocks
+  h   += tanh(g1) * SelfAttn(RMSNorm(h) * (1 + s1))                 QK-norm, axial RoPE over the grid
+  h   += tanh(g2) * CrossAttn(RMSNorm(h) * (1 + s2), kv)            QK-norm, RoPE when EVA is on the same grid
+  h   += tanh(g3) * SwiGLU(RMSNorm(h) * (1 + s3))                   (s1, g1, ..., g3) = Linear(SiLU(c))
+  out  = Linear(dim -> in_dim)(LayerNorm(h) * (1 + s))              adaLN-Zero: the untrained model outputs 0
+"""
+import math
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+
+@dataclass
+class DiTConfig:
+    dim: int = 1792
+    n_layers: int = 24
+    n_heads: int = 28
+    n_kv_heads: Optional[int] = None  # None = n_heads; fewer = grouped-query attention
+    in_dim: int = 1024                # CLIP ViT-L/14 token width
+    cond_dim: int = 4096              # EVA-CLIP-8B token width
+    grid_size: int = 16               # 16 x 16 = 256 tokens
+    ffn_multiple_of: int = 256
+    ffn_dim_multiplier: Optional[float] = None
+    norm_eps: float = 1e-5
+    qk_norm: bool = True
+    rope_theta: float = 10000.0
+    grad_checkpointing: bool = False
+    cross_rope: bool = True           # EVA tokens lie on the same grid: RoPE in cross-attention too
+
+    @property
+    def head_dim(self):
+        return self.dim // self.n_heads
+
+    @property
+    def kv_heads(self):
+        return self.n_kv_heads or self.n_heads
+
+    @property
+    def ffn_hidden(self):
+        """SwiGLU width, Llama/Lumina-Next formula: 2/3 of 4*dim, times the multiplier, rounded up."""
+        hidden = int(2 * 4 * self.dim / 3)
+        if self.ffn_dim_multiplier is not None:
+            hidden = int(self.ffn_dim_multiplier * hidden)
+        return self.ffn_multiple_of * math.ceil(hidden / self.ffn_multiple_of)
+
+
+def grid_positions(grid_size, n_axes=2):
+    """Integer coordinates [grid_size**n_axes, n_axes] of a row-major grid."""
+    axes = [torch.arange(grid_size)] * n_axes
+    return torch.stack(torch.meshgrid(*axes, indexing='ij'), dim=-1).reshape(-1, n_axes)
+
+
+def rope_tables(positions, head_dim, theta=10000.0):
+    """cos/sin tables [L, head_dim/2] for axial RoPE: each axis rotates its own head_dim/n_axes channels."""
+    n_axes = positions.shape[-1]
+    if head_dim % (2 * n_axes):
+        raise ValueError(f"head_dim {head_dim} must be divisible by 2 * n_axes = {2 * n_axes} for axial RoPE")
+    axis_dim = head_dim // n_axes
+    freqs = theta ** (-torch.arange(0, axis_dim, 2, dtype=torch.float64) / axis_dim)  # [axis_dim/2]
+    angles = torch.cat([positions[:, a, None].double() * freqs for a in range(n_axes)], dim=-1)
+    return angles.cos().float(), angles.sin().float()
+
+
+def apply_rope(x, cos, sin):
+    """Rotate channel pairs (2i, 2i+1) of x [B, H, L, D] by the angles of the tables [L, D/2]."""
+    x = x.float().unflatten(-1, (-1, 2))
+    x0, x1 = x[..., 0], x[..., 1]
+    return torch.stack([x0 * cos - x1 * sin, x0 * sin + x1 * cos], dim=-1).flatten(-2)
+
+
+class Attention(nn.Module):
+    """Multi-head attention with QK-norm; self-attention (with RoPE) when kv is x, cross-attention otherwise."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.n_heads, self.kv_heads, self.head_dim = cfg.n_heads, cfg.kv_heads, cfg.head_dim
+        self.wq = nn.Linear(cfg.dim, cfg.n_heads * cfg.head_dim, bias=False)
+        self.wkv = nn.Linear(cfg.dim, 2 * cfg.kv_heads * cfg.head_dim, bias=False)
+        self.wo = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=False)
+        norm = (lambda: nn.RMSNorm(cfg.head_dim, eps=cfg.norm_eps)) if cfg.qk_norm else nn.Identity
+        self.q_norm, self.k_norm = norm(), norm()
+
+    def forward(self, x, kv, rope=None):
+        B, L, _ = x.shape
+        q = self.q_norm(self.wq(x).view(B, L, self.n_heads, self.head_dim)).transpose(1, 2)
+        k, v = self.wkv(kv).view(B, kv.shape[1], 2, self.kv_heads, self.head_dim).unbind(2)
+        k, v = self.k_norm(k).transpose(1, 2), v.transpose(1, 2)
+        if rope is not None:
+            q, k = apply_rope(q, *rope).type_as(v), apply_rope(k, *rope).type_as(v)
+        out = F.scaled_dot_product_attention(q, k, v, enable_gqa=self.kv_heads != self.n_heads)
+        return self.wo(out.transpose(1, 2).reshape(B, L, -1))
+
+
+class SwiGLU(nn.Module):
+    def __init__(self, dim, hidden):
+        super().__init__()
+        self.w13 = nn.Linear(dim, 2 * hidden, bias=False)  # gate and up projections in one matmul
+        self.w2 = nn.Linear(hidden, dim, bias=False)
+
+    def forward(self, x):
+        gate, up = self.w13(x).chunk(2, dim=-1)
+        return self.w2(F.silu(gate) * up)
+
+
+class Block(nn.Module):
+    """Self-attention, cross-attention to EVA, feed-forward; each pre-normed, scaled and gated by adaLN."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.self_attn, self.cross_attn = Attention(cfg), Attention(cfg)
+        self.ffn = SwiGLU(cfg.dim, cfg.ffn_hidden)
+        self.norm1, self.norm2, self.norm3 = (nn.RMSNorm(cfg.dim, eps=cfg.norm_eps) for _ in range(3))
+        self.adaLN = nn.Sequential(nn.SiLU(), nn.Linear(cfg.dim, 6 * cfg.dim))
+
+    def forward(self, x, kv, c, rope, cross_rope):
+        s1, g1, s2, g2, s3, g3 = self.adaLN(c).unsqueeze(1).chunk(6, dim=-1)
+        h = self.norm1(x) * (1 + s1)
+        x = x + g1.tanh() * self.self_attn(h, h, rope)
+        x = x + g2.tanh() * self.cross_attn(self.norm2(x) * (1 + s2), kv, cross_rope)
+        return x + g3.tanh() * self.ffn(self.norm3(x) * (1 + s3))
+
+
+class TimestepEmbedder(nn.Module):
+    """Sinusoidal features of 1000*t (DiT's scale, so t in [0, 1] spans the frequencies) -> MLP."""
+
+    def __init__(self, dim, freq_dim=256):
+        super().__init__()
+        self.freq_dim = freq_dim
+        self.mlp = nn.Sequential(nn.Linear(freq_dim, dim), nn.SiLU(), nn.Linear(dim, dim))
+
+    def forward(self, t):
+        half = self.freq_dim // 2
+        freqs = torch.exp(-math.log(10000.0) * torch.arange(half, device=t.device, dtype=torch.float32) / half)
+        angles = 1000.0 * t.float()[:, None] * freqs
+        return self.mlp(torch.cat([angles.cos(), angles.sin()], dim=-1))
+
+
+class DiT(nn.Module):
+    def __init__(self, cfg: DiTConfig):
+        super().__init__()
+        if cfg.dim % cfg.n_heads or cfg.n_heads % cfg.kv_heads:
+            raise ValueError(f"dim {cfg.dim} must divide by n_heads {cfg.n_heads}, "
+                             f"and n_heads by n_kv_heads {cfg.kv_heads}")
+        self.cfg = cfg
+        self.x_embed = nn.Linear(cfg.in_dim, cfg.dim)
+        self.t_embed = TimestepEmbedder(cfg.dim)
+        self.cond_norm = nn.RMSNorm(cfg.cond_dim, eps=cfg.norm_eps)
+        self.cond_proj = nn.Linear(cfg.cond_dim, cfg.dim)
+        self.pool_embed = nn.Linear(cfg.dim, cfg.dim)
+        # the condition of a dropped sample (classifier-free guidance): one learned raw EVA token
+        self.null_cond = nn.Parameter(torch.randn(cfg.cond_dim) * 0.02)
+        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
+        self.final_norm = nn.LayerNorm(cfg.dim, elementwise_affine=False, eps=1e-6)
+        self.final_adaLN = nn.Sequential(nn.SiLU(), nn.Linear(cfg.dim, cfg.dim))
+        self.final_proj = nn.Linear(cfg.dim, cfg.in_dim)
+        cos, sin = rope_tables(grid_positions(cfg.grid_size), cfg.head_dim, cfg.rope_theta)
+        self.register_buffer('rope_cos', cos, persistent=False)
+        self.register_buffer('rope_sin', sin, persistent=False)
+        self.init_weights()
+
+    def init_weights(self):
+        """Xavier for linears, then adaLN-Zero: modulation outputs and the final projection start at 0."""
+        for module in self.modules():
+            if isinstance(module, nn.Linear):
+                nn.init.xavier_uniform_(module.weight)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+        for linear in [b.adaLN[-1] for b in self.blocks] + [self.final_adaLN[-1], self.final_proj]:
+            nn.init.zeros_(linear.weight)
+            nn.init.zeros_(linear.bias)
+
+    def check_inputs(self, x, t, cond, drop_cond):
+        cfg, B = self.cfg, x.shape[0]
+        L = cfg.grid_size ** 2
+        # with cross_rope the EVA tokens must lie on the model's grid; otherwise any count M works
+        expected = [('x', x, (B, L, cfg.in_dim)), ('t', t, (B,)), ('cond', cond, (B, L if cfg.cross_rope else 'M', cfg.cond_dim))]
+        if drop_cond is not None:
+            expected.append(('drop_cond', drop_cond, (B,)))
+        for name, tensor, shape in expected:
+            if len(tensor.shape) != len(shape) or any(s != 'M' and s != n for s, n in zip(shape, tensor.shape)):
+                raise ValueError(f"DiT.forward: {name} should have shape [{', '.join(map(str, shape))}], "
+                                 f"got {list(tensor.shape)}")
+
+    def forward(self, x, t, cond, drop_cond=None):
+        """Velocity [B, L, in_dim] for noisy tokens x [B, L, in_dim] at times t [B] given EVA tokens cond [B, M, cond_dim]."""
+        self.check_inputs(x, t, cond, drop_cond)
+        if drop_cond is not None:
+            cond = torch.where(drop_cond[:, None, None], self.null_cond.to(cond.dtype), cond)
+        kv = self.cond_proj(self.cond_norm(cond))
+        c = self.t_embed(t) + self.pool_embed(kv.mean(dim=1))
+        h = self.x_embed(x)
+        rope = (self.rope_cos, self.rope_sin)
+        cross_rope = rope if self.cfg.cross_rope else None
+        for block in self.blocks:
+            if self.cfg.grad_checkpointing and self.training:
+                h = checkpoint(block, h, kv, c, rope, cross_rope, use_reentrant=False)
+            else:
+                h = block(h, kv, c, rope, cross_rope)
+        scale = self.final_adaLN(c).unsqueeze(1)
+        return self.final_proj(self.final_norm(h) * (1 + scale))
+
+    def num_params(self):
+        return sum(p.numel() for p in self.parameters())
+
+    def flops_per_sample(self, cond_tokens=None):
+        """Analytic forward FLOPs for one sample (2 per multiply-add; matmuls and attention only).
+
+        Per-token matmuls count once per token, the adaLN / timestep MLPs once per sample.
+        A training step (forward + backward) costs 3x this.
+        """
+        cfg = self.cfg
+        L, M, D, hd = cfg.grid_size ** 2, cond_tokens or cfg.grid_size ** 2, cfg.dim, cfg.head_dim
+        kv_width = cfg.kv_heads * hd
+        per_sample = 2 * (256 * D + D * D) + 2 * D * D + 2 * D * D  # t MLP, pool_embed, final adaLN
+        tokens = 2 * L * cfg.in_dim * D + 2 * M * cfg.cond_dim * D + 2 * L * D * cfg.in_dim  # embed, cond, out
+        block = (2 * D * 6 * D                                    # adaLN (per sample)
+                 + 2 * L * D * (D + 2 * kv_width) + 2 * L * D * D  # self-attn qkv + out
+                 + 4 * L * L * D                                   # self-attn scores and values
+                 + 2 * L * D * D + 2 * M * D * 2 * kv_width + 2 * L * D * D  # cross-attn q, kv, out
+                 + 4 * L * M * D                                   # cross-attn scores and values
+                 + 2 * L * D * 3 * cfg.ffn_hidden)                 # SwiGLU
+        return per_sample + tokens + cfg.n_layers * block

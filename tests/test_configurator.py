@@ -1,0 +1,70 @@
+import subprocess
+import sys
+
+import pytest
+
+from conftest import ROOT
+from configurator import configure
+
+
+def settings():
+    return dict(learning_rate=1e-4, max_iters=100, compile=True, out_dir='out', n_kv_heads=None, k_values=(1, 5, 10))
+
+
+def test_overrides_parse_python_literals_and_keep_strings():
+    ns = settings()
+    config = configure(ns, ['--max_iters=5', '--compile=False', '--out_dir=out/a=b', '--k_values=(1, 2)',
+                            '--n_kv_heads=4', '--learning_rate=3e-4'])
+    assert ns['max_iters'] == 5 and ns['compile'] is False and ns['out_dir'] == 'out/a=b'
+    assert ns['k_values'] == (1, 2) and ns['n_kv_heads'] == 4 and ns['learning_rate'] == 3e-4
+    assert config == {k: ns[k] for k in settings()}
+
+
+def test_int_accepted_where_float_expected_and_string_setting_keeps_numbers_as_text():
+    ns = settings()
+    configure(ns, ['--learning_rate=1', '--out_dir=123'])
+    assert ns['learning_rate'] == 1.0 and isinstance(ns['learning_rate'], float)
+    assert ns['out_dir'] == '123'
+
+
+def test_unknown_key_names_the_closest_valid_keys():
+    with pytest.raises(SystemExit, match=r"unknown key 'learning_rat'.*did you mean learning_rate"):
+        configure(settings(), ['--learning_rat=1e-3'])
+
+
+def test_wrong_type_is_refused_with_key_types_and_source():
+    with pytest.raises(SystemExit, match=r"max_iters expects int .* got str 'many' from --max_iters=many"):
+        configure(settings(), ['--max_iters=many'])
+    with pytest.raises(SystemExit, match=r"compile expects bool"):
+        configure(settings(), ['--compile=1'])
+
+
+def test_config_file_sets_known_keys_ignores_other_stages_keys_and_checks_types(tmp_path):
+    path = tmp_path / 'c.py'
+    path.write_text("max_iters = 7\nlearning_rate = max_iters * 1e-5\nsome_other_stage_key = 'x'\n")
+    ns = settings()
+    configure(ns, [str(path), '--max_iters=9'])
+    assert ns['max_iters'] == 9 and ns['learning_rate'] == pytest.approx(7e-5)
+    assert 'some_other_stage_key' not in ns
+    path.write_text("compile = 'yes'\n")
+    with pytest.raises(SystemExit, match=rf"compile expects bool .* from {path}"):
+        configure(settings(), [str(path)])
+    with pytest.raises(SystemExit, match="cannot read config file nope.py"):
+        configure(settings(), ['nope.py'])
+
+
+def test_shipped_config_files_parse_for_the_model():
+    from model import DiTConfig
+    for name, dim in (('dit_large', 1792), ('demo', None)):
+        ns = {k: v for k, v in vars(DiTConfig()).items()}
+        configure(ns, [f'{ROOT}/config/{name}.py'])
+        cfg = DiTConfig(**ns)
+        assert dim is None or cfg.dim == dim
+        assert cfg.dim % cfg.n_heads == 0
+
+
+def test_command_line_error_is_one_clear_line():
+    code = "from configurator import configure; x = 1; configure(globals())"
+    result = subprocess.run([sys.executable, '-c', code, '--y=2'], cwd=ROOT, capture_output=True, text=True)
+    assert result.returncode == 1
+    assert result.stderr.strip() == "config error: unknown key 'y' in '--y=2'"

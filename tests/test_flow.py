@@ -1,0 +1,149 @@
+import math
+
+import pytest
+import torch
+
+import flow
+from model import DiT, DiTConfig
+
+SIGMA = 1e-4
+
+
+def test_interpolate_endpoints_and_velocity_is_the_time_derivative():
+    g = torch.Generator().manual_seed(0)
+    x0, x1 = torch.randn(4, 3, 5, generator=g), torch.randn(4, 3, 5, generator=g)
+    torch.testing.assert_close(flow.interpolate(x0, x1, torch.zeros(4), SIGMA), x0)  # t = 0 is noise
+    torch.testing.assert_close(flow.interpolate(x0, x1, torch.ones(4), SIGMA), x1 + SIGMA * x0)  # t = 1 is data
+    t, h = torch.rand(4, generator=g, dtype=torch.float64), 1e-6
+    x0, x1 = x0.double(), x1.double()
+    finite_diff = (flow.interpolate(x0, x1, t + h, SIGMA) - flow.interpolate(x0, x1, t - h, SIGMA)) / (2 * h)
+    torch.testing.assert_close(finite_diff, flow.velocity_target(x0, x1, SIGMA))
+
+
+def test_sample_t_kinds():
+    g = torch.Generator().manual_seed(0)
+    t = flow.sample_t(20000, 'logit_normal', generator=g)
+    assert 0 < t.min() and t.max() < 1
+    assert abs(t.median().item() - 0.5) < 0.02 and t.std() < 0.25  # concentrated mid-path
+    u = flow.sample_t(20000, 'uniform', generator=g)
+    assert abs(u.std().item() - (1 / 12) ** 0.5) < 0.01
+    with pytest.raises(ValueError, match='uniform'):
+        flow.sample_t(3, 'cosine')
+
+
+class Oracle(torch.nn.Module):
+    """Knows the data x1: recovers x0 from x_t and returns the exact velocity; records its inputs."""
+
+    def __init__(self, x1):
+        super().__init__()
+        self.x1, self.calls = x1, []
+
+    def forward(self, x, t, cond, drop_cond=None):
+        self.calls.append((x, t, drop_cond))
+        tt = flow.expand_t(t, x)
+        x0 = (x - tt * self.x1) / (1 - (1 - SIGMA) * tt)
+        return flow.velocity_target(x0, self.x1, SIGMA)
+
+
+def test_flow_loss_uses_the_same_noise_for_input_and_target():
+    g = torch.Generator().manual_seed(0)
+    x1 = torch.randn(2048, 4, 3, generator=g, dtype=torch.float64)
+    oracle = Oracle(x1)
+    loss = flow.flow_loss(oracle, x1, cond=None, cond_drop_prob=0.1, sigma_min=SIGMA, generator=g)
+    assert loss < 1e-12  # a second noise draw for the target would give a loss near 1
+    x, t, drop = oracle.calls[0]
+    assert abs(drop.float().mean().item() - 0.1) < 0.03
+    # no extra noise on the path: x - t*x1 is exactly a * N(0, I) noise, whose std is 1 after dividing by a
+    noise = (x - flow.expand_t(t, x) * x1) / (1 - (1 - SIGMA) * flow.expand_t(t, x))
+    assert abs(noise.std().item() - 1.0) < 0.02
+
+
+def gaussian_velocity(mu, s):
+    """Exact velocity of the linear path when data ~ N(mu, s^2) per channel."""
+    def v(x, t):
+        t = flow.expand_t(t, x)
+        a = 1 - (1 - SIGMA) * t
+        var = a ** 2 + t ** 2 * s ** 2
+        return mu + (t * s ** 2 - (1 - SIGMA) * a) / var * (x - t * mu)
+    return v
+
+
+def test_sampler_reproduces_gaussian_data_and_converges_at_its_order():
+    g = torch.Generator().manual_seed(0)
+    mu = torch.tensor([2.0, -1.0, 0.5], dtype=torch.float64)
+    s = torch.tensor([0.5, 1.5, 0.1], dtype=torch.float64)
+    x0 = torch.randn(20000, 3, generator=g, dtype=torch.float64)
+    exact = mu + (SIGMA ** 2 + s ** 2).sqrt() * x0  # the ODE's flow map for Gaussian data
+    x = flow.sample(gaussian_velocity(mu, s), x0, steps=50, method='heun')
+    assert (x - exact).abs().max() < 5e-3
+    torch.testing.assert_close(x.mean(0), exact.mean(0), atol=1e-3, rtol=0)
+    torch.testing.assert_close(x.std(0), exact.std(0), atol=1e-3, rtol=0)
+    torch.testing.assert_close(x.mean(0), mu, atol=0.03, rtol=0)  # and that is the data distribution
+    torch.testing.assert_close(x.std(0), s, atol=0.02, rtol=0.02)
+
+    def error(method, steps):
+        return (flow.sample(gaussian_velocity(mu, s), x0[:256], steps=steps, method=method) - exact[:256]).abs().max()
+    for method, order in (('euler', 1), ('heun', 2)):
+        ratios = [error(method, n) / error(method, 2 * n) for n in (20, 40)]
+        for r in ratios:
+            assert abs(math.log2(r) - order) < 0.3, (method, ratios)
+
+
+def test_sample_rejects_unknown_method():
+    with pytest.raises(ValueError, match='heun'):
+        flow.sample(lambda x, t: x, torch.zeros(1, 2), method='rk4')
+
+
+def tiny_random_dit():
+    torch.manual_seed(0)
+    model = DiT(DiTConfig(dim=32, n_layers=1, n_heads=2, in_dim=4, cond_dim=6, grid_size=2, cross_rope=False))
+    for p in model.parameters():
+        if p.dim() == 2 and p.abs().sum() == 0:
+            torch.nn.init.normal_(p, std=0.1)
+    return model
+
+
+def test_guided_scale_one_is_the_conditional_model_in_one_forward():
+    model = tiny_random_dit()
+    calls = []
+    model.register_forward_hook(lambda *_: calls.append(1))
+    x, t, cond = torch.randn(3, 4, 4), torch.rand(3), torch.randn(3, 5, 6)
+    torch.testing.assert_close(flow.guided(model, cond, 1.0)(x, t), model(x, t, cond))
+    assert len(calls) == 2
+
+
+def test_guided_combines_conditional_and_null_in_one_batched_forward():
+    model = tiny_random_dit()
+    x, t, cond = torch.randn(3, 4, 4), torch.rand(3), torch.randn(3, 5, 6)
+    v_cond = model(x, t, cond)
+    v_null = model(x, t, cond, drop_cond=torch.ones(3, dtype=torch.bool))
+    calls = []
+    model.register_forward_hook(lambda *_: calls.append(1))
+    torch.testing.assert_close(flow.guided(model, cond, 3.0)(x, t), v_null + 3.0 * (v_cond - v_null))
+    assert len(calls) == 1
+
+
+def test_tiny_dit_learns_a_conditional_task():
+    """Targets are a fixed function of the condition tokens: loss falls 5x, samples match the targets."""
+    torch.manual_seed(0)
+    g = torch.Generator().manual_seed(0)
+    n, tokens, in_dim, cond_dim = 128, 16, 8, 12
+    cond = torch.randn(n, tokens, cond_dim, generator=g)
+    mixing = torch.randn(cond_dim, in_dim, generator=g) / cond_dim ** 0.5
+    x1 = torch.tanh(cond @ mixing) * 1.5
+    model = DiT(DiTConfig(dim=64, n_layers=2, n_heads=4, in_dim=in_dim, cond_dim=cond_dim, grid_size=4))
+    opt = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=0.0)
+    losses = []
+    for step in range(300):
+        idx = torch.randint(0, n, (32,), generator=g)
+        loss = flow.flow_loss(model, x1[idx], cond[idx], cond_drop_prob=0.0, t_sampling='uniform', generator=g)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    first, last = sum(losses[:20]) / 20, sum(losses[-20:]) / 20
+    assert last < first / 5, (first, last)
+    model.eval()
+    x = flow.sample(flow.guided(model, cond[:32]), torch.randn(32, tokens, in_dim, generator=g), steps=20)
+    cosine = torch.nn.functional.cosine_similarity(x, x1[:32], dim=-1).mean()
+    assert cosine > 0.9, cosine

@@ -1,0 +1,158 @@
+import pytest
+import torch
+
+from model import DiT, DiTConfig, apply_rope, grid_positions, rope_tables
+
+TINY = dict(dim=64, n_layers=2, n_heads=4, in_dim=8, cond_dim=12, grid_size=4)
+
+
+def tiny_model(seed=0, **overrides):
+    """A tiny DiT whose zero-initialized layers are made random, so outputs are not trivially 0."""
+    torch.manual_seed(seed)
+    model = DiT(DiTConfig(**{**TINY, **overrides}))
+    for block in model.blocks:
+        torch.nn.init.normal_(block.adaLN[-1].weight, std=0.05)
+    torch.nn.init.normal_(model.final_adaLN[-1].weight, std=0.05)
+    torch.nn.init.normal_(model.final_proj.weight, std=0.05)
+    return model
+
+
+def inputs(B=3, M=16, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(B, 16, 8, generator=g), torch.rand(B, generator=g), torch.randn(B, M, 12, generator=g))
+
+
+def test_untrained_model_outputs_exact_zeros_with_right_shape():
+    model = DiT(DiTConfig(**TINY))
+    x, t, cond = inputs()
+    out = model(x, t, cond)
+    assert out.shape == (3, 16, 8)
+    assert torch.equal(out, torch.zeros_like(out))
+
+
+def test_dit_large_shapes_and_ffn_width():
+    cfg = DiTConfig()
+    assert (cfg.dim, cfg.n_layers, cfg.n_heads, cfg.head_dim) == (1792, 24, 28, 64)
+    assert cfg.ffn_hidden == 4864  # int(2 * 4 * 1792 / 3) = 4778, rounded up to a multiple of 256
+    assert DiTConfig(ffn_dim_multiplier=1.5).ffn_hidden == 7168  # diffusers' other width comes from a multiplier
+    with torch.device('meta'):
+        model = DiT(cfg)
+    assert 1.6e9 < model.num_params() < 1.8e9
+
+
+@pytest.mark.parametrize('name, bad', [
+    ('x', lambda x, t, c: (x[:, :15], t, c)),            # wrong token count
+    ('x', lambda x, t, c: (x[..., :7], t, c)),           # wrong last dim
+    ('cond', lambda x, t, c: (x, t, c[..., :11])),       # wrong cond dim
+    ('t', lambda x, t, c: (x, t[:, None], c)),           # t shape
+    ('t', lambda x, t, c: (x, t[:2], c)),                # t batch
+])
+def test_bad_shapes_raise_value_error_naming_expected_and_actual(name, bad):
+    model = DiT(DiTConfig(**TINY))
+    x, t, cond = bad(*inputs())
+    with pytest.raises(ValueError, match=rf"{name} should have shape \[.*\], got \["):
+        model(x, t, cond)
+
+
+def test_cond_token_count_is_free_without_cross_rope():
+    x, t, cond = inputs(M=5)
+    assert tiny_model(cross_rope=False)(x, t, cond).shape == (3, 16, 8)
+    with pytest.raises(ValueError, match=r"cond should have shape \[3, 16, 12\], got \[3, 5, 12\]"):
+        tiny_model()(x, t, cond)
+
+
+def test_cross_rope_lets_a_patch_find_its_own_condition_patch():
+    # with RoPE in cross-attention, permuting the EVA tokens changes the output; without it nothing knows positions
+    x, t, cond = inputs()
+    perm = torch.randperm(16, generator=torch.Generator().manual_seed(0))
+    for cross_rope, changes in ((True, True), (False, False)):
+        model = tiny_model(cross_rope=cross_rope)
+        for block in model.blocks:  # isolate the cross-attention path
+            block.self_attn.wo.weight.data.zero_()
+        same = torch.allclose(model(x, t, cond), model(x, t, cond[:, perm]), atol=1e-5)
+        assert same != changes
+
+
+def test_rope_score_depends_only_on_grid_offset():
+    pos = grid_positions(6)
+    cos, sin = rope_tables(pos, head_dim=16)
+    g = torch.Generator().manual_seed(0)
+    q, k = torch.randn(16, generator=g), torch.randn(16, generator=g)
+    rq = apply_rope(q.expand(1, 1, len(pos), 16), cos, sin)[0, 0]
+    rk = apply_rope(k.expand(1, 1, len(pos), 16), cos, sin)[0, 0]
+    scores = rq @ rk.T  # [L, L]
+    by_offset = {}
+    for i in range(len(pos)):
+        for j in range(len(pos)):
+            by_offset.setdefault(tuple((pos[j] - pos[i]).tolist()), []).append(scores[i, j])
+    for values in by_offset.values():
+        torch.testing.assert_close(torch.stack(values), values[0].expand(len(values)), atol=1e-5, rtol=1e-5)
+    distinct = torch.stack([v[0] for v in by_offset.values()])
+    assert distinct.std() > 0.1  # the score does depend on the offset
+    # each axis moves its own channels: a row shift leaves the column channels' share unchanged
+    assert not torch.allclose(by_offset[(1, 0)][0], by_offset[(0, 1)][0])
+
+
+def test_rope_three_axes():
+    cos, sin = rope_tables(grid_positions(3, n_axes=3), head_dim=12)
+    assert cos.shape == (27, 6)
+    with pytest.raises(ValueError, match='divisible'):
+        rope_tables(grid_positions(3, n_axes=3), head_dim=8)
+
+
+def test_drop_cond_uses_null_condition():
+    model = tiny_model()
+    x, t, cond = inputs()
+    other = torch.randn_like(cond)
+    drop = torch.tensor([True, False, True])
+    out = model(x, t, cond, drop_cond=drop)
+    out_other = model(x, t, other, drop_cond=drop)
+    null = model(x, t, model.null_cond.expand_as(cond))
+    torch.testing.assert_close(out[drop], out_other[drop])        # dropped rows ignore their condition
+    torch.testing.assert_close(out[drop], null[drop])
+    assert not torch.allclose(out[~drop], out_other[~drop])       # kept rows use it
+    torch.testing.assert_close(out[~drop], model(x, t, cond)[~drop])
+
+
+def test_bf16_autocast_matches_fp32():
+    model = tiny_model()
+    x, t, cond = inputs()
+    ref = model(x, t, cond)
+    with torch.autocast('cpu', dtype=torch.bfloat16):
+        low = model(x, t, cond)
+    assert low.dtype == torch.bfloat16
+    err = (low.float() - ref).norm() / ref.norm()
+    assert err < 2e-2, err
+
+
+def test_gradient_checkpointing_gives_same_gradients():
+    grads = []
+    for ckpt in (False, True):
+        model = tiny_model(grad_checkpointing=ckpt)
+        x, t, cond = inputs()
+        model(x, t, cond).square().mean().backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+    assert grads[0].keys() == grads[1].keys() and len(grads[0]) > 20
+    for name in grads[0]:
+        torch.testing.assert_close(grads[0][name], grads[1][name], msg=name)
+
+
+def test_torch_compile_matches_eager():
+    model = tiny_model()
+    x, t, cond = inputs()
+    compiled = torch.compile(model)
+    torch.testing.assert_close(compiled(x, t, cond), model(x, t, cond), atol=1e-5, rtol=1e-4)
+
+
+def test_flops_per_sample_counts_matmuls():
+    cfg = DiTConfig(**TINY)
+    model = DiT(cfg)
+    # dominant per-token matmul FLOPs must be below the analytic total, and the total below 2*params*tokens + attention
+    L = cfg.grid_size ** 2
+    flops = model.flops_per_sample()
+    token_matmul_params = sum(p.numel() for n, p in model.named_parameters()
+                              if p.dim() == 2 and 'adaLN' not in n and 't_embed' not in n and 'pool' not in n)
+    attention = cfg.n_layers * (4 * L * L * cfg.dim + 4 * L * L * cfg.dim)
+    per_sample = sum(p.numel() for n, p in model.named_parameters()
+                     if p.dim() == 2 and ('adaLN' in n or 't_embed' in n or 'pool' in n))
+    assert flops == 2 * token_matmul_params * L + attention + 2 * per_sample
