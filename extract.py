@@ -1,0 +1,580 @@
+"""
+Images -> memmapped CLIP and EVA patch-token arrays, one data folder per split (format: DESIGN.md).
+
+    python extract.py config/demo.py                                   # synthetic images, tiny encoders, CPU
+    python extract.py --coco_root=/data/coco                           # COCO 2017, ViT-L-14-quickgelu + EVA-CLIP-8B
+    torchrun --standalone --nproc_per_node=8 extract.py --coco_root=/data/coco --batch_size=256
+
+Per split: list the images; decode each once to find the unreadable ones (skipped and listed in
+meta.json); give every readable image its row; encode in batches. Each process fills its own rows
+and, after every written batch, records its progress in a small state file, so a killed run started
+again with the same command continues where it stopped and ends with the arrays of an uninterrupted
+run. meta.json is written first with "complete": false and last with "complete": true.
+"""
+import collections
+import hashlib
+import json
+import math
+import os
+import time
+import zlib
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from datetime import timedelta
+from functools import partial
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from PIL import Image, ImageDraw
+from tqdm import tqdm
+
+# -----------------------------------------------------------------------------
+# source
+source = 'coco'  # 'coco' | 'folder' | 'synthetic'
+coco_root = 'data/coco'  # coco_root/images/<split>/*.jpg and coco_root/annotations/captions_<split>.json
+image_folder = 'data/images'  # 'folder': image_folder/<split>/ (recursive); a same-name .txt holds captions, one a line
+synthetic_counts = {'train': 2000, 'val': 250}  # 'synthetic': images per split
+synthetic_seed = 0
+synthetic_image_size = 224
+splits = ('train2017', 'val2017')  # one data folder per split: data_dir/<split>
+limit = 0  # only the first `limit` images of each split (0 = all)
+data_dir = 'data'
+# encoders: an open_clip model name, or 'hf:<hub id or local dir>' (Hugging Face transformers) for eva_model
+clip_model = 'ViT-L-14-quickgelu'  # target: patch tokens after ln_post, before proj, CLS dropped
+clip_pretrained = 'openai'  # open_clip tag or local weight file; '' = random init under torch.manual_seed(0)
+eva_model = 'hf:BAAI/EVA-CLIP-8B'  # condition: last hidden state, CLS dropped
+eva_pretrained = ''  # for an open_clip eva_model, as clip_pretrained
+grid_size = 16  # both encoders must give grid_size**2 patch tokens
+# run
+batch_size = 64
+num_workers = 8  # DataLoader processes decoding images
+device = 'auto'  # 'auto' = cuda if available; under torchrun each process takes cuda:LOCAL_RANK
+dtype = 'bfloat16'  # autocast dtype on the GPU; the CPU always computes in float32
+overwrite = False  # replace an out folder that holds another extraction
+# -----------------------------------------------------------------------------
+
+ENCODER_CONFIGS = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'config', 'encoders')
+IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.bmp', '.gif', '.webp', '.tif', '.tiff')
+ARRAYS = ('clip.npy', 'eva.npy', 'clip_cls.npy')
+FLOAT16_MAX = 65504.0
+
+# --- synthetic images: coloured shapes on a background, captions say what is where -------------
+
+COLORS = {'red': (220, 40, 40), 'green': (40, 170, 70), 'blue': (40, 80, 220), 'yellow': (240, 210, 40),
+          'purple': (140, 60, 180), 'orange': (245, 140, 30), 'white': (245, 245, 245), 'black': (25, 25, 25)}
+SHAPES = ('circle', 'square', 'triangle')
+PLACES = ('top left', 'top', 'top right', 'left', 'center', 'right', 'bottom left', 'bottom', 'bottom right')
+NUMBERS = ('one', 'two', 'three')
+
+
+def synthetic_scene(seed, split, index):
+    """(background colour, [(shape, colour, size, place, jitter)]) of synthetic image `index` of `split`."""
+    rng = np.random.default_rng([seed, zlib.crc32(split.encode()), index])  # splits never share an image
+    background = list(COLORS)[rng.integers(len(COLORS))]
+    others = [c for c in COLORS if c != background]
+    places = rng.choice(len(PLACES), size=rng.integers(1, 4), replace=False)
+    return background, [(SHAPES[rng.integers(len(SHAPES))], others[rng.integers(len(others))],
+                         ('small', 'large')[rng.integers(2)], PLACES[p], tuple(rng.uniform(-0.05, 0.05, 2)))
+                        for p in places]
+
+
+def synthetic_image(seed, split, size, index):
+    """The synthetic image `index` of `split`, drawn at size x size pixels."""
+    background, shapes = synthetic_scene(seed, split, index)
+    image = Image.new('RGB', (size, size), COLORS[background])
+    draw = ImageDraw.Draw(image)
+    for shape, color, scale, place, (jx, jy) in shapes:
+        row, col = divmod(PLACES.index(place), 3)
+        cx, cy = (0.2 + 0.3 * col + jx) * size, (0.2 + 0.3 * row + jy) * size
+        r = (0.08 if scale == 'small' else 0.14) * size
+        if shape == 'circle':
+            draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=COLORS[color])
+        elif shape == 'square':
+            draw.rectangle([cx - r, cy - r, cx + r, cy + r], fill=COLORS[color])
+        else:
+            draw.polygon([(cx, cy - r), (cx - r, cy + r), (cx + r, cy + r)], fill=COLORS[color])
+    return image
+
+
+def synthetic_captions(background, shapes):
+    """Four to six captions of a scene (a varying number per image, like COCO's five to seven)."""
+    a = lambda word: f"{'an' if word[0] in 'aeiou' else 'a'} {word}"
+    where = lambda place: {'top': 'at the top', 'bottom': 'at the bottom', 'left': 'on the left',
+                           'right': 'on the right'}.get(place, f'in the {place}')
+    full = [f'{a(size)} {color} {shape} {where(place)}' for shape, color, size, place, _ in shapes]
+    short = [f'{a(color)} {shape}' for shape, color, *_ in shapes]
+    noun = 'shape' if len(shapes) == 1 else 'shapes'
+    captions = [f"{' and '.join(full)} on {a(background)} background",
+                f"{a(background)} background with {' and '.join(short)}",
+                f'{NUMBERS[len(shapes) - 1]} {noun} on {a(background)} background',
+                full[0]]
+    if len(shapes) > 1:
+        captions.append(f"{short[0]} next to {' and '.join(short[1:])}")
+    if len(shapes) > 2:
+        captions.append(f'three coloured shapes: {", ".join(short)}')
+    return captions
+
+# --- sources --------------------------------------------------------------------------------------
+
+
+def load_file(path):
+    """A file as an RGB image; raises on a missing, unreadable or truncated file."""
+    with Image.open(path) as image:
+        return image.convert('RGB')
+
+
+def list_split(split):
+    """The images of one split: ids, file names, what the loader reads, the loader, captions, source."""
+    if source == 'synthetic':
+        if split not in synthetic_counts:
+            raise SystemExit(f"source='synthetic': split {split!r} has no count in synthetic_counts={synthetic_counts}")
+        n = synthetic_counts[split] if not limit else min(limit, synthetic_counts[split])
+        ids = list(range(n))
+        captions = {str(i): synthetic_captions(*synthetic_scene(synthetic_seed, split, i)) for i in ids}
+        return dict(ids=ids, files=[f'{split}/{i:06d}.png' for i in ids], keys=ids, decode_check=False,
+                    load=partial(synthetic_image, synthetic_seed, split, synthetic_image_size), captions=captions,
+                    source={'kind': 'synthetic', 'split': split, 'seed': synthetic_seed,
+                            'image_size': synthetic_image_size, 'listed': n})
+    if source == 'coco':
+        annotations = os.path.join(coco_root, 'annotations', f'captions_{split}.json')
+        images = os.path.join(coco_root, 'images', split)
+        layout = (f"expected COCO in coco_root={coco_root!r} as images/{split}/*.jpg and "
+                  f"annotations/captions_{split}.json (from train2017.zip, val2017.zip, annotations_trainval2017.zip)")
+        if not os.path.isfile(annotations):
+            raise SystemExit(f"COCO captions file not found: {annotations}; {layout}")
+        if not os.path.isdir(images):
+            raise SystemExit(f"COCO image folder not found: {images}; {layout}")
+        from pycocotools.coco import COCO
+        try:
+            coco = COCO(annotations)
+        except (ValueError, KeyError, TypeError, AssertionError) as e:
+            raise SystemExit(f"{annotations} is not a COCO captions file: {type(e).__name__}: {e}")
+        ids = sorted(coco.getImgIds())[:limit or None]
+        files = [coco.imgs[i]['file_name'] for i in ids]
+        captions = {str(i): [a['caption'].strip() for a in coco.imgToAnns[i]] for i in ids}
+        root, kind = images, {'kind': 'coco', 'split': split, 'annotations': annotations}
+    elif source == 'folder':
+        root = os.path.join(image_folder, split)
+        if not os.path.isdir(root):
+            raise SystemExit(f"image folder not found: {root}; expected image_folder/<split>/ with images "
+                             f"({', '.join(IMAGE_EXTENSIONS)}), searched recursively")
+        files = sorted(os.path.relpath(os.path.join(d, f), root) for d, _, names in os.walk(root)
+                       for f in names if f.lower().endswith(IMAGE_EXTENSIONS))[:limit or None]
+        if not files:
+            raise SystemExit(f"no images ({', '.join(IMAGE_EXTENSIONS)}) in {root}")
+        ids, captions = files, {}
+        for f in files:
+            text = os.path.join(root, os.path.splitext(f)[0] + '.txt')
+            if os.path.isfile(text):
+                with open(text) as fh:
+                    captions[f] = [line.strip() for line in fh if line.strip()]
+        kind = {'kind': 'folder', 'split': split}
+    else:
+        raise SystemExit(f"source must be 'coco', 'folder' or 'synthetic', got {source!r}")
+    kind.update(root=root, listed=len(ids), files_sha1=hashlib.sha1('\n'.join(files).encode()).hexdigest())
+    return dict(ids=ids, files=files, keys=[os.path.join(root, f) for f in files], decode_check=True,
+                load=load_file, captions=captions, source=kind)
+
+
+class Images(torch.utils.data.Dataset):
+    """Item k: (k, each transform of load(keys[k])); with no transforms, (k, '' or why it does not decode)."""
+
+    def __init__(self, keys, load, transforms=None):
+        self.keys, self.load, self.transforms = keys, load, transforms
+
+    def __len__(self):
+        return len(self.keys)
+
+    def __getitem__(self, k):
+        if self.transforms is None:
+            try:
+                self.load(self.keys[k])
+                return k, ''
+            except Exception as e:  # whatever the decoder raises, the image is skipped with the reason
+                return k, f'{type(e).__name__}: {e}'
+        image = self.load(self.keys[k])
+        return (k, *[t(image) for t in self.transforms])
+
+# --- encoders -------------------------------------------------------------------------------------
+
+
+@dataclass
+class Encoder:
+    """An image encoder: transform (PIL -> tensor) and forward (pixels -> patch tokens, pooled or None)."""
+    transform: Callable
+    forward: Callable
+    spec: dict = field(default_factory=dict)  # model, pretrained, tokens, dim (+ embed_dim for clip)
+
+
+def open_clip_encoder(role, name, pretrained):
+    """An open_clip image tower; tokens carry the tower's final norm, prefix (CLS) tokens dropped."""
+    import open_clip
+    from open_clip.timm_model import TimmModel
+    from open_clip.transformer import VisionTransformer
+    open_clip.add_model_config(ENCODER_CONFIGS)
+    if name not in open_clip.list_models():
+        raise SystemExit(f"{role}_model={name!r} is not an open_clip model "
+                         f"(the tiny test encoders live in {ENCODER_CONFIGS})")
+    if pretrained and not os.path.isfile(pretrained):
+        tags = open_clip.list_pretrained_tags_by_model(name)
+        if pretrained not in tags:
+            raise SystemExit(f"{role}_pretrained={pretrained!r} is neither a weight file nor a tag of {name} "
+                             f"(tags: {tags})")
+        if open_clip.get_pretrained_cfg(name, pretrained).get('quick_gelu', False) != \
+                open_clip.get_model_config(name).get('quick_gelu', False):
+            raise SystemExit(f"{role}_model={name!r}: the {pretrained!r} weights need QuickGELU, {name} builds GELU; "
+                             f"use {name}-quickgelu")
+    torch.manual_seed(0)  # pretrained='' gives this random init, which eval.py rebuilds the same way
+    model, _, transform = open_clip.create_model_and_transforms(name, pretrained=pretrained or None)
+    visual = model.visual.eval()  # the text tower is not needed here
+    if isinstance(visual, VisionTransformer):
+        if role == 'clip' and (visual.attn_pool is not None or visual.final_ln_after_pool or visual.pool_type != 'tok'):
+            raise SystemExit(f"clip_model={name!r}: its patch tokens are not ln_post outputs next to a CLS token")
+        visual.output_tokens = True  # visual(x) -> (ln_post(CLS) @ proj, ln_post(patch tokens))
+
+        def forward(x):
+            pooled, tokens = visual(x)
+            return tokens, pooled
+    elif isinstance(visual, TimmModel) and role == 'eva':  # e.g. EVA02-E-14-plus
+        trunk = visual.trunk
+
+        def forward(x):  # timm's forward_features ends with the final norm
+            return trunk.forward_features(x)[:, trunk.num_prefix_tokens:], None
+    else:
+        raise SystemExit(f"{role}_model={name!r}: extract.py reads patch tokens from open_clip ViT towers"
+                         f"{' or timm towers' if role == 'eva' else ''}, not {type(visual).__name__}")
+    return Encoder(transform, forward), visual
+
+
+def hf_encoder(role, name, weight_dtype):
+    """A Hugging Face vision model (e.g. BAAI/EVA-CLIP-8B, custom code); tokens = last hidden state minus CLS."""
+    try:
+        import transformers
+    except ImportError:
+        raise SystemExit(f"{role}_model='hf:{name}' loads through Hugging Face transformers, which is not installed: "
+                         f"pip install transformers")
+    import open_clip
+    try:
+        model = transformers.AutoModel.from_pretrained(name, dtype=weight_dtype, trust_remote_code=True)
+    except OSError as e:
+        raise SystemExit(f"{role}_model='hf:{name}' does not load: {e}\n"
+                         f"expected a Hugging Face hub id or a local folder with config.json and the weights")
+    vision = getattr(model, 'vision_model', model).eval()  # a full CLIP keeps its image tower there
+    size = getattr(model.config, 'vision_config', model.config).image_size
+    try:
+        processor = transformers.AutoImageProcessor.from_pretrained(name, trust_remote_code=True)
+        mean, std = processor.image_mean, processor.image_std
+    except (OSError, ValueError):  # EVA-CLIP-8B ships none: its model card uses OpenAI CLIP's preprocessing
+        mean, std = open_clip.OPENAI_DATASET_MEAN, open_clip.OPENAI_DATASET_STD
+    transform = open_clip.image_transform(size, is_train=False, mean=mean, std=std)
+
+    def forward(x):
+        out = vision(pixel_values=x.to(weight_dtype))
+        return getattr(out, 'last_hidden_state', out[0])[:, 1:], None
+    return Encoder(transform, forward), vision
+
+
+def build_encoder(role, name, pretrained, device, ptdtype):
+    """An Encoder on `device`, probed once: its token count must be grid_size**2."""
+    if name.startswith('hf:'):
+        encoder, module = hf_encoder(role, name[3:], ptdtype if device.type == 'cuda' else torch.float32)
+    else:
+        encoder, module = open_clip_encoder(role, name, pretrained)
+    module.to(device)
+    x = encoder.transform(Image.new('RGB', (64, 64), (127, 127, 127)))[None].to(device)
+    with torch.no_grad(), autocast(device, ptdtype):
+        tokens, pooled = encoder.forward(x)
+    if tokens.shape[1] != grid_size ** 2:
+        side = math.isqrt(tokens.shape[1])
+        hint = f'; set grid_size={side}' if side * side == tokens.shape[1] else ''
+        raise SystemExit(f"{role}_model={name!r} gives {tokens.shape[1]} patch tokens per image, "
+                         f"grid_size={grid_size} needs {grid_size ** 2}{hint}")
+    encoder.spec = {'model': name, 'pretrained': pretrained, 'tokens': tokens.shape[1], 'dim': tokens.shape[2]}
+    if role == 'clip':
+        encoder.spec['embed_dim'] = pooled.shape[1]
+    if rank_world()[0] == 0:
+        weights = pretrained or ('hub/local weights' if name.startswith('hf:') else 'random init')
+        print(f"{role}: {name} ({weights}) -> [{tokens.shape[1]}, {tokens.shape[2]}] tokens")
+    return encoder
+
+
+def autocast(device, ptdtype):
+    return torch.autocast(device_type=device.type, dtype=ptdtype, enabled=ptdtype != torch.float32)
+
+# --- processes, files -------------------------------------------------------------------------------
+
+
+def rank_world():
+    return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+
+
+def barrier():
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def all_gather(obj):
+    """[obj of rank 0, obj of rank 1, ...]."""
+    if not dist.is_initialized():
+        return [obj]
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def read_json(path):
+    with open(path) as f:
+        return json.load(f)
+
+
+def write_json(path, obj):
+    with open(path + '.tmp', 'w') as f:
+        json.dump(obj, f)
+    os.replace(path + '.tmp', path)
+
+
+def state_file(out, rank):
+    return os.path.join(out, f'.extract_state.rank{rank}.json')
+
+
+def reset(state, dim):
+    """No rows written yet: progress and the float64 sums of CLIP tokens (per channel) start at zero."""
+    state.update(rows_done=0, clip_sum=[0.0] * dim, clip_sumsq=[0.0] * dim)
+
+
+def folder_plan(out, spec):
+    """'fresh', 'resume' or 'done' for an out folder; SystemExit if it holds another extraction."""
+    if overwrite or not os.path.isdir(out):
+        return 'fresh'
+    meta_path = os.path.join(out, 'meta.json')
+    if not os.path.exists(meta_path):
+        found = [a for a in ARRAYS if os.path.exists(os.path.join(out, a))]
+        if found:
+            raise SystemExit(f"{out} holds {', '.join(found)} but no meta.json, so not from this extraction; "
+                             f"use another data_dir or --overwrite=True")
+        return 'fresh'
+    meta = read_json(meta_path)
+    for key, value in spec.items():
+        if meta.get(key) != value:
+            raise SystemExit(f"{out} holds an extraction with {key}={meta.get(key)!r}; this run has {key}={value!r}. "
+                             f"Use another data_dir, or --overwrite=True to replace it")
+    return 'done' if meta.get('complete') else 'resume'
+
+
+def ensure_arrays(out, shapes):
+    """Create each array that is missing or of another shape; True if any was created."""
+    created = False
+    for name, (shape, dt) in shapes.items():
+        path = os.path.join(out, name)
+        if os.path.exists(path):
+            try:
+                a = np.load(path, mmap_mode='r')
+                if a.shape == shape and a.dtype == dt:
+                    continue
+            except ValueError:
+                pass
+        np.lib.format.open_memmap(path + '.tmp', mode='w+', dtype=dt, shape=shape).flush()
+        os.replace(path + '.tmp', path)
+        created = True
+    return created
+
+
+def write_batch(out, row, arrays, state_path, state):
+    """Rows row.. of each out/<name>, synced to disk, then the state that counts them (a rerun redoes what
+    came after it). Positioned writes, not a long-lived memmap (resident memory grows on huge arrays),
+    and no GIL held while the disk works: this runs beside the next batch's GPU work."""
+    for name, values in arrays.items():
+        path = os.path.join(out, name)
+        offset = np.load(path, mmap_mode='r').offset + row * values[0].nbytes
+        data = memoryview(np.ascontiguousarray(values)).cast('B')
+        fd = os.open(path, os.O_WRONLY)
+        try:
+            while data:
+                n = os.pwrite(fd, data, offset)
+                data, offset = data[n:], offset + n
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    write_json(state_path, state)
+
+
+def checked_float16(x, files, what):
+    """x as float16, or SystemExit naming the first image whose features are non-finite or overflow float16."""
+    x = x.float()
+    peak = x.abs().flatten(1).amax(1)
+    bad = ~torch.isfinite(peak) | (peak > FLOAT16_MAX)
+    if bad.any():
+        j = int(bad.nonzero()[0])
+        problem = ("non-finite (with dtype='float16', try 'bfloat16')" if not torch.isfinite(peak[j])
+                   else f'up to {peak[j]:.4g}, beyond float16 (65504), the storage dtype')
+        raise SystemExit(f"{what} features of {files[j]} are {problem}; stopping")
+    return x.half()
+
+# --- one split --------------------------------------------------------------------------------------
+
+
+def check_images(keys, load, files, lo, hi, desc):
+    """Decode images lo..hi-1 once; [{'index', 'file', 'reason'}] for those that fail (they get no row)."""
+    loader = torch.utils.data.DataLoader(Images(keys[lo:hi], load), batch_size=batch_size, num_workers=num_workers)
+    skipped = []
+    with tqdm(total=hi - lo, unit='img', desc=desc, disable=rank_world()[0] != 0) as bar:
+        for ks, reasons in loader:
+            for k, reason in zip(ks.tolist(), reasons):
+                if reason:
+                    skipped.append({'index': lo + k, 'file': files[lo + k], 'reason': reason})
+                    tqdm.write(f"skipping {files[lo + k]}: {reason}")
+            bar.update(len(ks))
+    return skipped
+
+
+def extract_split(listing, out, clip, eva, device, ptdtype):
+    """Fill out/ (clip.npy, eva.npy, clip_cls.npy, meta.json, captions.json) from one listed split."""
+    rank, world = rank_world()
+    ids, files, keys, name = listing['ids'], listing['files'], listing['keys'], listing['source']['split']
+    spec = json.loads(json.dumps({'format': 'blip3o-dit-data', 'version': 1, 'source': listing['source'],
+                                  'clip': clip.spec, 'eva': eva.spec, 'dtype': 'float16',
+                                  'compute_dtype': str(ptdtype).removeprefix('torch.')}))
+    plan = folder_plan(out, spec)
+    barrier()  # every rank has read the folder before rank 0 changes it
+    if plan == 'done':
+        if rank == 0:
+            print(f"{out}: already complete, nothing to do (--overwrite=True redoes it)")
+        return
+    if rank == 0 and plan == 'fresh':
+        os.makedirs(out, exist_ok=True)
+        for f in os.listdir(out):
+            if f in (*ARRAYS, 'meta.json', 'captions.json') or f.startswith('.extract_state.'):
+                os.remove(os.path.join(out, f))
+        write_json(os.path.join(out, 'meta.json'), {**spec, 'complete': False})
+    barrier()
+
+    # rows: this rank's readable images, after those of lower ranks; the decode check runs once per rank
+    n = len(keys)
+    lo, hi = rank * n // world, (rank + 1) * n // world
+    state = read_json(state_file(out, rank)) if os.path.exists(state_file(out, rank)) else {}
+    if (state.get('world_size'), state.get('lo'), state.get('hi')) != (world, lo, hi):
+        if state:
+            print(f"rank {rank}: the earlier run had other processes; this rank starts over")
+        skipped = check_images(keys, listing['load'], files, lo, hi, f'{name} check') if listing['decode_check'] else []
+        state = {'world_size': world, 'lo': lo, 'hi': hi, 'skipped': skipped}
+        reset(state, clip.spec['dim'])
+        write_json(state_file(out, rank), state)
+    bad = {s['index'] for s in state['skipped']}
+    mine = [i for i in range(lo, hi) if i not in bad]
+    counts = all_gather(len(mine))
+    first_row, count = sum(counts[:rank]), sum(counts)
+    if count == 0:
+        raise SystemExit(f"no readable image in split {name!r} ({n} listed); see the skipping lines above")
+    tokens = grid_size ** 2
+    shapes = {'clip.npy': ((count, tokens, clip.spec['dim']), np.dtype(np.float16)),
+              'eva.npy': ((count, tokens, eva.spec['dim']), np.dtype(np.float16)),
+              'clip_cls.npy': ((count, clip.spec['embed_dim']), np.dtype(np.float32))}
+    if all_gather(ensure_arrays(out, shapes) if rank == 0 else False)[0]:
+        reset(state, clip.spec['dim'])  # fresh arrays: whatever an earlier run wrote is gone
+        write_json(state_file(out, rank), state)
+    done, sums, sumsq = state['rows_done'], np.array(state['clip_sum']), np.array(state['clip_sumsq'])
+
+    todo = mine[done:]
+    probe = Image.fromarray(np.random.default_rng(0).integers(0, 256, (251, 317, 3), dtype=np.uint8))
+    shared = torch.equal(clip.transform(probe), eva.transform(probe))  # e.g. both 224 px, OpenAI mean/std: once
+    transforms = [clip.transform] if shared else [clip.transform, eva.transform]
+    images = Images([keys[i] for i in todo], listing['load'], transforms)
+    loader = torch.utils.data.DataLoader(images, batch_size=batch_size, num_workers=num_workers,
+                                         pin_memory=device.type == 'cuda')
+    t0, pending = time.time(), collections.deque()
+    with tqdm(total=len(mine), initial=done, unit='img', desc=f'{name} encode', disable=rank != 0) as bar, \
+            ThreadPoolExecutor(1) as writer:  # one thread: batches land in order
+        for ks, *pixels in loader:  # pixels: [both] or [clip's, eva's]
+            batch_files = [files[todo[k]] for k in ks.tolist()]
+            x_clip = pixels[0].to(device, non_blocking=True)
+            x_eva = x_clip if shared else pixels[1].to(device, non_blocking=True)
+            with torch.no_grad(), autocast(device, ptdtype):
+                clip_tokens, clip_cls = clip.forward(x_clip)
+                eva_tokens, _ = eva.forward(x_eva)
+            clip16 = checked_float16(clip_tokens, batch_files, 'CLIP')
+            eva16 = checked_float16(eva_tokens, batch_files, 'EVA')
+            cls32 = clip_cls.float()
+            if not torch.isfinite(cls32).all():
+                raise SystemExit(f"CLIP embedding of {batch_files[int((~torch.isfinite(cls32)).any(1).nonzero()[0])]} "
+                                 f"is non-finite; stopping")
+            c = clip16.double()  # stats of the stored float16 values, accumulated in float64
+            sums += c.sum((0, 1)).cpu().numpy()
+            sumsq += (c * c).sum((0, 1)).cpu().numpy()
+            host = {f: torch.empty(x.shape, dtype=x.dtype, pin_memory=device.type == 'cuda').copy_(x, non_blocking=True)
+                    for f, x in (('clip.npy', clip16), ('eva.npy', eva16), ('clip_cls.npy', cls32))}
+            if device.type == 'cuda':  # pinned: a pageable copy from the GPU runs several times slower
+                torch.cuda.current_stream(device).synchronize()
+            arrays = {f: x.numpy() for f, x in host.items()}
+            state.update(rows_done=done + len(ks), clip_sum=sums.tolist(), clip_sumsq=sumsq.tolist())
+            pending.append(writer.submit(write_batch, out, first_row + done, arrays, state_file(out, rank),
+                                         dict(state)))
+            if len(pending) > 1:  # at most one batch waits for the disk: bounded memory
+                pending.popleft().result()
+            done += len(ks)
+            bar.update(len(ks))
+        for future in pending:
+            future.result()
+    rate = len(todo) / max(time.time() - t0, 1e-9)
+    barrier()  # every rank has written its rows
+
+    if rank == 0:
+        states = [read_json(state_file(out, r)) for r in range(world)]
+        assert sum(s['rows_done'] for s in states) == count, 'a rank did not write all its rows'
+        skipped = sorted((s for st in states for s in st['skipped']), key=lambda s: s['index'])
+        bad = {s['index'] for s in skipped}
+        rows = [i for i in range(n) if i not in bad]
+        n_tokens = count * tokens
+        mean = sum(np.array(s['clip_sum']) for s in states) / n_tokens
+        var = sum(np.array(s['clip_sumsq']) for s in states) / n_tokens - mean ** 2
+        captions = {str(ids[i]): listing['captions'][str(ids[i])] for i in rows if str(ids[i]) in listing['captions']}
+        write_json(os.path.join(out, 'captions.json'), captions)
+        meta = {**spec, 'count': count, 'image_ids': [ids[i] for i in rows], 'files': [files[i] for i in rows],
+                'grid_size': grid_size, 'clip_mean': mean.tolist(), 'clip_std': np.sqrt(np.maximum(var, 0)).tolist(),
+                'skipped': [{'image_id': ids[s['index']], 'file': s['file'], 'reason': s['reason']} for s in skipped],
+                'complete': True}
+        write_json(os.path.join(out, 'meta.json'), meta)  # last: "complete" marks a finished folder
+        for f in os.listdir(out):  # this run's state files and any of earlier runs with more processes
+            if f.startswith('.extract_state.'):
+                os.remove(os.path.join(out, f))
+        gb = sum(os.path.getsize(os.path.join(out, a)) for a in ARRAYS) / 1e9
+        print(f"{out}: {count} images ({len(skipped)} skipped), clip {list(shapes['clip.npy'][0])}, "
+              f"eva {list(shapes['eva.npy'][0])}, {gb:.2f} GB, {rate * world:.1f} images/s")
+    barrier()
+
+
+if __name__ == '__main__':
+    from configurator import configure
+    config = configure(globals())
+    if int(os.environ.get('RANK', -1)) != -1:  # torchrun: gloo carries only small objects; ranks may finish far apart
+        dist.init_process_group('gloo', timeout=timedelta(hours=12))
+    rank, world = rank_world()
+    if device == 'auto':
+        device = 'cuda' if torch.cuda.is_available() else 'cpu'
+    if device == 'cuda' and world > 1:
+        device = f"cuda:{os.environ.get('LOCAL_RANK', 0)}"
+    device = torch.device(device)
+    if dtype not in ('float32', 'bfloat16', 'float16'):
+        raise SystemExit(f"dtype must be 'float32', 'bfloat16' or 'float16', got {dtype!r}")
+    ptdtype = getattr(torch, dtype) if device.type == 'cuda' else torch.float32
+    if device.type == 'cpu':  # the DataLoader workers have their cores; oversubscribed threads crawl
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) - num_workers))
+
+    listings = {split: list_split(split) for split in splits}
+    if source != 'synthetic':  # train on one split, evaluate on another: never the same image twice
+        seen = {s: set(listings[s]['ids']) if source == 'coco' else set(map(os.path.realpath, listings[s]['keys']))
+                for s in splits}
+        for i, a in enumerate(splits):
+            for b in splits[i + 1:]:
+                if seen[a] & seen[b]:
+                    raise SystemExit(f"splits {a!r} and {b!r} share {len(seen[a] & seen[b])} images "
+                                     f"(e.g. {min(seen[a] & seen[b])}): train and evaluation images must differ")
+    clip = build_encoder('clip', clip_model, clip_pretrained, device, ptdtype)
+    eva = build_encoder('eva', eva_model, eva_pretrained, device, ptdtype)
+    for split in splits:
+        if rank == 0:
+            print(f"split {split}: {len(listings[split]['ids'])} images -> {os.path.join(data_dir, split)}")
+        extract_split(listings[split], os.path.join(data_dir, split), clip, eva, device, ptdtype)
+    if dist.is_initialized():
+        dist.destroy_process_group()

@@ -1,0 +1,271 @@
+"""extract.py on the CPU with tiny encoders: sources, token semantics, data folder format, resume, bad input.
+
+Most runs execute extract.py in this process (runpy, same argv as the command line) so that torch and
+open_clip are imported once; the kill test runs it as a real subprocess.
+"""
+import json
+import os
+import runpy
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+EXTRACT = os.path.join(ROOT, 'extract.py')
+TINY = ['--clip_model=tiny-clip', '--eva_model=tiny-eva', '--grid_size=4', '--batch_size=4',
+        '--num_workers=1', '--device=cpu', '--dtype=float32']
+
+
+def run_extract(*args):
+    """`python extract.py *args`, in this process."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(sys, 'argv', ['extract.py', *args])
+        runpy.run_path(EXTRACT, run_name='__main__')
+
+
+def load_folder(path):
+    arrays = {name: np.load(os.path.join(path, f'{name}.npy'), mmap_mode='r') for name in ('clip', 'eva', 'clip_cls')}
+    with open(os.path.join(path, 'meta.json')) as f:
+        meta = json.load(f)
+    with open(os.path.join(path, 'captions.json')) as f:
+        captions = json.load(f)
+    return arrays, meta, captions
+
+
+def open_clip_model(name, pretrained=None):
+    import open_clip
+    open_clip.add_model_config(os.path.join(ROOT, 'config', 'encoders'))
+    torch.manual_seed(0)
+    model, _, transform = open_clip.create_model_and_transforms(name, pretrained=pretrained)
+    return model.eval(), transform
+
+
+def reference_tokens(model, transform, images):
+    """open_clip's own outputs: (encode_image, patch tokens of visual with output_tokens=True)."""
+    x = torch.stack([transform(im) for im in images])
+    with torch.no_grad():
+        cls = model.encode_image(x)
+        model.visual.output_tokens = True
+        _, tokens = model.visual(x)
+        model.visual.output_tokens = False
+    return cls.numpy(), tokens.numpy()
+
+
+@pytest.fixture(scope='module')
+def weights(tmp_path_factory):
+    """Random tiny-clip / tiny-eva weight files (seed 1, unlike the seed-0 random init)."""
+    d = tmp_path_factory.mktemp('weights')
+    paths = {}
+    for name in ('tiny-clip', 'tiny-eva'):
+        model, _ = open_clip_model(name)
+        torch.manual_seed(1)
+        for p in model.parameters():
+            p.data.normal_(0, 0.2)
+        paths[name] = str(d / f'{name}.pt')
+        torch.save(model.state_dict(), paths[name])
+    return paths
+
+
+@pytest.fixture(scope='module')
+def image_folder(tmp_path_factory):
+    """image_folder/set/: five readable images of several sizes and modes, one corrupt, one truncated."""
+    root = tmp_path_factory.mktemp('images')
+    d = root / 'set'
+    (d / 'sub').mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    pixels = lambda h, w, c=3: rng.integers(0, 256, (h, w, c) if c > 1 else (h, w), dtype=np.uint8)
+    Image.fromarray(pixels(60, 80)).save(d / 'a.jpg')
+    Image.fromarray(pixels(64, 64)).save(d / 'b.png')
+    Image.fromarray(pixels(70, 50, 1)).save(d / 'c_gray.png')
+    Image.fromarray(pixels(64, 96, 4)).save(d / 'd_rgba.png')
+    Image.fromarray(pixels(100, 100)).save(d / 'sub' / 'e.jpg')
+    (d / 'a.txt').write_text('a noisy picture\n\nanother caption\n')
+    (d / 'corrupt.jpg').write_bytes(b'this is not a jpeg' * 10)
+    data = (d / 'b.png').read_bytes()
+    (d / 'truncated.png').write_bytes(data[:len(data) // 2])
+    return str(root)
+
+
+@pytest.fixture(scope='module')
+def folder_run(tmp_path_factory, image_folder, weights):
+    out = tmp_path_factory.mktemp('out')
+    run_extract(*TINY, '--source=folder', f'--image_folder={image_folder}', "--splits=('set',)", f'--data_dir={out}',
+                f"--clip_pretrained={weights['tiny-clip']}", f"--eva_pretrained={weights['tiny-eva']}")
+    return str(out / 'set')
+
+
+def test_folder_tokens_equal_open_clip_patch_tokens(folder_run, image_folder, weights):
+    arrays, meta, _ = load_folder(folder_run)
+    images = [Image.open(os.path.join(image_folder, 'set', f)).convert('RGB') for f in meta['files']]
+    cls, tokens = reference_tokens(*open_clip_model('tiny-clip', weights['tiny-clip']), images)
+    assert arrays['clip'].shape == (5, 16, 64) and arrays['clip_cls'].shape == (5, 32)
+    np.testing.assert_allclose(arrays['clip'], tokens, rtol=2e-3, atol=2e-3)  # float16 storage
+    np.testing.assert_allclose(arrays['clip_cls'], cls, rtol=1e-5, atol=1e-5)
+    _, eva_tokens = reference_tokens(*open_clip_model('tiny-eva', weights['tiny-eva']), images)
+    np.testing.assert_allclose(arrays['eva'], eva_tokens, rtol=2e-3, atol=2e-3)
+    assert meta['clip']['pretrained'] == weights['tiny-clip']
+
+
+def test_corrupt_images_are_skipped_and_recorded(folder_run):
+    arrays, meta, captions = load_folder(folder_run)
+    assert meta['files'] == ['a.jpg', 'b.png', 'c_gray.png', 'd_rgba.png', os.path.join('sub', 'e.jpg')]
+    assert meta['count'] == len(meta['image_ids']) == len(arrays['eva']) == 5
+    assert sorted(s['file'] for s in meta['skipped']) == ['corrupt.jpg', 'truncated.png']
+    assert all(s['reason'] for s in meta['skipped'])
+    assert captions == {'a.jpg': ['a noisy picture', 'another caption']}
+    assert not [f for f in os.listdir(folder_run) if f.startswith('.extract_state')]
+
+
+def test_synthetic_shapes_dtypes_meta_captions(tmp_path):
+    run_extract(*TINY, '--source=synthetic', "--splits=('train','val')", "--synthetic_counts={'train': 10, 'val': 6}",
+                '--synthetic_image_size=64', "--clip_pretrained=", f'--data_dir={tmp_path}')
+    train, meta, captions = load_folder(tmp_path / 'train')
+    assert train['clip'].shape == (10, 16, 64) and train['clip'].dtype == np.float16
+    assert train['eva'].shape == (10, 16, 96) and train['eva'].dtype == np.float16
+    assert train['clip_cls'].shape == (10, 32) and train['clip_cls'].dtype == np.float32
+    assert meta['format'] == 'blip3o-dit-data' and meta['version'] == 1 and meta['complete'] is True
+    assert meta['count'] == 10 and meta['image_ids'] == list(range(10)) and len(meta['files']) == 10
+    assert meta['clip'] == {'model': 'tiny-clip', 'pretrained': '', 'tokens': 16, 'dim': 64, 'embed_dim': 32}
+    assert meta['eva'] == {'model': 'tiny-eva', 'pretrained': '', 'tokens': 16, 'dim': 96}
+    assert meta['dtype'] == 'float16' and meta['skipped'] == []
+    flat = np.asarray(train['clip'], dtype=np.float64).reshape(-1, 64)
+    np.testing.assert_allclose(meta['clip_mean'], flat.mean(0), rtol=1e-9, atol=1e-12)
+    np.testing.assert_allclose(meta['clip_std'], flat.std(0), rtol=1e-9, atol=1e-12)
+    assert list(captions) == [str(i) for i in range(10)]
+    assert all(4 <= len(c) <= 6 for c in captions.values()) and len({c[0] for c in captions.values()}) > 5
+    val, val_meta, _ = load_folder(tmp_path / 'val')
+    assert val_meta['count'] == 6 and not np.array_equal(val['eva'][:6], train['eva'][:6])
+
+    # clip_pretrained='' is open_clip's init under torch.manual_seed(0): eval.py rebuilds this CLIP
+    sys.path.insert(0, ROOT)
+    import extract
+    images = [extract.synthetic_image(0, 'train', 64, i) for i in range(10)]
+    cls, tokens = reference_tokens(*open_clip_model('tiny-clip'), images)
+    np.testing.assert_allclose(train['clip'], tokens, rtol=2e-3, atol=2e-3)
+    np.testing.assert_allclose(train['clip_cls'], cls, rtol=1e-5, atol=1e-5)
+
+
+def test_complete_folder_is_kept_and_other_encoders_refused(tmp_path, capsys):
+    args = [*TINY, '--source=synthetic', "--splits=('val',)", "--synthetic_counts={'val': 5}",
+            '--synthetic_image_size=64', '--clip_pretrained=', f'--data_dir={tmp_path}']
+    run_extract(*args)
+    stamp = os.path.getmtime(tmp_path / 'val' / 'clip.npy')
+    run_extract(*args)
+    assert 'already complete' in capsys.readouterr().out
+    assert os.path.getmtime(tmp_path / 'val' / 'clip.npy') == stamp
+    with pytest.raises(SystemExit, match='overwrite=True'):
+        run_extract(*args, '--eva_model=tiny-clip')
+    run_extract(*args, '--eva_model=tiny-clip', '--overwrite=True')
+    arrays, meta, _ = load_folder(tmp_path / 'val')
+    assert arrays['eva'].shape == (5, 16, 64) and meta['eva']['model'] == 'tiny-clip'
+
+
+def test_token_count_must_match_grid_size(tmp_path):
+    with pytest.raises(SystemExit, match=r'gives 16 patch tokens.*grid_size=5 needs 25; set grid_size=4'):
+        run_extract(*TINY, '--grid_size=5', '--source=synthetic', "--splits=('val',)", "--synthetic_counts={'val': 2}",
+                    '--clip_pretrained=', f'--data_dir={tmp_path}')
+
+
+def test_float16_overflow_stops_naming_the_image(tmp_path, image_folder, weights):
+    model, _ = open_clip_model('tiny-clip', weights['tiny-clip'])
+    model.visual.ln_post.weight.data.fill_(1e6)  # tokens far beyond float16's 65504
+    torch.save(model.state_dict(), tmp_path / 'huge.pt')
+    with pytest.raises(SystemExit, match=r'CLIP features of a\.jpg are .*beyond float16'):
+        run_extract(*TINY, '--source=folder', f'--image_folder={image_folder}', "--splits=('set',)",
+                    f"--clip_pretrained={tmp_path / 'huge.pt'}", f'--data_dir={tmp_path / "out"}')
+
+
+def write_coco(root, split, images, captions):
+    os.makedirs(os.path.join(root, 'annotations'), exist_ok=True)
+    os.makedirs(os.path.join(root, 'images', split), exist_ok=True)
+    anns = [{'id': 1000 * i + k, 'image_id': i, 'caption': c} for i, cs in captions.items() for k, c in enumerate(cs)]
+    with open(os.path.join(root, 'annotations', f'captions_{split}.json'), 'w') as f:
+        json.dump({'images': [{'id': i, 'file_name': f'{i:012d}.jpg', 'height': 48, 'width': 64} for i in images],
+                   'annotations': anns}, f)
+
+
+def test_coco_source(tmp_path):
+    root = str(tmp_path / 'coco')
+    captions = {7: [f'seven {k}' for k in range(7)], 42: [f'forty-two {k}' for k in range(5)], 100: ['hundred'],
+                5: ['its file is missing']}
+    write_coco(root, 'val2017', [42, 7, 100, 5], captions)
+    rng = np.random.default_rng(0)
+    for i in (42, 7, 100):
+        Image.fromarray(rng.integers(0, 256, (48, 64, 3), dtype=np.uint8)).save(
+            os.path.join(root, 'images', 'val2017', f'{i:012d}.jpg'))
+    coco = ['--source=coco', f'--coco_root={root}', f'--data_dir={tmp_path / "data"}', '--clip_pretrained=']
+    run_extract(*TINY, *coco, "--splits=('val2017',)")
+    arrays, meta, caps = load_folder(tmp_path / 'data' / 'val2017')
+    assert meta['image_ids'] == [7, 42, 100] and arrays['clip'].shape == (3, 16, 64)
+    assert meta['files'] == ['000000000007.jpg', '000000000042.jpg', '000000000100.jpg']
+    assert [s['image_id'] for s in meta['skipped']] == [5] and 'No such file' in meta['skipped'][0]['reason']
+    assert caps == {'7': captions[7], '42': captions[42], '100': captions[100]}  # all 7 of image 7
+
+    with pytest.raises(SystemExit, match=r'captions_train2017\.json.*images/train2017/\*\.jpg'):
+        run_extract(*TINY, *coco, "--splits=('train2017','val2017')")
+    write_coco(root, 'train2017', [42, 8], {42: ['x'], 8: ['y']})
+    with pytest.raises(SystemExit, match="'train2017' and 'val2017' share 1 images"):
+        run_extract(*TINY, *coco, "--splits=('train2017','val2017')")
+
+
+def test_killed_run_resumes_to_identical_arrays(tmp_path):
+    args = [*TINY, '--batch_size=2', '--source=synthetic', "--splits=('train',)", "--synthetic_counts={'train': 120}",
+            '--synthetic_image_size=128', '--clip_pretrained=']
+    run_extract(*args, f'--data_dir={tmp_path / "whole"}')
+
+    state = tmp_path / 'killed' / 'train' / '.extract_state.rank0.json'
+    proc = subprocess.Popen([sys.executable, EXTRACT, *args, f'--data_dir={tmp_path / "killed"}'], cwd=ROOT,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        rows = 0
+        while proc.poll() is None and rows < 20:
+            try:
+                rows = json.loads(state.read_text()).get('rows_done', 0)
+            except (OSError, ValueError):  # not there yet
+                pass
+            time.sleep(0.005)
+        proc.send_signal(signal.SIGKILL)
+    finally:
+        proc.wait()
+    assert proc.returncode == -signal.SIGKILL and 20 <= rows < 120
+    with open(tmp_path / 'killed' / 'train' / 'meta.json') as f:
+        assert json.load(f)['complete'] is False
+
+    run_extract(*args, f'--data_dir={tmp_path / "killed"}')
+    whole, whole_meta, whole_caps = load_folder(tmp_path / 'whole' / 'train')
+    resumed, resumed_meta, resumed_caps = load_folder(tmp_path / 'killed' / 'train')
+    for name in whole:
+        assert np.array_equal(whole[name], resumed[name]), name
+    assert whole_meta == resumed_meta and whole_caps == resumed_caps
+
+
+def test_hf_vision_model_path(tmp_path):
+    transformers = pytest.importorskip('transformers')
+    config = transformers.CLIPVisionConfig(hidden_size=48, intermediate_size=96, num_hidden_layers=2,
+                                           num_attention_heads=2, image_size=64, patch_size=16)
+    torch.manual_seed(0)
+    model = transformers.CLIPVisionModel(config).eval()
+    model.save_pretrained(tmp_path / 'hf')
+    processor = transformers.CLIPImageProcessor(size={'shortest_edge': 64}, crop_size={'height': 64, 'width': 64},
+                                                image_mean=[0.4, 0.5, 0.6], image_std=[0.2, 0.3, 0.25])
+    processor.save_pretrained(tmp_path / 'hf')
+    rng = np.random.default_rng(1)
+    folder = tmp_path / 'images' / 'set'
+    os.makedirs(folder)
+    for k in range(3):
+        Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(folder / f'{k}.png')
+
+    run_extract(*TINY, f"--eva_model=hf:{tmp_path / 'hf'}", '--source=folder', f"--image_folder={tmp_path / 'images'}",
+                "--splits=('set',)", '--clip_pretrained=', f"--data_dir={tmp_path / 'data'}")
+    arrays, meta, _ = load_folder(tmp_path / 'data' / 'set')
+    images = [Image.open(tmp_path / 'images' / 'set' / f).convert('RGB') for f in meta['files']]
+    with torch.no_grad():
+        hidden = model(pixel_values=processor(images=images, return_tensors='pt').pixel_values).last_hidden_state
+    assert arrays['eva'].shape == (3, 16, 48) and meta['eva']['dim'] == 48
+    np.testing.assert_allclose(arrays['eva'], hidden[:, 1:].numpy(), rtol=2e-3, atol=2e-3)
