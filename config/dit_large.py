@@ -1,8 +1,35 @@
-# The seed's model: Lumina-Next style DiT, 1792 wide, 24 layers, 28 heads, EVA-CLIP-8B condition.
-# Use on a GPU node: torchrun --standalone --nproc_per_node=8 train.py config/dit_large.py
+# The seed's model: Lumina-Next style DiT, 1792 wide, 24 layers, 28 heads (1.73B parameters),
+# conditioned on EVA-CLIP-8B (4096-d). Use on GPU nodes, for every stage:
+#   python extract.py config/dit_large.py --coco_root=/data/coco
+#   torchrun --standalone --nproc_per_node=8 train.py config/dit_large.py
+#   python sample.py config/dit_large.py && python eval.py config/dit_large.py
+
+# data: COCO 2017 train for training, val for validation, sampling and evaluation
+source = 'coco'
+splits = ('train2017', 'val2017')
+data_dir = 'data/coco_vitl_eva8b'
+train_data = 'data/coco_vitl_eva8b/train2017'
+val_data = 'data/coco_vitl_eva8b/val2017'
+out_dir = 'out/dit_large'
+clip_model = 'ViT-L-14-quickgelu'  # plain ViT-L-14 + openai silently builds GELU instead of QuickGELU
+clip_pretrained = 'openai'
+eva_model = 'hf:BAAI/EVA-CLIP-8B'
+
+# model
 dim = 1792
 n_layers = 24
 n_heads = 28
 in_dim = 1024
 cond_dim = 4096
 grid_size = 16
+
+# training: global batch 32 x 8 = 256 samples a step
+batch_size = 32
+gradient_accumulation_steps = 8
+learning_rate = 1e-4
+max_iters = 100000
+warmup_iters = 1000
+lr_decay_iters = 100000
+min_lr = 1e-5
+dtype = 'bfloat16'
+compile = True

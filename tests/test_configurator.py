@@ -55,7 +55,7 @@ def test_config_file_sets_known_keys_ignores_other_stages_keys_and_checks_types(
 
 def test_shipped_config_files_parse_for_the_model():
     from model import DiTConfig
-    for name, dim in (('dit_large', 1792), ('demo', None)):
+    for name, dim in (('dit_large', 1792), ('dit_large_eva02e', 1792), ('dit_base', 768), ('demo', None)):
         ns = {k: v for k, v in vars(DiTConfig()).items()}
         configure(ns, [f'{ROOT}/config/{name}.py'])
         cfg = DiTConfig(**ns)
