@@ -1,0 +1,143 @@
+"""Benchmark sampling: samples/s for a DiT config and step count, and sample quality against steps.
+
+Throughput: a randomly initialized DiT of the config's size (no checkpoint needed: speed does not depend on the
+weights), random EVA tokens, sample.py's sampler (batched, bf16 autocast on CUDA), best batch of the timed ones.
+Quality: a trained checkpoint (out_dir/ckpt.pt, EMA weights) on the first quality_samples rows of val_data:
+cosine and relative L2 error (standardized space) between samples at quality_steps and a reference_steps Heun
+solution from the same noise, for Euler and Heun; the curve goes to out_dir/bench_sample_quality.png (with matplotlib).
+
+python bench/bench_sample.py config/demo.py                                # CPU: demo DiT, quality on the demo run
+python bench/bench_sample.py config/dit_large.py --quality=False           # GPU: dit_large throughput
+"""
+import dataclasses
+import json
+import os
+import platform
+import sys
+import time
+from contextlib import nullcontext
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import flow  # noqa: E402
+from model import DiT, DiTConfig  # noqa: E402
+
+# -----------------------------------------------------------------------------
+# throughput: the DiT of these settings (DiTConfig fields; defaults = dit_large)
+globals().update({f.name: f.default for f in dataclasses.fields(DiTConfig)})
+sample_method = 'euler'
+sample_steps = 50
+cfg_scale = 1.0
+sample_batch_size = 64
+throughput_batches = 3
+# quality: a trained run
+quality = True
+out_dir = 'out'
+val_data = 'data/coco_val2017'
+quality_samples = 32
+quality_steps = (5, 10, 20, 50)
+reference_steps = 200
+seed = 1337
+device = 'auto'
+dtype = 'bfloat16' if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else 'float32'
+# -----------------------------------------------------------------------------
+from configurator import configure  # noqa: E402
+config = configure(globals())
+# -----------------------------------------------------------------------------
+device = ('cuda' if torch.cuda.is_available() else 'cpu') if device == 'auto' else device
+device_type = 'cuda' if device.startswith('cuda') else 'cpu'
+ptdtype = {'float32': torch.float32, 'bfloat16': torch.bfloat16, 'float16': torch.float16}[dtype]
+ctx = (nullcontext() if device_type == 'cpu' or ptdtype == torch.float32
+       else torch.amp.autocast(device_type=device_type, dtype=ptdtype))
+
+
+def sync():
+    if device_type == 'cuda':
+        torch.cuda.synchronize()
+
+
+@torch.no_grad()
+def generate(model, cond, x0, steps, method):
+    with ctx:
+        return flow.sample(flow.guided(model, cond, cfg_scale), x0, steps=steps, method=method).float()
+
+
+# throughput
+cfg = DiTConfig(**{f.name: globals()[f.name] for f in dataclasses.fields(DiTConfig)})
+g = torch.Generator().manual_seed(seed)
+model = DiT(cfg).to(device).eval()
+L = cfg.grid_size ** 2
+cond = torch.randn(sample_batch_size, L, cfg.cond_dim, generator=g).to(device)
+x0 = torch.randn(sample_batch_size, L, cfg.in_dim, generator=g).to(device)
+generate(model, cond, x0, 1, sample_method)  # warm-up: kernels, allocator
+times = []
+for _ in range(throughput_batches):
+    sync()
+    t0 = time.perf_counter()
+    generate(model, cond, x0, sample_steps, sample_method)
+    sync()
+    times.append(time.perf_counter() - t0)
+calls = sample_steps * (2 if sample_method == 'heun' else 1) * (1 if cfg_scale == 1.0 else 2)
+result = {'bench': 'sample', 'device': device,
+          'machine': (torch.cuda.get_device_name() if device_type == 'cuda'
+                else f"{platform.machine()}, {os.cpu_count()} cpus"),
+          'dtype': dtype if device_type == 'cuda' else 'float32', 'torch_threads': torch.get_num_threads(),
+          'model': {k: getattr(cfg, k) for k in ('dim', 'n_layers', 'n_heads', 'in_dim', 'cond_dim', 'grid_size')},
+          'params': model.num_params(), 'sample_method': sample_method, 'sample_steps': sample_steps,
+          'cfg_scale': cfg_scale, 'batch': sample_batch_size, 'model_batch_forwards': calls,
+          'samples_per_s': round(sample_batch_size / min(times), 2), 'batch_s': [round(t, 3) for t in times],
+          'model_tflops_per_s': round(calls * sample_batch_size * model.flops_per_sample() / min(times) / 1e12, 3)}
+del model
+
+# quality against steps
+result['quality'] = None
+ckpt_path = os.path.join(out_dir, 'ckpt.pt')
+eva_path = os.path.join(val_data, 'eva.npy')
+if quality and not (os.path.exists(ckpt_path) and os.path.exists(eva_path)):
+    result['quality_note'] = (f"skipped: needs a trained checkpoint {ckpt_path} and its data {eva_path} "
+                              f"(run extract.py and train.py with the same config first)")
+elif quality:
+    checkpoint = torch.load(ckpt_path, map_location='cpu', weights_only=True)
+    qcfg = DiTConfig(**checkpoint['model_args'])
+    model = DiT(qcfg)
+    model.load_state_dict(checkpoint['ema'])
+    model.to(device).eval()
+    eva = np.load(eva_path, mmap_mode='r')
+    n = min(quality_samples, len(eva))
+    cond = torch.from_numpy(np.asarray(eva[:n], dtype=np.float32)).to(device)
+    x0 = torch.randn(n, qcfg.grid_size ** 2, qcfg.in_dim, generator=g).to(device)
+    # compared in the model's standardized space: de-standardized, the channel means would inflate every cosine
+    ref = generate(model, cond, x0, reference_steps, 'heun')
+    curve = {}
+    for method in ('euler', 'heun'):
+        curve[method] = {}
+        for steps in quality_steps:
+            x = generate(model, cond, x0, steps, method)
+            curve[method][steps] = {
+                'model_calls': steps * (2 if method == 'heun' else 1),
+                'token_cosine': round(float(F.cosine_similarity(x, ref, dim=-1).mean()), 6),
+                'pooled_cosine': round(float(F.cosine_similarity(x.mean(1), ref.mean(1), dim=-1).mean()), 6),
+                'relative_l2': round(float((x - ref).norm() / ref.norm()), 5)}
+    result['quality'] = {'checkpoint': ckpt_path, 'iter_num': checkpoint['iter_num'], 'samples': n,
+                         'reference': f'heun {reference_steps} steps, same noise', 'space': 'standardized',
+                         'cfg_scale': cfg_scale, **curve}
+    try:
+        import matplotlib
+        matplotlib.use('Agg')
+        import matplotlib.pyplot as plt
+        fig, ax = plt.subplots(figsize=(5, 3.5))
+        for method, points in curve.items():
+            ax.plot([p['model_calls'] for p in points.values()], [p['relative_l2'] for p in points.values()],
+                    'o-', label=f"{method} ({', '.join(map(str, points))} steps)")
+        ax.set(xscale='log', yscale='log', xlabel='model calls per sample',
+               ylabel=f'relative L2 error to Heun-{reference_steps}', title='sample quality against steps')
+        ax.legend()
+        fig.tight_layout()
+        fig.savefig(os.path.join(out_dir, 'bench_sample_quality.png'), dpi=120)
+        result['quality']['plot'] = os.path.join(out_dir, 'bench_sample_quality.png')
+    except ImportError:
+        pass
+print(json.dumps(result))

@@ -1,0 +1,188 @@
+"""Generate CLIP tokens with a trained DiT: out_dir/ckpt.pt + val_data/eva.npy -> out_dir/generated.npy (+ .json).
+
+One GPU or CPU:   python sample.py config/demo.py
+Several GPUs:     torchrun --standalone --nproc_per_node=8 sample.py config/dit_large.py   (each rank writes its rows)
+
+Row i starts from noise drawn from a generator seeded by (seed, i) alone, so the output does not depend on
+sample_batch_size or on the number of ranks (up to float rounding of batched kernels). A killed run continues
+where it stopped: rows go into generated.partial.npy and are marked in generated.done.npy once written; the
+finished array is renamed to generated.npy, so that name only ever holds a complete result.
+"""
+import json
+import os
+import time
+from contextlib import nullcontext
+from datetime import timedelta
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from tqdm import tqdm
+
+import flow
+from model import DiT, DiTConfig
+
+# -----------------------------------------------------------------------------
+out_dir = 'out'                # reads out_dir/ckpt.pt, writes out_dir/generated.npy and generated.json
+val_data = 'data/coco_val2017' # the data folder to generate for (its eva.npy)
+use_ema = True                 # the checkpoint's EMA weights; False = the raw weights
+sample_method = 'euler'        # 'euler' (1 model call a step) or 'heun' (2)
+sample_steps = 50
+cfg_scale = 1.0                # classifier-free guidance; 1.0 = the plain conditional model
+seed = 1337
+sample_batch_size = 64
+device = 'auto'                # 'auto' = cuda when available, else cpu; under torchrun each rank takes cuda:LOCAL_RANK
+dtype = 'bfloat16' if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else 'float32'  # autocast on CUDA
+# -----------------------------------------------------------------------------
+from configurator import configure  # noqa: E402
+config = configure(globals())
+# -----------------------------------------------------------------------------
+
+if sample_method not in ('euler', 'heun') or sample_steps < 1 or sample_batch_size < 1:
+    raise SystemExit(f"config error: sample_method should be 'euler' or 'heun' (got {sample_method!r}), "
+                     f"sample_steps and sample_batch_size positive (got {sample_steps}, {sample_batch_size})")
+if dtype not in ('float32', 'bfloat16', 'float16'):
+    raise SystemExit(f"config error: dtype should be 'float32', 'bfloat16' or 'float16', got {dtype!r}")
+ddp = int(os.environ.get('RANK', -1)) != -1
+device = ('cuda' if torch.cuda.is_available() else 'cpu') if device == 'auto' else device
+device_type = 'cuda' if device.startswith('cuda') else 'cpu'
+if ddp:
+    rank, world_size = int(os.environ['RANK']), int(os.environ['WORLD_SIZE'])
+    if device_type == 'cuda':
+        device = f"cuda:{os.environ['LOCAL_RANK']}"
+        torch.cuda.set_device(device)
+    dist.init_process_group(backend='nccl' if device_type == 'cuda' else 'gloo', timeout=timedelta(minutes=30))
+else:
+    rank, world_size = 0, 1
+master_process = rank == 0
+ptdtype = {'float32': torch.float32, 'bfloat16': torch.bfloat16, 'float16': torch.float16}[dtype]
+ctx = (nullcontext() if device_type == 'cpu' or ptdtype == torch.float32
+       else torch.amp.autocast(device_type=device_type, dtype=ptdtype))
+
+
+def barrier():
+    if ddp:
+        dist.barrier()
+
+
+# checkpoint and data: every disagreement stops here, naming the file and the values
+ckpt_path = os.path.join(out_dir, 'ckpt.pt')
+if not os.path.exists(ckpt_path):
+    raise SystemExit(f"sample.py: {ckpt_path} not found: train first (python train.py ...) or set out_dir")
+checkpoint = torch.load(ckpt_path, map_location='cpu', mmap=True, weights_only=True)
+weights = 'ema' if use_ema else 'model'
+if weights not in checkpoint:
+    raise SystemExit(f"sample.py: {ckpt_path} has no {weights!r} weights (keys {sorted(checkpoint)})")
+model_cfg = DiTConfig(**checkpoint['model_args'])
+meta_path, eva_path = os.path.join(val_data, 'meta.json'), os.path.join(val_data, 'eva.npy')
+for p in (meta_path, eva_path):
+    if not os.path.exists(p):
+        raise SystemExit(f"sample.py: {p} not found: val_data should be a data folder written by extract.py")
+with open(meta_path) as f:
+    meta = json.load(f)
+N, M, C = np.load(eva_path, mmap_mode='r').shape
+L = model_cfg.grid_size ** 2
+if C != model_cfg.cond_dim:
+    raise SystemExit(f"sample.py: {eva_path} has EVA width {C}, but {ckpt_path} was trained with cond_dim "
+                     f"{model_cfg.cond_dim}: generate with the data the model was trained for")
+if N != meta['count'] or (meta['clip']['tokens'], meta['clip']['dim']) != (L, model_cfg.in_dim):
+    raise SystemExit(f"sample.py: {ckpt_path} generates [{L}, {model_cfg.in_dim}] tokens (grid_size**2, in_dim) "
+                     f"for {N} rows of {eva_path}, but {meta_path} has count {meta['count']} and CLIP tokens "
+                     f"[{meta['clip']['tokens']}, {meta['clip']['dim']}]")
+clip_mean = torch.tensor(checkpoint['data_stats']['clip_mean'], dtype=torch.float32, device=device)
+clip_std = torch.tensor(checkpoint['data_stats']['clip_std'], dtype=torch.float32, device=device)
+if clip_mean.shape != (model_cfg.in_dim,) or clip_std.shape != (model_cfg.in_dim,):
+    raise SystemExit(f"sample.py: {ckpt_path} data_stats have {len(clip_mean)} / {len(clip_std)} channels, "
+                     f"in_dim is {model_cfg.in_dim}")
+
+model = DiT(model_cfg)
+model.load_state_dict(checkpoint[weights])
+model.to(device).eval()
+
+# what the output depends on; a partial run continues only under the same settings
+settings = {'checkpoint': os.path.abspath(ckpt_path), 'iter_num': checkpoint['iter_num'], 'use_ema': use_ema,
+            'sample_method': sample_method, 'sample_steps': sample_steps, 'cfg_scale': cfg_scale, 'seed': seed,
+            'val_data': os.path.abspath(val_data), 'shape': [N, L, model_cfg.in_dim], 'dtype': 'float16'}
+del checkpoint
+out_path, info_path = os.path.join(out_dir, 'generated.npy'), os.path.join(out_dir, 'generated.json')
+partial_path, done_path = os.path.join(out_dir, 'generated.partial.npy'), os.path.join(out_dir, 'generated.done.npy')
+partial_info = os.path.join(out_dir, 'generated.partial.json')
+
+
+def read_json(path):
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        return json.load(f)
+
+
+def write_json(path, obj):
+    with open(path + '.tmp', 'w') as f:
+        json.dump(obj, f, indent=2)
+    os.replace(path + '.tmp', path)
+
+
+if os.path.exists(out_path) and (read_json(info_path) or {}).get('settings') == settings:
+    print(f"sample.py: {out_path} already holds these samples ({info_path}); delete it to generate again")
+    raise SystemExit(0)
+if master_process:
+    if read_json(partial_info) == settings and os.path.exists(partial_path) and os.path.exists(done_path):
+        print(f"resuming {partial_path}: {int(np.load(done_path).sum())} of {N} rows done")
+    else:
+        for path, dt, shape in [(partial_path, np.float16, (N, L, model_cfg.in_dim)), (done_path, np.bool_, (N,))]:
+            np.lib.format.open_memmap(path, mode='w+', dtype=dt, shape=shape).flush()  # a new file reads as zeros
+        write_json(partial_info, settings)
+barrier()
+
+
+def row_noise(rows):
+    """Starting noise of rows [B, L, in_dim]: row i's from a generator seeded by (seed, i) alone."""
+    noise = []
+    for i in rows:
+        g = torch.Generator().manual_seed(int(np.random.SeedSequence([seed, int(i)]).generate_state(1, np.uint64)[0]))
+        noise.append(torch.randn(L, model_cfg.in_dim, generator=g))
+    return torch.stack(noise).to(device)
+
+
+shard = np.array_split(np.arange(N), world_size)[rank]
+todo = shard[~np.load(done_path)[shard]]
+print(f"rank {rank}: {len(todo)} of {len(shard)} rows to generate, {sample_method} {sample_steps} steps, "
+      f"cfg {cfg_scale}, {'EMA' if use_ema else 'raw'} weights of iteration {settings['iter_num']}, {device}")
+t0, non_finite = time.time(), 0
+with tqdm(total=len(todo), unit='sample', disable=not master_process, smoothing=0.1) as bar:
+    for s in range(0, len(todo), sample_batch_size):
+        rows = todo[s:s + sample_batch_size]
+        cond = torch.from_numpy(np.load(eva_path, mmap_mode='r')[rows]).to(device).float()
+        with torch.no_grad(), ctx:
+            x = flow.sample(flow.guided(model, cond, cfg_scale), row_noise(rows), sample_steps, sample_method)
+        x = x.float() * clip_std + clip_mean
+        non_finite += int((~torch.isfinite(x)).sum())
+        # open the memmaps afresh per batch (a long-lived mapping keeps growing resident memory, nanoGPT #287);
+        # the rows are flushed to disk before they are marked done
+        out = np.load(partial_path, mmap_mode='r+')
+        out[rows] = x.cpu().numpy().astype(np.float16)
+        out.flush()
+        done = np.load(done_path, mmap_mode='r+')
+        done[rows] = True
+        done.flush()
+        del out, done
+        bar.update(len(rows))
+seconds = time.time() - t0
+if non_finite:
+    print(f"rank {rank}: warning: {non_finite} non-finite generated values "
+          f"(the sampler diverged; eval.py will refuse them)")
+barrier()
+if master_process:
+    missing = int((~np.load(done_path)).sum())
+    if missing:
+        raise SystemExit(f"sample.py: {missing} rows of {partial_path} are still missing; run again to finish them")
+    os.replace(partial_path, out_path)
+    write_json(info_path, {'settings': settings, 'world_size': world_size, 'device': device, 'dtype': dtype,
+                           'sample_batch_size': sample_batch_size, 'seconds': seconds,
+                           'samples_per_second': len(todo) / seconds if seconds > 0 else None})
+    os.remove(done_path)
+    os.remove(partial_info)
+    print(f"wrote {out_path} [{N}, {L}, {model_cfg.in_dim}] float16 and {info_path}: "
+          f"{len(todo)} rows in {seconds:.1f} s ({len(todo) / max(seconds, 1e-9):.2f} samples/s on rank 0)")
+if ddp:
+    dist.destroy_process_group()

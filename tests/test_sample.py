@@ -1,0 +1,171 @@
+"""sample.py on a tiny trained checkpoint: shapes, determinism across batch sizes and ranks, resume, bad input."""
+import dataclasses
+import json
+import os
+import runpy
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+
+import flow
+from conftest import ROOT, make_data_folder
+from model import DiT, DiTConfig
+
+SAMPLE = os.path.join(ROOT, 'sample.py')
+N = 12
+ONE_THREAD = {**os.environ, 'OMP_NUM_THREADS': '1'}
+
+
+
+@pytest.fixture(scope='module', autouse=True)
+def one_thread():
+    """Tiny models run fastest on one thread; on a busy 2-core box two threads spin and run 20x slower."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope='module')
+def trained(tmp_path_factory):
+    """A data folder and a checkpoint in train.py's format, from a tiny DiT trained briefly on it."""
+    root = tmp_path_factory.mktemp('sample')
+    data = make_data_folder(str(root / 'data'), n=N, tokens=16, clip_dim=8, eva_dim=12)
+    meta = json.load(open(os.path.join(data, 'meta.json')))
+    mean, std = torch.tensor(meta['clip_mean']).float(), torch.tensor(meta['clip_std']).float()
+    x1 = (torch.from_numpy(np.load(os.path.join(data, 'clip.npy'))).float() - mean) / std
+    cond = torch.from_numpy(np.load(os.path.join(data, 'eva.npy'))).float()
+    cfg = DiTConfig(dim=32, n_layers=2, n_heads=2, in_dim=8, cond_dim=12, grid_size=4, ffn_multiple_of=32)
+    torch.manual_seed(0)
+    model = DiT(cfg)
+    ema = DiT(cfg)
+    ema.load_state_dict(model.state_dict())
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    g = torch.Generator().manual_seed(0)
+    for it in range(150):
+        loss = flow.flow_loss(model, x1, cond, generator=g)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        with torch.no_grad():
+            for pe, p in zip(ema.parameters(), model.parameters()):
+                pe.lerp_(p, 0.1)
+    ckpt = {'model': model.state_dict(), 'ema': ema.state_dict(), 'optimizer': opt.state_dict(), 'scaler': {},
+            'model_args': dataclasses.asdict(cfg), 'iter_num': 150, 'best_val_loss': loss.item(),
+            'config': {'sigma_min': 1e-4, 'seed': 0},
+            'data_stats': {'clip_mean': meta['clip_mean'], 'clip_std': meta['clip_std']},
+            'rng': {'seed': 0}, 'data_position': {'samples_seen': 150 * N}}
+    os.makedirs(root / 'run')
+    torch.save(ckpt, root / 'run' / 'ckpt.pt')
+    return data, root / 'run' / 'ckpt.pt'
+
+
+def out_dir_with(ckpt, path):
+    os.makedirs(path)
+    os.symlink(ckpt, os.path.join(path, 'ckpt.pt'))
+    return str(path)
+
+
+def run_sample(monkeypatch, *args):
+    monkeypatch.setattr(sys, 'argv', ['sample.py', *args])
+    runpy.run_path(SAMPLE, run_name='__main__')
+
+
+def test_shapes_settings_and_batch_size_independence(trained, tmp_path, monkeypatch, capsys):
+    data, ckpt = trained
+    outs = {}
+    for bs in (5, 12):
+        out = out_dir_with(ckpt, tmp_path / f'bs{bs}')
+        run_sample(monkeypatch, f'--out_dir={out}', f'--val_data={data}', f'--sample_batch_size={bs}',
+                   '--sample_steps=8', '--seed=3')
+        outs[bs] = np.load(os.path.join(out, 'generated.npy'))
+        assert sorted(os.listdir(out)) == ['ckpt.pt', 'generated.json', 'generated.npy']  # no partial files left
+    assert outs[5].shape == (N, 16, 8) and outs[5].dtype == np.float16
+    np.testing.assert_allclose(outs[5].astype(np.float32), outs[12].astype(np.float32), atol=2e-3, rtol=2e-3)
+    info = json.load(open(tmp_path / 'bs5' / 'generated.json'))
+    assert (info['settings']['sample_steps'], info['settings']['seed'], info['settings']['use_ema']) == (8, 3, True)
+    assert info['settings']['shape'] == [N, 16, 8] and info['samples_per_second'] > 0
+    # de-standardized with the checkpoint's stats, the samples match their own images (the untrained model gives ~0)
+    meta = json.load(open(os.path.join(data, 'meta.json')))
+    standardize = lambda x: (x.astype(np.float32) - meta['clip_mean']) / meta['clip_std']
+    gen, real = standardize(outs[5]).mean(1), standardize(np.load(os.path.join(data, 'clip.npy'))).mean(1)
+    pooled_cos = (gen * real).sum(1) / np.linalg.norm(gen, axis=1) / np.linalg.norm(real, axis=1)
+    assert pooled_cos.mean() > 0.5
+    assert np.abs(standardize(outs[5]).mean((0, 1))).max() < 0.5  # per-channel means land on the data's
+    # another seed or the raw weights give other samples; rerunning the same settings is a no-op
+    for extra in ('--seed=4', '--use_ema=False'):
+        out = out_dir_with(ckpt, tmp_path / f'other{extra[2:6]}')
+        run_sample(monkeypatch, f'--out_dir={out}', f'--val_data={data}', '--sample_steps=8', '--seed=3', extra)
+        assert np.abs(np.load(os.path.join(out, 'generated.npy')).astype(np.float32) - outs[12]).max() > 1e-2
+    with pytest.raises(SystemExit) as e:
+        run_sample(monkeypatch, f'--out_dir={tmp_path / "bs5"}', f'--val_data={data}', '--sample_steps=8', '--seed=3')
+    assert e.value.code == 0 and 'already holds these samples' in capsys.readouterr().out
+
+
+def test_resume_after_kill(trained, tmp_path, monkeypatch, capsys):
+    data, ckpt = trained
+    common = [f'--val_data={data}', '--sample_steps=60', '--sample_method=heun', '--cfg_scale=1.5']
+    ref = out_dir_with(ckpt, tmp_path / 'ref')
+    run_sample(monkeypatch, f'--out_dir={ref}', *common)
+    out = out_dir_with(ckpt, tmp_path / 'killed')
+    proc = subprocess.Popen([sys.executable, SAMPLE, f'--out_dir={out}', *common, '--sample_batch_size=1'],
+                            cwd=ROOT, env=ONE_THREAD, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    done_path = os.path.join(out, 'generated.done.npy')
+    deadline = time.time() + 60
+    while time.time() < deadline and proc.poll() is None:
+        if os.path.exists(done_path) and np.load(done_path).sum() >= 2:
+            break
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    done = int(np.load(done_path).sum())
+    assert 2 <= done < N and not os.path.exists(os.path.join(out, 'generated.npy'))
+    run_sample(monkeypatch, f'--out_dir={out}', *common, '--sample_batch_size=4')
+    printed = capsys.readouterr().out
+    assert f'{done} of {N} rows done' in printed and f'{N - done} of {N} rows to generate' in printed
+    np.testing.assert_allclose(np.load(os.path.join(out, 'generated.npy')).astype(np.float32),
+                               np.load(os.path.join(ref, 'generated.npy')).astype(np.float32), atol=2e-3, rtol=2e-3)
+    # other settings do not continue the partial files of a killed run: they start over
+    shutil.copy(os.path.join(out, 'generated.json'), tmp_path / 'info.json')
+    for name in ('generated.partial.npy', 'generated.done.npy'):
+        np.save(os.path.join(out, name), np.zeros(1))
+    json.dump({'stale': True}, open(os.path.join(out, 'generated.partial.json'), 'w'))
+    run_sample(monkeypatch, f'--out_dir={out}', *common[:2])
+    assert f'{N} of {N} rows to generate' in capsys.readouterr().out
+
+
+def test_torchrun_ranks_write_their_rows(trained, tmp_path, monkeypatch):
+    data, ckpt = trained
+    common = [f'--val_data={data}', '--sample_steps=4', '--sample_batch_size=4']
+    single = out_dir_with(ckpt, tmp_path / 'single')
+    run_sample(monkeypatch, f'--out_dir={single}', *common)
+    ranks = out_dir_with(ckpt, tmp_path / 'ranks')
+    torchrun = os.path.join(os.path.dirname(sys.executable), 'torchrun')
+    result = subprocess.run([torchrun, '--standalone', '--nproc_per_node=2', SAMPLE, f'--out_dir={ranks}', *common],
+                            cwd=ROOT, env=ONE_THREAD, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert 'rank 1: 6 of 6 rows to generate' in result.stdout
+    assert json.load(open(os.path.join(ranks, 'generated.json')))['world_size'] == 2
+    np.testing.assert_allclose(np.load(os.path.join(ranks, 'generated.npy')).astype(np.float32),
+                               np.load(os.path.join(single, 'generated.npy')).astype(np.float32), atol=2e-3, rtol=2e-3)
+
+
+def test_bad_input_named(trained, tmp_path, monkeypatch):
+    data, ckpt = trained
+    with pytest.raises(SystemExit, match=r'ckpt.pt not found'):
+        run_sample(monkeypatch, f'--out_dir={tmp_path / "nothing"}', f'--val_data={data}')
+    out = out_dir_with(ckpt, tmp_path / 'run')
+    wide = make_data_folder(str(tmp_path / 'wide'), n=4, tokens=16, clip_dim=8, eva_dim=10)
+    with pytest.raises(SystemExit, match=r'eva.npy has EVA width 10, but .*ckpt.pt was trained with cond_dim 12'):
+        run_sample(monkeypatch, f'--out_dir={out}', f'--val_data={wide}')
+    other = make_data_folder(str(tmp_path / 'other'), n=4, tokens=16, clip_dim=6, eva_dim=12)
+    with pytest.raises(SystemExit, match=r'generates \[16, 8\] tokens .* CLIP tokens \[16, 6\]'):
+        run_sample(monkeypatch, f'--out_dir={out}', f'--val_data={other}')
+    with pytest.raises(SystemExit, match=r"sample_method should be 'euler' or 'heun'"):
+        run_sample(monkeypatch, f'--out_dir={out}', f'--val_data={data}', '--sample_method=rk4')
