@@ -22,7 +22,7 @@ from tqdm import tqdm
 
 # -----------------------------------------------------------------------------
 out_dir = 'out'                        # results go to out_dir/eval/
-val_data = 'data/coco_val2017'         # data folder: clip.npy, clip_cls.npy, captions.json, meta.json
+val_data = 'data/val2017'              # data folder: clip.npy, clip_cls.npy, captions.json, meta.json
 generated = ''                         # generated tokens; '' = out_dir/generated.npy if it exists, else A and R only
 clip_model = 'ViT-L-14-quickgelu'      # open_clip name: visual.proj and the text tower
 clip_pretrained = 'openai'             # tag or local weight file; '' = random init under torch.manual_seed(0)

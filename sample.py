@@ -24,7 +24,7 @@ from model import DiT, DiTConfig
 
 # -----------------------------------------------------------------------------
 out_dir = 'out'                # reads out_dir/ckpt.pt, writes out_dir/generated.npy and generated.json
-val_data = 'data/coco_val2017' # the data folder to generate for (its eva.npy)
+val_data = 'data/val2017'      # the data folder to generate for (its eva.npy)
 use_ema = True                 # the checkpoint's EMA weights; False = the raw weights
 sample_method = 'euler'        # 'euler' (1 model call a step) or 'heun' (2)
 sample_steps = 50

@@ -1,0 +1,76 @@
+"""Full training-step throughput of train.py (data + forward + backward + optimizer + EMA); one JSON line.
+
+python bench/bench_train.py config/dit_large.py --batch_size=64 --gradient_accumulation_steps=1
+python bench/bench_train.py config/demo.py --compile=False      # CPU: skip the (slow) compiled run
+
+Runs train.py itself on a random data folder shaped like the config's model, once compiled and once
+eager (or only the mode --compile names), reads its metrics.jsonl and stops it after bench_warmup +
+bench_iters iterations. Reports medians over the timed iterations: ms/iter, samples/s, tokens/s,
+MFU (CUDA only) and peak memory (device memory on CUDA, process RSS on CPU). Any other --key=value
+goes to train.py unchanged.
+"""
+import dataclasses
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path[:0] = [ROOT, os.path.join(ROOT, 'tests')]
+from configurator import configure  # noqa: E402
+from conftest import make_data_folder  # noqa: E402  (the data folder format, random contents)
+from model import DiTConfig  # noqa: E402
+
+bench_warmup = 5  # iterations not timed (compilation, allocator warm-up)
+bench_iters = 20  # timed iterations
+bench_rows = 256  # rows of the random data folder
+compile = None  # None: both compiled and eager; True / False: only that one
+globals().update({f.name: f.default for f in dataclasses.fields(DiTConfig)})
+own_keys = ['bench_warmup', 'bench_iters', 'bench_rows', 'compile'] + [f.name for f in dataclasses.fields(DiTConfig)]
+args = sys.argv[1:]
+configure(globals(), [a for a in args if not a.startswith('--') or a[2:].partition('=')[0] in own_keys])
+train_args = [a for a in args if not a.startswith(('--bench_', '--compile='))]
+
+
+def bench(data, out_dir, compiled):
+    """Run train.py until bench_warmup + bench_iters iterations are logged; medians of the timed ones."""
+    cmd = [sys.executable, os.path.join(ROOT, 'train.py'), *train_args, f'--train_data={data}', f'--val_data={data}',
+           f'--out_dir={out_dir}', '--init_from=scratch', '--overwrite=True', f'--compile={compiled}',
+           '--max_iters=1000000000', '--eval_interval=1000000000', '--eval_iters=1', '--eval_gen_items=1',
+           '--eval_gen_steps=1', '--log_interval=1', '--wandb_log=False']
+    metrics = os.path.join(out_dir, 'metrics.jsonl')
+    with open(os.path.join(out_dir + '.log'), 'w') as log:
+        proc = subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
+    records = []
+    try:
+        while len(records) < bench_warmup + bench_iters:
+            if proc.poll() is not None:
+                with open(out_dir + '.log') as f:
+                    raise SystemExit(f"bench_train: train.py stopped (exit {proc.returncode}):\n{f.read()[-3000:]}")
+            time.sleep(0.2)
+            if os.path.exists(metrics):
+                with open(metrics) as f:
+                    records = [r for r in map(json.loads, f.read().splitlines()[:-1]) if r['kind'] == 'train']
+    finally:
+        proc.kill()
+        proc.wait()
+    timed = records[bench_warmup:bench_warmup + bench_iters]
+    median = {k: statistics.median(r[k] for r in timed) for k in ('ms_per_iter', 'samples_per_s', 'tokens_per_s')}
+    mfu = [r['mfu'] for r in timed if r['mfu'] is not None]
+    return {'compile': compiled, **median, 'mfu': statistics.median(mfu) if mfu else None,
+            'peak_mem_mb': max(r['peak_mem_mb'] for r in timed), 'first_iter_s': records[0]['ms_per_iter'] / 1000}
+
+
+with tempfile.TemporaryDirectory() as tmp:
+    data = make_data_folder(os.path.join(tmp, 'data'), n=bench_rows, tokens=grid_size ** 2, clip_dim=in_dim,
+                            eva_dim=cond_dim, embed_dim=8, captions_per_image=(1,))
+    modes = [True, False] if compile is None else [compile]
+    runs = [bench(data, os.path.join(tmp, f'out_{mode}'), mode) for mode in modes]
+device = torch.cuda.get_device_name() if torch.cuda.is_available() else 'cpu'
+print(json.dumps({'bench': 'train', 'args': args, 'device': device, 'warmup': bench_warmup, 'iters': bench_iters,
+                  'runs': runs}))
