@@ -79,6 +79,13 @@ def apply_rope(x, cos, sin):
     return torch.stack([x0 * cos - x1 * sin, x0 * sin + x1 * cos], dim=-1).flatten(-2)
 
 
+class RMSNorm(nn.RMSNorm):
+    """RMSNorm in the input's dtype: under bf16 autocast fp32 weights would miss the fused kernel."""
+
+    def forward(self, x):
+        return F.rms_norm(x, self.normalized_shape, self.weight.to(x.dtype), self.eps)
+
+
 class Attention(nn.Module):
     """Multi-head attention with QK-norm; self-attention (with RoPE) when kv is x, cross-attention otherwise."""
 
@@ -88,7 +95,7 @@ class Attention(nn.Module):
         self.wq = nn.Linear(cfg.dim, cfg.n_heads * cfg.head_dim, bias=False)
         self.wkv = nn.Linear(cfg.dim, 2 * cfg.kv_heads * cfg.head_dim, bias=False)
         self.wo = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=False)
-        norm = (lambda: nn.RMSNorm(cfg.head_dim, eps=cfg.norm_eps)) if cfg.qk_norm else nn.Identity
+        norm = (lambda: RMSNorm(cfg.head_dim, eps=cfg.norm_eps)) if cfg.qk_norm else nn.Identity
         self.q_norm, self.k_norm = norm(), norm()
 
     def forward(self, x, kv, rope=None):
@@ -120,7 +127,7 @@ class Block(nn.Module):
         super().__init__()
         self.self_attn, self.cross_attn = Attention(cfg), Attention(cfg)
         self.ffn = SwiGLU(cfg.dim, cfg.ffn_hidden)
-        self.norm1, self.norm2, self.norm3 = (nn.RMSNorm(cfg.dim, eps=cfg.norm_eps) for _ in range(3))
+        self.norm1, self.norm2, self.norm3 = (RMSNorm(cfg.dim, eps=cfg.norm_eps) for _ in range(3))
         self.adaLN = nn.Sequential(nn.SiLU(), nn.Linear(cfg.dim, 6 * cfg.dim))
 
     def forward(self, x, kv, c, rope, cross_rope):
@@ -155,7 +162,7 @@ class DiT(nn.Module):
         self.cfg = cfg
         self.x_embed = nn.Linear(cfg.in_dim, cfg.dim)
         self.t_embed = TimestepEmbedder(cfg.dim)
-        self.cond_norm = nn.RMSNorm(cfg.cond_dim, eps=cfg.norm_eps)
+        self.cond_norm = RMSNorm(cfg.cond_dim, eps=cfg.norm_eps)
         self.cond_proj = nn.Linear(cfg.cond_dim, cfg.dim)
         self.pool_embed = nn.Linear(cfg.dim, cfg.dim)
         # the condition of a dropped sample (classifier-free guidance): one learned raw EVA token
