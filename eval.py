@@ -375,6 +375,8 @@ if __name__ == '__main__':
         summary['seconds'] = time.time() - t_start
         write_json(os.path.join(eval_dir, 'alignment_summary.json'), summary)
         table.append(('alignment mean cosine', {m: f"{s.mean():.4f}" for m, s in sims.items()}))
+        correlations = {m: pearson(sims['a'], s) for m, s in sims.items()}
+        table.append(('correlation with A', {m: 'n/a' if c is None else f"{c:.4f}" for m, c in correlations.items()}))
         if save_detailed:
             extra = {f'similarity_{m}': s for m, s in sims.items()}
             if B is not None:

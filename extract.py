@@ -16,6 +16,7 @@ import hashlib
 import json
 import math
 import os
+import shutil
 import time
 import zlib
 from concurrent.futures import ThreadPoolExecutor
@@ -465,8 +466,11 @@ def extract_split(listing, out, clip, eva, device, ptdtype):
     mine = [i for i in range(lo, hi) if i not in bad]
     counts = all_gather(len(mine))
     first_row, count = sum(counts[:rank]), sum(counts)
-    if count == 0:
-        raise SystemExit(f"no readable image in split {name!r} ({n} listed); see the skipping lines above")
+    if count == 0:  # e.g. COCO annotations next to an empty or wrong image folder
+        skipped = sorted((s for st in all_gather(state['skipped']) for s in st), key=lambda s: s['index'])
+        example = f"; the first, {keys[skipped[0]['index']]}: {skipped[0]['reason']}" if skipped else ''
+        os.remove(state_file(out, rank))  # a rerun after the images are fixed checks them again
+        raise SystemExit(f"no readable image in split {name!r}: expected at least one of the {n} listed{example}")
     tokens = grid_size ** 2
     shapes = {'clip.npy': ((count, tokens, clip.spec['dim']), np.dtype(np.float16)),
               'eva.npy': ((count, tokens, eva.spec['dim']), np.dtype(np.float16)),
@@ -572,6 +576,20 @@ if __name__ == '__main__':
                                      f"(e.g. {min(seen[a] & seen[b])}): train and evaluation images must differ")
     clip = build_encoder('clip', clip_model, clip_pretrained, device, ptdtype)
     eva = build_encoder('eva', eva_model, eva_pretrained, device, ptdtype)
+    # stop now, not hours later, on a data_dir that cannot take the arrays (less what a killed run already wrote)
+    row_bytes = grid_size ** 2 * (clip.spec['dim'] + eva.spec['dim']) * 2 + clip.spec['embed_dim'] * 4
+    needed = sum(len(listings[split]['ids']) * row_bytes - sum(os.stat(p).st_blocks * 512 for p in
+                 (os.path.join(data_dir, split, a) for a in ARRAYS) if os.path.exists(p)) for split in splits)
+    probe = os.path.join(data_dir, f'.write_test.{os.getpid()}')
+    try:
+        os.makedirs(data_dir, exist_ok=True)
+        open(probe, 'w').close()
+        os.remove(probe)
+    except OSError as e:
+        raise SystemExit(f"data_dir={data_dir!r} is not writable ({e.strerror}: {e.filename}): pick another --data_dir")
+    if shutil.disk_usage(data_dir).free < needed:
+        raise SystemExit(f"data_dir={data_dir!r}: the arrays need about {needed:,} bytes, its disk has "
+                         f"{shutil.disk_usage(data_dir).free:,} free: free some space or pick another --data_dir")
     for split in splits:
         if rank == 0:
             print(f"split {split}: {len(listings[split]['ids'])} images -> {os.path.join(data_dir, split)}")

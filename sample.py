@@ -9,7 +9,9 @@ where it stopped: rows go into generated.partial.npy and are marked in generated
 finished array is renamed to generated.npy, so that name only ever holds a complete result.
 """
 import json
+import math
 import os
+import shutil
 import time
 from contextlib import nullcontext
 from datetime import timedelta
@@ -80,7 +82,23 @@ for p in (meta_path, eva_path):
         raise SystemExit(f"sample.py: {p} not found: val_data should be a data folder written by extract.py")
 with open(meta_path) as f:
     meta = json.load(f)
-N, M, C = np.load(eva_path, mmap_mode='r').shape
+try:
+    eva = np.load(eva_path, mmap_mode='r')
+except ValueError as e:  # a truncated file: its header promises more bytes than the file holds
+    with open(eva_path, 'rb') as f:
+        try:
+            version = np.lib.format.read_magic(f)
+            shape, _, dt = (np.lib.format.read_array_header_1_0 if version == (1, 0)
+                            else np.lib.format.read_array_header_2_0)(f)
+            expected = f"{f.tell() + math.prod(shape) * dt.itemsize:,} bytes ({dt} {list(shape)})"
+        except ValueError:
+            expected = "a .npy header"
+    raise SystemExit(f"sample.py: {eva_path} is truncated or corrupt: expected {expected}, the file has "
+                     f"{os.path.getsize(eva_path):,} bytes ({e}); re-run extract.py")
+if eva.dtype != np.float16 or eva.ndim != 3:
+    raise SystemExit(f"sample.py: {eva_path} holds {eva.dtype} {list(eva.shape)}, expected float16 [rows, tokens, dim]")
+N, M, C = eva.shape
+del eva
 L = model_cfg.grid_size ** 2
 if C != model_cfg.cond_dim:
     raise SystemExit(f"sample.py: {eva_path} has EVA width {C}, but {ckpt_path} was trained with cond_dim "
@@ -96,7 +114,10 @@ if clip_mean.shape != (model_cfg.in_dim,) or clip_std.shape != (model_cfg.in_dim
                      f"in_dim is {model_cfg.in_dim}")
 
 model = DiT(model_cfg)
-model.load_state_dict(checkpoint[weights])
+try:
+    model.load_state_dict(checkpoint[weights])
+except RuntimeError as e:  # e.g. written by another version of model.py
+    raise SystemExit(f"sample.py: {ckpt_path}: its {weights!r} weights do not fit the DiT its model_args describe: {e}")
 model.to(device).eval()
 
 # what the output depends on; a partial run continues only under the same settings
@@ -125,6 +146,21 @@ def write_json(path, obj):
 if os.path.exists(out_path) and (read_json(info_path) or {}).get('settings') == settings:
     print(f"sample.py: {out_path} already holds these samples ({info_path}); delete it to generate again")
     raise SystemExit(0)
+# stop now, not hours later, on an out_dir that cannot take the result: writable, and room for the array
+# (less what a killed run already wrote; the finished array is a rename of the partial one)
+probe = os.path.join(out_dir, f'.write_test.{os.getpid()}')
+try:
+    open(probe, 'w').close()
+    os.remove(probe)
+except OSError as e:
+    raise SystemExit(f"sample.py: out_dir={out_dir!r} is not writable ({e.strerror}: {e.filename})")
+needed = N * L * model_cfg.in_dim * 2 + N
+if os.path.exists(partial_path):
+    needed -= os.stat(partial_path).st_blocks * 512
+free = shutil.disk_usage(out_dir).free
+if free < needed:
+    raise SystemExit(f"sample.py: out_dir={out_dir!r}: the samples need about {needed:,} bytes, its disk has "
+                     f"{free:,} free: free some space or pick another out_dir")
 if master_process:
     if read_json(partial_info) == settings and os.path.exists(partial_path) and os.path.exists(done_path):
         print(f"resuming {partial_path}: {int(np.load(done_path).sum())} of {N} rows done")

@@ -5,6 +5,12 @@ One node, 8 GPUs:     torchrun --standalone --nproc_per_node=8 train.py config/d
 Several nodes:        torchrun --nnodes=2 --node_rank=0 --nproc_per_node=8 --rdzv_backend=c10d \
                           --rdzv_endpoint=HOST:29500 train.py config/dit_large.py   (node_rank=1 on the other)
 Continue a run:       python train.py config/demo.py --init_from=resume
+Survive failures:     torchrun --standalone --nproc_per_node=8 --max-restarts=3 train.py config/dit_large.py \
+                          --init_from=auto
+                      (torchrun re-launches the same command after a crash; 'auto' resumes out_dir/ckpt.pt when it
+                      exists, else starts from scratch; the same holds for a requeued cluster job). Export
+                      TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 for torchrun: its shared store otherwise hands the
+                      restarted ranks the dead attempt's addresses and they fail to connect (torch 2.14, gloo)
 
 Determinism: the global batch of iteration i is a fixed slice of a seeded per-epoch permutation, split
 into gradient_accumulation_steps micro-batches; micro-batch j draws its noise, times and condition drops
@@ -19,6 +25,7 @@ import json
 import math
 import os
 import resource
+import shutil
 import sys
 import time
 from contextlib import nullcontext
@@ -39,7 +46,7 @@ out_dir = 'out'
 train_data = 'data/train2017'  # extract.py's default output folders (data_dir/<split>)
 val_data = 'data/val2017'
 val_fraction = 0.0  # > 0: validate on the last fraction of train_data instead of val_data
-init_from = 'scratch'  # 'scratch' or 'resume' (from out_dir/ckpt.pt)
+init_from = 'scratch'  # 'scratch', 'resume' (from out_dir/ckpt.pt) or 'auto' (resume if out_dir/ckpt.pt exists)
 overwrite = False  # allow init_from='scratch' to replace an existing out_dir/ckpt.pt
 eval_interval = 1000
 eval_iters = 20  # validation batches (of batch_size) for the fixed-grid flow loss
@@ -81,8 +88,8 @@ config = configure(globals())
 config_files = ' '.join(a for a in sys.argv[1:] if not a.startswith('--')) or '<your config>'
 # -----------------------------------------------------------------------------
 
-if init_from not in ('scratch', 'resume'):
-    raise SystemExit(f"config error: init_from should be 'scratch' or 'resume', got {init_from!r}")
+if init_from not in ('scratch', 'resume', 'auto'):
+    raise SystemExit(f"config error: init_from should be 'scratch', 'resume' or 'auto', got {init_from!r}")
 if dtype not in ('float32', 'bfloat16', 'float16'):
     raise SystemExit(f"config error: dtype should be 'float32', 'bfloat16' or 'float16', got {dtype!r}")
 ddp = int(os.environ.get('RANK', -1)) != -1
@@ -107,6 +114,13 @@ micro_steps = gradient_accumulation_steps // world_size  # per rank
 global_batch = batch_size * gradient_accumulation_steps
 ckpt_path = os.path.join(out_dir, 'ckpt.pt')
 metrics_path = os.path.join(out_dir, 'metrics.jsonl')
+if init_from == 'auto':  # every rank decides alike: rank 0 writes a checkpoint only after all ranks have started
+    init_from = 'resume' if os.path.exists(ckpt_path) else 'scratch'
+    restart = int(os.environ.get('TORCHELASTIC_RESTART_COUNT', 0))  # > 0: torchrun re-launched this command
+    if master_process:
+        print("init_from='auto': " + (f"resuming {ckpt_path}" if init_from == 'resume' else
+                                       f"no {ckpt_path}, starting from scratch")
+              + (f" (torchrun restart {restart})" if restart else ''))
 if init_from == 'scratch' and os.path.exists(ckpt_path) and not overwrite:
     raise SystemExit(f"{ckpt_path} already exists: continue it with --init_from=resume, start over with "
                      f"--overwrite=True (replaces it), or pick another --out_dir")
@@ -133,9 +147,53 @@ model_cfg = DiTConfig(**model_args)
 n_tokens = model_cfg.grid_size ** 2
 
 
+def check_out_dir(folder, needed):
+    """Stop now, not hours later, unless folder can be created and written and its disk has `needed` bytes free."""
+    probe = os.path.join(folder, f'.write_test.{os.getpid()}')
+    try:
+        os.makedirs(folder, exist_ok=True)
+        open(probe, 'w').close()
+        os.remove(probe)
+    except OSError as e:
+        raise SystemExit(f"out_dir={folder!r} is not writable ({e.strerror}: {e.filename}): pick another --out_dir")
+    free = shutil.disk_usage(folder).free
+    if free < needed:
+        raise SystemExit(f"out_dir={folder!r}: a checkpoint needs about {needed:,} bytes, its disk has {free:,} "
+                         f"free: free some space or pick another --out_dir")
+
+
+# a checkpoint holds fp32 weights, EMA and two AdamW moments; it is written beside the previous one.
+# The meta device counts the parameters without allocating them.
+with torch.device('meta'):
+    check_out_dir(out_dir, 4 * 4 * DiT(model_cfg).num_params())
+
+
+def open_array(path):
+    """np.load(path, mmap_mode='r') of a float16 array, or SystemExit naming the file, expected and actual values."""
+    try:
+        array = np.load(path, mmap_mode='r')
+    except ValueError as e:  # a truncated file: its header promises more bytes than the file holds
+        with open(path, 'rb') as f:
+            try:
+                version = np.lib.format.read_magic(f)
+                shape, _, dt = (np.lib.format.read_array_header_1_0 if version == (1, 0)
+                                else np.lib.format.read_array_header_2_0)(f)
+                expected = f"{f.tell() + math.prod(shape) * dt.itemsize:,} bytes ({dt} {list(shape)})"
+            except ValueError:
+                expected = "a .npy header"
+        raise SystemExit(f"{path} is truncated or corrupt: expected {expected}, the file has "
+                         f"{os.path.getsize(path):,} bytes ({e}); re-run extract.py")
+    if array.dtype != np.float16:
+        raise SystemExit(f"{path}: dtype {array.dtype}, expected float16 (the data folder format); re-run extract.py")
+    return array
+
+
 def open_split(key, folder):
     """Check one data folder against meta.json and the model; return its paths, meta, rows and EVA token count."""
     meta_path = os.path.join(folder, 'meta.json')
+    if os.path.isdir(folder) and not os.path.exists(meta_path):
+        raise SystemExit(f"{key}: {meta_path} is missing: {folder!r} is not a data folder written by extract.py; "
+                         f"re-run `python extract.py {config_files}`")
     if not os.path.exists(meta_path):
         raise SystemExit(f"{key}: data folder {folder!r} not found (no {meta_path}); create it with "
                          f"`python extract.py {config_files}` (it writes data_dir/<split>), or point --{key} "
@@ -150,10 +208,16 @@ def open_split(key, folder):
     for name, path in paths.items():
         if not os.path.exists(path):
             raise SystemExit(f"{path} is missing: {folder!r} is not a complete data folder")
-        shapes[name] = np.load(path, mmap_mode='r').shape
+        shapes[name] = open_array(path).shape
         if len(shapes[name]) != 3:
             raise SystemExit(f"{path}: expected a 3-d array [rows, tokens, dim], got shape {shapes[name]}")
     (n, T, D), (n_eva, M, C) = shapes['clip'], shapes['eva']
+    for name in ('clip', 'eva'):
+        said = [meta.get(name, {}).get('tokens'), meta.get(name, {}).get('dim')]
+        if said != list(shapes[name][1:]):
+            raise SystemExit(f"{meta_path} describes {name} tokens {said} (model {meta.get(name, {}).get('model')!r}), "
+                             f"but {paths[name]} holds {list(shapes[name][1:])}: meta.json is from another "
+                             f"extraction; re-run extract.py")
     if not n == n_eva == meta['count']:
         raise SystemExit(f"{folder}: clip.npy has {n} rows, eva.npy {n_eva}, meta.json count {meta['count']}: "
                          f"they must agree; re-run extract.py")
@@ -173,6 +237,15 @@ def open_split(key, folder):
                              f"got {len(meta.get(stat, []))}")
     if not all(s > 0 and math.isfinite(s) for s in meta['clip_std']):
         raise SystemExit(f"{meta_path}: clip_std must be positive and finite in every channel")
+    rows = np.arange(0, n, -(-n // 32))  # up to 32 evenly spaced rows: a cheap check for a broken extraction
+    for name, path in paths.items():
+        values = np.load(path, mmap_mode='r')[rows].astype(np.float32)
+        bad = ~np.isfinite(values).reshape(len(rows), -1).all(1)
+        if bad.any():
+            row = values[bad.argmax()]
+            raise SystemExit(f"{path}: row {rows[bad.argmax()]} has {int(np.isnan(row).sum())} NaN and "
+                             f"{int(np.isinf(row).sum())} inf values, expected finite tokens ({int(bad.sum())} of "
+                             f"{len(rows)} rows checked are bad); re-run extract.py")
     return {'clip': paths['clip'], 'eva': paths['eva'], 'meta': meta, 'start': 0, 'count': n, 'eva_tokens': M}
 
 
@@ -280,11 +353,13 @@ def log_record(record, line):
 torch.manual_seed(seed)
 with torch.device(device):
     raw_model = DiT(model_cfg)
-if checkpoint:
-    raw_model.load_state_dict(checkpoint['model'])
 ema_model = copy.deepcopy(raw_model).float().requires_grad_(False).eval()  # fp32, outside DDP
 if checkpoint:
-    ema_model.load_state_dict(checkpoint['ema'])
+    try:
+        raw_model.load_state_dict(checkpoint['model'])
+        ema_model.load_state_dict(checkpoint['ema'])
+    except RuntimeError as e:  # e.g. written by another version of model.py
+        raise SystemExit(f"{ckpt_path}: its weights do not fit the DiT its model_args describe: {e}")
 params = [p for p in raw_model.parameters() if p.requires_grad]
 optimizer = torch.optim.AdamW(
     [{'params': [p for p in params if p.dim() >= 2], 'weight_decay': weight_decay},  # matrices decay,

@@ -6,6 +6,10 @@ import sys
 import numpy as np
 import pytest
 
+# Tiny models run fastest on one thread, and pytest often runs beside a script it launched: two OpenMP
+# threads that wait on a busy core crawl (20x on the 2-core box). Set before torch is imported; inherited.
+os.environ['OMP_NUM_THREADS'] = '1'
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 

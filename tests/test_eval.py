@@ -20,16 +20,6 @@ TINY_CLIP = {'embed_dim': 6, 'quick_gelu': True,
              'text_cfg': {'context_length': 16, 'vocab_size': 49408, 'width': 8, 'heads': 1, 'layers': 1}}
 
 
-
-@pytest.fixture(scope='module', autouse=True)
-def one_thread():
-    """Tiny models run fastest on one thread; on a busy 2-core box two threads spin and run 20x slower."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope='module')
 def tiny_clip(tmp_path_factory):
     """Register eval-test-tiny-clip (and its pool_type='avg' twin) with open_clip; return the name."""

@@ -19,17 +19,6 @@ from model import DiT, DiTConfig
 
 SAMPLE = os.path.join(ROOT, 'sample.py')
 N = 12
-ONE_THREAD = {**os.environ, 'OMP_NUM_THREADS': '1'}
-
-
-
-@pytest.fixture(scope='module', autouse=True)
-def one_thread():
-    """Tiny models run fastest on one thread; on a busy 2-core box two threads spin and run 20x slower."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope='module')
@@ -115,7 +104,7 @@ def test_resume_after_kill(trained, tmp_path, monkeypatch, capsys):
     run_sample(monkeypatch, f'--out_dir={ref}', *common)
     out = out_dir_with(ckpt, tmp_path / 'killed')
     proc = subprocess.Popen([sys.executable, SAMPLE, f'--out_dir={out}', *common, '--sample_batch_size=1'],
-                            cwd=ROOT, env=ONE_THREAD, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                            cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     done_path = os.path.join(out, 'generated.done.npy')
     deadline = time.time() + 60
     while time.time() < deadline and proc.poll() is None:
@@ -148,7 +137,7 @@ def test_torchrun_ranks_write_their_rows(trained, tmp_path, monkeypatch):
     ranks = out_dir_with(ckpt, tmp_path / 'ranks')
     torchrun = os.path.join(os.path.dirname(sys.executable), 'torchrun')
     result = subprocess.run([torchrun, '--standalone', '--nproc_per_node=2', SAMPLE, f'--out_dir={ranks}', *common],
-                            cwd=ROOT, env=ONE_THREAD, capture_output=True, text=True, timeout=120)
+                            cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr[-2000:]
     assert 'rank 1: 6 of 6 rows to generate' in result.stdout
     assert json.load(open(os.path.join(ranks, 'generated.json')))['world_size'] == 2

@@ -18,12 +18,11 @@ TINY = ['--dim=32', '--n_layers=2', '--n_heads=2', '--in_dim=8', '--cond_dim=12'
         '--batch_size=2', '--gradient_accumulation_steps=4', '--compile=False', '--dtype=float32', '--device=cpu',
         '--eval_interval=10', '--eval_iters=4', '--eval_gen_items=4', '--eval_gen_steps=2', '--log_interval=1',
         '--learning_rate=3e-3', '--warmup_iters=5', '--lr_decay_iters=100', '--min_lr=3e-4', '--ema_decay=0.9']
-ENV = {**os.environ, 'OMP_NUM_THREADS': '1'}  # the box has 2 cores; oversubscribed threads crawl
 ITERS = 30
 
 
 def train(*args, launcher=(sys.executable,), check=True):
-    result = subprocess.run([*launcher, 'train.py', *TINY, *args], cwd=ROOT, env=ENV,
+    result = subprocess.run([*launcher, 'train.py', *TINY, *args], cwd=ROOT,
                             capture_output=True, text=True, timeout=300)
     if check:
         assert result.returncode == 0, result.stdout + result.stderr
@@ -96,7 +95,7 @@ def test_torchrun_two_ranks_follow_the_single_process_curve(run, data, tmp_path)
 def test_resume_after_sigkill_is_exact(run, data, tmp_path):
     out = str(tmp_path / 'killed')
     args = [sys.executable, 'train.py', *TINY, f'--train_data={data}', '--val_fraction=0.25', f'--out_dir={out}']
-    proc = subprocess.Popen([*args, '--max_iters=100000'], cwd=ROOT, env=ENV,
+    proc = subprocess.Popen([*args, '--max_iters=100000'], cwd=ROOT,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:  # kill it once the checkpoint of iteration 10 is written (iteration 11 is logged after it)
         deadline = time.time() + 120
@@ -153,7 +152,7 @@ def test_non_finite_loss_stops_and_keeps_the_checkpoint(run, data, tmp_path):
     shutil.copytree(run, out)
     shutil.copytree(data, poisoned)
     clip = np.load(os.path.join(poisoned, 'clip.npy'), mmap_mode='r+')
-    clip[:] = np.inf
+    clip[1::2] = np.inf  # odd rows: train.py's start-up check samples the even ones of these 64
     clip.flush()
     del clip
     with open(os.path.join(out, 'ckpt.pt'), 'rb') as f:
