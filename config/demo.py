@@ -25,6 +25,7 @@ num_workers = 1
 train_data = 'data/demo/train'
 val_data = 'data/demo/val'
 out_dir = 'out/demo'
+init_from = 'auto'  # running the demo again continues (or just reports) the run in out/demo
 dtype = 'float32'  # the demo runs on a CPU: plain float32, no autocast
 compile = False  # compiling a model this small costs more than it saves on a CPU
 batch_size = 64
