@@ -228,8 +228,9 @@ def load_data(folder):
     with open(paths['captions.json']) as f:
         captions_by_id = json.load(f)
     N, T, D = meta['count'], meta['clip']['tokens'], meta['clip']['dim']
-    for name, expected in [('clip.npy', (N, T, D)), ('clip_cls.npy', (N, meta['clip']['embed_dim']))]:
-        shape = np.load(paths[name], mmap_mode='r').shape
+    for name, expected, dtype in [('clip.npy', (N, T, D), np.float16),
+                                  ('clip_cls.npy', (N, meta['clip']['embed_dim']), np.float32)]:
+        shape = array_shape(paths[name], expected, dtype)
         if shape != expected:
             raise SystemExit(f"eval.py: {paths[name]} has shape {list(shape)}, meta.json says {list(expected)}")
     missing = [i for i in meta['image_ids'] if not captions_by_id.get(str(i))]
@@ -240,6 +241,16 @@ def load_data(folder):
     captions = [c for i in meta['image_ids'] for c in captions_by_id[str(i)]]
     text_image = np.repeat(np.arange(N), [len(captions_by_id[str(i)]) for i in meta['image_ids']])
     return meta, paths, captions, text_image
+
+
+def array_shape(path, expected_shape, dtype):
+    """Shape of a .npy without reading it, or SystemExit naming the file, the expected and the actual size."""
+    try:
+        return np.load(path, mmap_mode='r').shape
+    except ValueError as e:  # e.g. truncated: the header promises more bytes than the file holds
+        data_bytes = int(np.prod(expected_shape)) * np.dtype(dtype).itemsize
+        raise SystemExit(f"eval.py: {path} cannot be read ({e}): expected {np.dtype(dtype)} {list(expected_shape)}, "
+                         f"{data_bytes:,} bytes of data, the file has {os.path.getsize(path):,} bytes in all")
 
 
 def write_json(path, obj):
@@ -314,8 +325,8 @@ if __name__ == '__main__':
         print(f"eval: no {gen_path}: reporting the CLIP baseline (A and R) only")
         gen_path = None
     else:
-        shape = np.load(gen_path, mmap_mode='r').shape
         expected = (N, meta['clip']['tokens'], meta['clip']['dim'])
+        shape = array_shape(gen_path, expected, np.float16)
         if shape != expected:
             raise SystemExit(f"eval.py: {gen_path} has shape {list(shape)}, but {val_data} holds {list(expected)} "
                              f"real tokens (count, tokens, dim); was it generated for another data folder?")

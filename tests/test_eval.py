@@ -220,6 +220,11 @@ def test_bad_generated_shape_count_and_values(eval_setup, monkeypatch):
         run_eval(monkeypatch, *args)
     with pytest.raises(SystemExit, match=r"generated='nowhere.npy' not found"):
         run_eval(monkeypatch, *args, '--generated=nowhere.npy')
+    write_generated(out / 'generated.npy', clip)
+    os.truncate(out / 'generated.npy', 1000)  # a copy cut short
+    with pytest.raises(SystemExit, match=r"generated.npy cannot be read .*expected float16 \[24, 16, 8\], 6,144 bytes "
+                                         r"of data, the file has 1,000 bytes"):
+        run_eval(monkeypatch, *args)
 
 
 def test_images_without_captions_named(eval_setup, monkeypatch):
