@@ -587,9 +587,10 @@ if __name__ == '__main__':
         os.remove(probe)
     except OSError as e:
         raise SystemExit(f"data_dir={data_dir!r} is not writable ({e.strerror}: {e.filename}): pick another --data_dir")
-    if shutil.disk_usage(data_dir).free < needed:
+    free = shutil.disk_usage(data_dir).free
+    if free < needed:
         raise SystemExit(f"data_dir={data_dir!r}: the arrays need about {needed:,} bytes, its disk has "
-                         f"{shutil.disk_usage(data_dir).free:,} free: free some space or pick another --data_dir")
+                         f"{free:,} free: free some space or pick another --data_dir")
     for split in splits:
         if rank == 0:
             print(f"split {split}: {len(listings[split]['ids'])} images -> {os.path.join(data_dir, split)}")
