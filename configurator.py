@@ -5,7 +5,7 @@ A script declares its settings as plain globals, then calls `configure(globals()
   stages too (one file drives every stage), those are ignored here;
 - `--key=value` overrides an existing setting; the value is parsed with ast.literal_eval and
   kept as a plain string when that fails (so `--out_dir=out/run-1` works);
-- an unknown `--key` fails and names the closest valid keys; a value of the wrong type fails
+- an unknown `--key` fails and names the closest valid keys, a renamed one names its new name; a value of the wrong type fails
   (an int is accepted where the default is a float; a None default accepts anything).
 """
 import ast
@@ -41,9 +41,13 @@ def parse_value(text, default):
     return text if isinstance(default, str) and not isinstance(value, str) else value
 
 
-def configure(namespace, argv=None):
-    """Apply config files and --key=value overrides to `namespace`; return the settings as a dict."""
+def configure(namespace, argv=None, renamed=None):
+    """Apply config files and --key=value overrides to `namespace`; return the settings as a dict.
+
+    renamed: {old name: new name} of this script's settings; passing an old name fails naming the new one.
+    """
     argv = sys.argv[1:] if argv is None else argv
+    renamed = renamed or {}
     keys = config_keys(namespace)
     for arg in argv:
         if not arg.startswith('--'):
@@ -62,6 +66,9 @@ def configure(namespace, argv=None):
             key, sep, text = arg[2:].partition('=')
             if not sep:
                 raise SystemExit(f"config error: expected --key=value, got {arg!r}")
+            if key in renamed:
+                raise SystemExit(f"config error: --{key} is now --{renamed[key]} in this script "
+                                 f"(a plain {key} belongs to another stage)")
             if key not in keys:
                 close = difflib.get_close_matches(key, keys, n=3, cutoff=0.5)
                 hint = f"; did you mean {', '.join(close)}?" if close else ""

@@ -1,9 +1,9 @@
 """
-Images -> memmapped CLIP and EVA patch-token arrays, one data folder per split (format: DESIGN.md).
+Images -> memmapped CLIP and EVA patch-token arrays, one data folder per split (format: data.py).
 
     python extract.py config/demo.py                                   # synthetic images, tiny encoders, CPU
     python extract.py --coco_root=/data/coco                           # COCO 2017, ViT-L-14-quickgelu + EVA-CLIP-8B
-    torchrun --standalone --nproc_per_node=8 extract.py --coco_root=/data/coco --batch_size=256
+    torchrun --standalone --nproc_per_node=8 extract.py --coco_root=/data/coco --extract_batch_size=256
 
 Per split: list the images; decode each once to find the unreadable ones (skipped and listed in
 meta.json); give every readable image its row; encode in batches. Each process fills its own rows
@@ -16,7 +16,6 @@ import hashlib
 import json
 import math
 import os
-import shutil
 import time
 import zlib
 from concurrent.futures import ThreadPoolExecutor
@@ -30,6 +29,8 @@ import torch
 import torch.distributed as dist
 from PIL import Image, ImageDraw
 from tqdm import tqdm
+
+import data
 
 # -----------------------------------------------------------------------------
 # source
@@ -49,16 +50,15 @@ eva_model = 'hf:BAAI/EVA-CLIP-8B'  # condition: last hidden state, CLS dropped
 eva_pretrained = ''  # for an open_clip eva_model, as clip_pretrained
 grid_size = 16  # both encoders must give grid_size**2 patch tokens
 # run
-batch_size = 64
+extract_batch_size = 64
 num_workers = 8  # DataLoader processes decoding images
 device = 'auto'  # 'auto' = cuda if available; under torchrun each process takes cuda:LOCAL_RANK
 dtype = 'bfloat16'  # autocast dtype on the GPU; the CPU always computes in float32
-overwrite = False  # replace an out folder that holds another extraction
+extract_overwrite = False  # replace an out folder that holds another extraction
 # -----------------------------------------------------------------------------
 
-ENCODER_CONFIGS = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'config', 'encoders')
 IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.bmp', '.gif', '.webp', '.tif', '.tiff')
-ARRAYS = ('clip.npy', 'eva.npy', 'clip_cls.npy')
+ARRAYS = tuple(f'{name}.npy' for name in data.ARRAYS)
 FLOAT16_MAX = 65504.0
 
 # --- synthetic images: coloured shapes on a background, captions say what is where -------------
@@ -126,8 +126,12 @@ def load_file(path):
         return image.convert('RGB')
 
 
-def list_split(split):
-    """The images of one split: ids, file names, what the loader reads, the loader, captions, source."""
+def list_split(split, source, limit=0, coco_root=None, image_folder=None, synthetic_counts=None, synthetic_seed=0,
+               synthetic_image_size=224):
+    """The images of one split: ids, file names, what the loader reads, the loader, captions, source.
+
+    source 'coco' reads coco_root, 'folder' image_folder, 'synthetic' draws synthetic_counts[split] images.
+    """
     if source == 'synthetic':
         if split not in synthetic_counts:
             raise SystemExit(f"source='synthetic': split {split!r} has no count in synthetic_counts={synthetic_counts}")
@@ -214,10 +218,10 @@ def open_clip_encoder(role, name, pretrained):
     import open_clip
     from open_clip.timm_model import TimmModel
     from open_clip.transformer import VisionTransformer
-    open_clip.add_model_config(ENCODER_CONFIGS)
+    open_clip.add_model_config(data.ENCODER_CONFIGS)
     if name not in open_clip.list_models():
         raise SystemExit(f"{role}_model={name!r} is not an open_clip model "
-                         f"(the tiny test encoders live in {ENCODER_CONFIGS})")
+                         f"(the tiny test encoders live in {data.ENCODER_CONFIGS})")
     if pretrained and not os.path.isfile(pretrained):
         tags = open_clip.list_pretrained_tags_by_model(name)
         if pretrained not in tags:
@@ -227,8 +231,7 @@ def open_clip_encoder(role, name, pretrained):
                 open_clip.get_model_config(name).get('quick_gelu', False):
             raise SystemExit(f"{role}_model={name!r}: the {pretrained!r} weights need QuickGELU, {name} builds GELU; "
                              f"use {name}-quickgelu")
-    torch.manual_seed(0)  # pretrained='' gives this random init, which eval.py rebuilds the same way
-    model, _, transform = open_clip.create_model_and_transforms(name, pretrained=pretrained or None)
+    model, _, transform = data.open_clip_model(name, pretrained)
     visual = model.visual.eval()  # the text tower is not needed here
     if isinstance(visual, VisionTransformer):
         if role == 'clip' and (visual.attn_pool is not None or visual.final_ln_after_pool or visual.pool_type != 'tok'):
@@ -277,7 +280,7 @@ def hf_encoder(role, name, weight_dtype):
     return Encoder(transform, forward), vision
 
 
-def build_encoder(role, name, pretrained, device, ptdtype):
+def build_encoder(role, name, pretrained, device, ptdtype, grid_size):
     """An Encoder on `device`, probed once: its token count must be grid_size**2."""
     if name.startswith('hf:'):
         encoder, module = hf_encoder(role, name[3:], ptdtype if device.type == 'cuda' else torch.float32)
@@ -325,17 +328,6 @@ def all_gather(obj):
     return out
 
 
-def read_json(path):
-    with open(path) as f:
-        return json.load(f)
-
-
-def write_json(path, obj):
-    with open(path + '.tmp', 'w') as f:
-        json.dump(obj, f)
-    os.replace(path + '.tmp', path)
-
-
 def state_file(out, rank):
     return os.path.join(out, f'.extract_state.rank{rank}.json')
 
@@ -345,7 +337,7 @@ def reset(state, dim):
     state.update(rows_done=0, clip_sum=[0.0] * dim, clip_sumsq=[0.0] * dim)
 
 
-def folder_plan(out, spec):
+def folder_plan(out, spec, overwrite=False):
     """'fresh', 'resume' or 'done' for an out folder; SystemExit if it holds another extraction."""
     if overwrite or not os.path.isdir(out):
         return 'fresh'
@@ -354,13 +346,13 @@ def folder_plan(out, spec):
         found = [a for a in ARRAYS if os.path.exists(os.path.join(out, a))]
         if found:
             raise SystemExit(f"{out} holds {', '.join(found)} but no meta.json, so not from this extraction; "
-                             f"use another data_dir or --overwrite=True")
+                             f"use another data_dir or --extract_overwrite=True")
         return 'fresh'
-    meta = read_json(meta_path)
+    meta = data.read_json(meta_path)
     for key, value in spec.items():
         if meta.get(key) != value:
             raise SystemExit(f"{out} holds an extraction with {key}={meta.get(key)!r}; this run has {key}={value!r}. "
-                             f"Use another data_dir, or --overwrite=True to replace it")
+                             f"Use another data_dir, or --extract_overwrite=True to replace it")
     return 'done' if meta.get('complete') else 'resume'
 
 
@@ -389,16 +381,16 @@ def write_batch(out, row, arrays, state_path, state):
     for name, values in arrays.items():
         path = os.path.join(out, name)
         offset = np.load(path, mmap_mode='r').offset + row * values[0].nbytes
-        data = memoryview(np.ascontiguousarray(values)).cast('B')
+        buffer = memoryview(np.ascontiguousarray(values)).cast('B')
         fd = os.open(path, os.O_WRONLY)
         try:
-            while data:
-                n = os.pwrite(fd, data, offset)
-                data, offset = data[n:], offset + n
+            while buffer:
+                n = os.pwrite(fd, buffer, offset)
+                buffer, offset = buffer[n:], offset + n
             os.fsync(fd)
         finally:
             os.close(fd)
-    write_json(state_path, state)
+    data.write_json(state_path, state)
 
 
 def checked_float16(x, files, what):
@@ -416,7 +408,7 @@ def checked_float16(x, files, what):
 # --- one split --------------------------------------------------------------------------------------
 
 
-def check_images(keys, load, files, lo, hi, desc):
+def check_images(keys, load, files, lo, hi, desc, batch_size, num_workers):
     """Decode images lo..hi-1 once; [{'index', 'file', 'reason'}] for those that fail (they get no row)."""
     loader = torch.utils.data.DataLoader(Images(keys[lo:hi], load), batch_size=batch_size, num_workers=num_workers)
     skipped = []
@@ -430,38 +422,36 @@ def check_images(keys, load, files, lo, hi, desc):
     return skipped
 
 
-def extract_split(listing, out, clip, eva, device, ptdtype):
-    """Fill out/ (clip.npy, eva.npy, clip_cls.npy, meta.json, captions.json) from one listed split."""
-    rank, world = rank_world()
-    ids, files, keys, name = listing['ids'], listing['files'], listing['keys'], listing['source']['split']
-    spec = json.loads(json.dumps({'format': 'blip3o-dit-data', 'version': 1, 'source': listing['source'],
-                                  'clip': clip.spec, 'eva': eva.spec, 'dtype': 'float16',
-                                  'compute_dtype': str(ptdtype).removeprefix('torch.')}))
-    plan = folder_plan(out, spec)
+def prepare_folder(out, spec, overwrite):
+    """Phase 1: 'done', 'resume' or 'fresh'; a fresh folder is emptied and gets meta.json with complete=false."""
+    plan = folder_plan(out, spec, overwrite)
     barrier()  # every rank has read the folder before rank 0 changes it
-    if plan == 'done':
-        if rank == 0:
-            print(f"{out}: already complete, nothing to do (--overwrite=True redoes it)")
-        return
-    if rank == 0 and plan == 'fresh':
+    if rank_world()[0] == 0 and plan == 'fresh':
         os.makedirs(out, exist_ok=True)
         for f in os.listdir(out):
             if f in (*ARRAYS, 'meta.json', 'captions.json') or f.startswith('.extract_state.'):
                 os.remove(os.path.join(out, f))
-        write_json(os.path.join(out, 'meta.json'), {**spec, 'complete': False})
+        data.write_json(os.path.join(out, 'meta.json'), {**spec, 'complete': False})
     barrier()
+    return plan
 
-    # rows: this rank's readable images, after those of lower ranks; the decode check runs once per rank
-    n = len(keys)
+
+def assign_rows(listing, out, clip, eva, batch_size, num_workers):
+    """Phase 2: this rank's state (progress, skipped images), its readable images and their first row, the row
+    count; the arrays exist at their final shapes. Ranks' rows follow each other; the decode check runs once."""
+    rank, world = rank_world()
+    keys, files, n = listing['keys'], listing['files'], len(listing['keys'])
     lo, hi = rank * n // world, (rank + 1) * n // world
-    state = read_json(state_file(out, rank)) if os.path.exists(state_file(out, rank)) else {}
+    path = state_file(out, rank)
+    state = data.read_json(path) if os.path.exists(path) else {}
     if (state.get('world_size'), state.get('lo'), state.get('hi')) != (world, lo, hi):
         if state:
             print(f"rank {rank}: the earlier run had other processes; this rank starts over")
-        skipped = check_images(keys, listing['load'], files, lo, hi, f'{name} check') if listing['decode_check'] else []
+        skipped = check_images(keys, listing['load'], files, lo, hi, f"{listing['source']['split']} check",
+                               batch_size, num_workers) if listing['decode_check'] else []
         state = {'world_size': world, 'lo': lo, 'hi': hi, 'skipped': skipped}
         reset(state, clip.spec['dim'])
-        write_json(state_file(out, rank), state)
+        data.write_json(path, state)
     bad = {s['index'] for s in state['skipped']}
     mine = [i for i in range(lo, hi) if i not in bad]
     counts = all_gather(len(mine))
@@ -469,17 +459,24 @@ def extract_split(listing, out, clip, eva, device, ptdtype):
     if count == 0:  # e.g. COCO annotations next to an empty or wrong image folder
         skipped = sorted((s for st in all_gather(state['skipped']) for s in st), key=lambda s: s['index'])
         example = f"; the first, {keys[skipped[0]['index']]}: {skipped[0]['reason']}" if skipped else ''
-        os.remove(state_file(out, rank))  # a rerun after the images are fixed checks them again
-        raise SystemExit(f"no readable image in split {name!r}: expected at least one of the {n} listed{example}")
-    tokens = grid_size ** 2
+        os.remove(path)  # a rerun after the images are fixed checks them again
+        raise SystemExit(f"no readable image in split {listing['source']['split']!r}: expected at least one of "
+                         f"the {n} listed{example}")
+    tokens = clip.spec['tokens']
     shapes = {'clip.npy': ((count, tokens, clip.spec['dim']), np.dtype(np.float16)),
               'eva.npy': ((count, tokens, eva.spec['dim']), np.dtype(np.float16)),
               'clip_cls.npy': ((count, clip.spec['embed_dim']), np.dtype(np.float32))}
     if all_gather(ensure_arrays(out, shapes) if rank == 0 else False)[0]:
         reset(state, clip.spec['dim'])  # fresh arrays: whatever an earlier run wrote is gone
-        write_json(state_file(out, rank), state)
-    done, sums, sumsq = state['rows_done'], np.array(state['clip_sum']), np.array(state['clip_sumsq'])
+        data.write_json(path, state)
+    return state, mine, first_row, count
 
+
+def encode_rows(listing, out, clip, eva, device, ptdtype, state, mine, first_row, batch_size, num_workers):
+    """Phase 3: encode this rank's images not yet done and write their rows; returns images/s."""
+    rank = rank_world()[0]
+    files, keys = listing['files'], listing['keys']
+    done, sums, sumsq = state['rows_done'], np.array(state['clip_sum']), np.array(state['clip_sumsq'])
     todo = mine[done:]
     probe = Image.fromarray(np.random.default_rng(0).integers(0, 256, (251, 317, 3), dtype=np.uint8))
     shared = torch.equal(clip.transform(probe), eva.transform(probe))  # e.g. both 224 px, OpenAI mean/std: once
@@ -488,8 +485,8 @@ def extract_split(listing, out, clip, eva, device, ptdtype):
     loader = torch.utils.data.DataLoader(images, batch_size=batch_size, num_workers=num_workers,
                                          pin_memory=device.type == 'cuda')
     t0, pending = time.time(), collections.deque()
-    with tqdm(total=len(mine), initial=done, unit='img', desc=f'{name} encode', disable=rank != 0) as bar, \
-            ThreadPoolExecutor(1) as writer:  # one thread: batches land in order
+    with tqdm(total=len(mine), initial=done, unit='img', desc=f"{listing['source']['split']} encode",
+              disable=rank != 0) as bar, ThreadPoolExecutor(1) as writer:  # one thread: batches land in order
         for ks, *pixels in loader:  # pixels: [both] or [clip's, eva's]
             batch_files = [files[todo[k]] for k in ks.tolist()]
             x_clip = pixels[0].to(device, non_blocking=True)
@@ -520,37 +517,57 @@ def extract_split(listing, out, clip, eva, device, ptdtype):
             bar.update(len(ks))
         for future in pending:
             future.result()
-    rate = len(todo) / max(time.time() - t0, 1e-9)
-    barrier()  # every rank has written its rows
+    return len(todo) / max(time.time() - t0, 1e-9)
 
-    if rank == 0:
-        states = [read_json(state_file(out, r)) for r in range(world)]
-        assert sum(s['rows_done'] for s in states) == count, 'a rank did not write all its rows'
-        skipped = sorted((s for st in states for s in st['skipped']), key=lambda s: s['index'])
-        bad = {s['index'] for s in skipped}
-        rows = [i for i in range(n) if i not in bad]
-        n_tokens = count * tokens
-        mean = sum(np.array(s['clip_sum']) for s in states) / n_tokens
-        var = sum(np.array(s['clip_sumsq']) for s in states) / n_tokens - mean ** 2
-        captions = {str(ids[i]): listing['captions'][str(ids[i])] for i in rows if str(ids[i]) in listing['captions']}
-        write_json(os.path.join(out, 'captions.json'), captions)
-        meta = {**spec, 'count': count, 'image_ids': [ids[i] for i in rows], 'files': [files[i] for i in rows],
-                'grid_size': grid_size, 'clip_mean': mean.tolist(), 'clip_std': np.sqrt(np.maximum(var, 0)).tolist(),
-                'skipped': [{'image_id': ids[s['index']], 'file': s['file'], 'reason': s['reason']} for s in skipped],
-                'complete': True}
-        write_json(os.path.join(out, 'meta.json'), meta)  # last: "complete" marks a finished folder
-        for f in os.listdir(out):  # this run's state files and any of earlier runs with more processes
-            if f.startswith('.extract_state.'):
-                os.remove(os.path.join(out, f))
+
+def finish_folder(listing, out, spec, count, tokens):
+    """Phase 4 (rank 0): captions.json, then meta.json with the stats and complete=true; state files removed."""
+    ids, files, n = listing['ids'], listing['files'], len(listing['keys'])
+    states = [data.read_json(state_file(out, r)) for r in range(rank_world()[1])]
+    assert sum(s['rows_done'] for s in states) == count, 'a rank did not write all its rows'
+    skipped = sorted((s for st in states for s in st['skipped']), key=lambda s: s['index'])
+    bad = {s['index'] for s in skipped}
+    rows = [i for i in range(n) if i not in bad]
+    n_tokens = count * tokens
+    mean = sum(np.array(s['clip_sum']) for s in states) / n_tokens
+    var = sum(np.array(s['clip_sumsq']) for s in states) / n_tokens - mean ** 2
+    captions = {str(ids[i]): listing['captions'][str(ids[i])] for i in rows if str(ids[i]) in listing['captions']}
+    data.write_json(os.path.join(out, 'captions.json'), captions)
+    meta = {**spec, 'count': count, 'image_ids': [ids[i] for i in rows], 'files': [files[i] for i in rows],
+            'grid_size': math.isqrt(tokens), 'clip_mean': mean.tolist(),
+            'clip_std': np.sqrt(np.maximum(var, 0)).tolist(),
+            'skipped': [{'image_id': ids[s['index']], 'file': s['file'], 'reason': s['reason']} for s in skipped],
+            'complete': True}
+    data.write_json(os.path.join(out, 'meta.json'), meta)  # last: "complete" marks a finished folder
+    for f in os.listdir(out):  # this run's state files and any of earlier runs with more processes
+        if f.startswith('.extract_state.'):
+            os.remove(os.path.join(out, f))
+    return len(skipped)
+
+
+def extract_split(listing, out, clip, eva, device, ptdtype, batch_size=64, num_workers=0, overwrite=False):
+    """Fill out/ (clip.npy, eva.npy, clip_cls.npy, meta.json, captions.json) from one listed split."""
+    spec = json.loads(json.dumps({'format': data.FORMAT, 'version': data.VERSION, 'source': listing['source'],
+                                  'clip': clip.spec, 'eva': eva.spec, 'dtype': 'float16',
+                                  'compute_dtype': str(ptdtype).removeprefix('torch.')}))
+    if prepare_folder(out, spec, overwrite) == 'done':
+        if rank_world()[0] == 0:
+            print(f"{out}: already complete, nothing to do (--extract_overwrite=True redoes it)")
+        return
+    state, mine, first_row, count = assign_rows(listing, out, clip, eva, batch_size, num_workers)
+    rate = encode_rows(listing, out, clip, eva, device, ptdtype, state, mine, first_row, batch_size, num_workers)
+    barrier()  # every rank has written its rows
+    if rank_world()[0] == 0:
+        skipped = finish_folder(listing, out, spec, count, clip.spec['tokens'])
         gb = sum(os.path.getsize(os.path.join(out, a)) for a in ARRAYS) / 1e9
-        print(f"{out}: {count} images ({len(skipped)} skipped), clip {list(shapes['clip.npy'][0])}, "
-              f"eva {list(shapes['eva.npy'][0])}, {gb:.2f} GB, {rate * world:.1f} images/s")
+        print(f"{out}: {count} images ({skipped} skipped), clip {[count, clip.spec['tokens'], clip.spec['dim']]}, "
+              f"eva {[count, eva.spec['tokens'], eva.spec['dim']]}, {gb:.2f} GB, {rate * rank_world()[1]:.1f} images/s")
     barrier()
 
 
 if __name__ == '__main__':
     from configurator import configure
-    config = configure(globals())
+    config = configure(globals(), renamed={'batch_size': 'extract_batch_size', 'overwrite': 'extract_overwrite'})
     if int(os.environ.get('RANK', -1)) != -1:  # torchrun: gloo carries only small objects; ranks may finish far apart
         dist.init_process_group('gloo', timeout=timedelta(hours=12))
     rank, world = rank_world()
@@ -565,7 +582,8 @@ if __name__ == '__main__':
     if device.type == 'cpu':  # the DataLoader workers have their cores; oversubscribed threads crawl
         torch.set_num_threads(max(1, (os.cpu_count() or 1) - num_workers))
 
-    listings = {split: list_split(split) for split in splits}
+    listings = {split: list_split(split, source, limit, coco_root, image_folder, synthetic_counts, synthetic_seed,
+                                  synthetic_image_size) for split in splits}
     if source != 'synthetic':  # train on one split, evaluate on another: never the same image twice
         seen = {s: set(listings[s]['ids']) if source == 'coco' else set(map(os.path.realpath, listings[s]['keys']))
                 for s in splits}
@@ -574,26 +592,17 @@ if __name__ == '__main__':
                 if seen[a] & seen[b]:
                     raise SystemExit(f"splits {a!r} and {b!r} share {len(seen[a] & seen[b])} images "
                                      f"(e.g. {min(seen[a] & seen[b])}): train and evaluation images must differ")
-    clip = build_encoder('clip', clip_model, clip_pretrained, device, ptdtype)
-    eva = build_encoder('eva', eva_model, eva_pretrained, device, ptdtype)
+    clip = build_encoder('clip', clip_model, clip_pretrained, device, ptdtype, grid_size)
+    eva = build_encoder('eva', eva_model, eva_pretrained, device, ptdtype, grid_size)
     # stop now, not hours later, on a data_dir that cannot take the arrays (less what a killed run already wrote)
     row_bytes = grid_size ** 2 * (clip.spec['dim'] + eva.spec['dim']) * 2 + clip.spec['embed_dim'] * 4
     needed = sum(len(listings[split]['ids']) * row_bytes - sum(os.stat(p).st_blocks * 512 for p in
                  (os.path.join(data_dir, split, a) for a in ARRAYS) if os.path.exists(p)) for split in splits)
-    probe = os.path.join(data_dir, f'.write_test.{os.getpid()}')
-    try:
-        os.makedirs(data_dir, exist_ok=True)
-        open(probe, 'w').close()
-        os.remove(probe)
-    except OSError as e:
-        raise SystemExit(f"data_dir={data_dir!r} is not writable ({e.strerror}: {e.filename}): pick another --data_dir")
-    free = shutil.disk_usage(data_dir).free
-    if free < needed:
-        raise SystemExit(f"data_dir={data_dir!r}: the arrays need about {needed:,} bytes, its disk has "
-                         f"{free:,} free: free some space or pick another --data_dir")
+    data.check_writable(data_dir, needed, 'data_dir', 'the arrays need')
     for split in splits:
         if rank == 0:
             print(f"split {split}: {len(listings[split]['ids'])} images -> {os.path.join(data_dir, split)}")
-        extract_split(listings[split], os.path.join(data_dir, split), clip, eva, device, ptdtype)
+        extract_split(listings[split], os.path.join(data_dir, split), clip, eva, device, ptdtype,
+                      extract_batch_size, num_workers, extract_overwrite)
     if dist.is_initialized():
         dist.destroy_process_group()

@@ -6,6 +6,7 @@ other way, never mix them): t in [0, 1], t = 0 is noise x0 ~ N(0, I), t = 1 is d
     v   = d x_t / dt = x1 - (1 - sigma_min) * x0
 Sampling integrates dx/dt = v(x, t) from t = 0 (x = x0 ~ N(0, I)) to t = 1.
 """
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -43,6 +44,13 @@ def flow_loss(model, x1, cond, cond_drop_prob=0.1, t_sampling='logit_normal', si
     drop = torch.rand(B, generator=generator, device=device) < cond_drop_prob
     pred = model(interpolate(x0, x1, t, sigma_min), t, cond, drop_cond=drop)
     return F.mse_loss(pred.float(), velocity_target(x0, x1, sigma_min).float())
+
+
+def seeded_noise(seed, rows, shape, device=None):
+    """Starting noise [len(rows), *shape]: row i's from a generator seeded by (seed, i) alone, so it does not
+    depend on the batch size, the batch order or the number of ranks."""
+    seeds = (int(np.random.SeedSequence([seed, int(i)]).generate_state(1, np.uint64)[0]) for i in rows)
+    return torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(s)) for s in seeds]).to(device)
 
 
 @torch.no_grad()

@@ -38,13 +38,10 @@ else:
                    image_size=64, dtype='float32', device='cpu')
 images = images or (2048 if gpu else 1024)
 iters = iters or (5 if gpu else 20)
-extract.num_workers = num_workers or (16 if gpu else 1)
-extract.grid_size, extract.batch_size = setting['grid_size'], setting['batch_size']
-extract.source, extract.synthetic_image_size = 'synthetic', setting['image_size']
-extract.synthetic_counts, extract.overwrite = {'bench': images}, True
+num_workers = num_workers or (16 if gpu else 1)
 device, ptdtype = torch.device(setting['device']), getattr(torch, setting['dtype'])
 if not gpu:  # as extract.py does: the DataLoader workers have their cores
-    torch.set_num_threads(max(1, (os.cpu_count() or 1) - extract.num_workers))
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) - num_workers))
 
 
 def sync():
@@ -54,8 +51,9 @@ def sync():
 
 t0 = time.time()
 with device:  # random init of ~5B parameters runs in seconds on the GPU, minutes on the CPU
-    clip = extract.build_encoder('clip', setting['clip_model'], '', device, ptdtype)  # random weights: no download
-    eva = extract.build_encoder('eva', setting['eva_model'], '', device, ptdtype)
+    # random weights: no download
+    clip = extract.build_encoder('clip', setting['clip_model'], '', device, ptdtype, setting['grid_size'])
+    eva = extract.build_encoder('eva', setting['eva_model'], '', device, ptdtype, setting['grid_size'])
 build_s = time.time() - t0
 
 x = torch.randn(setting['batch_size'], 3, setting['image_size'], setting['image_size'], device=device)
@@ -72,7 +70,9 @@ encode = iters * setting['batch_size'] / (time.time() - t0)
 out = tempfile.mkdtemp(prefix='bench_extract_')
 try:
     t0 = time.time()
-    extract.extract_split(extract.list_split('bench'), out, clip, eva, device, ptdtype)
+    listing = extract.list_split('bench', 'synthetic', synthetic_counts={'bench': images},
+                                 synthetic_image_size=setting['image_size'])
+    extract.extract_split(listing, out, clip, eva, device, ptdtype, setting['batch_size'], num_workers, overwrite=True)
     pipeline = images / (time.time() - t0)
 finally:
     shutil.rmtree(out)
@@ -83,7 +83,7 @@ print(json.dumps({'bench': 'extract', 'device': torch.cuda.get_device_name() if 
                   'batch_size': setting['batch_size'], 'image_size': setting['image_size'], 'dtype': setting['dtype'],
                   'clip_tokens': [clip.spec['tokens'], clip.spec['dim']],
                   'eva_tokens': [eva.spec['tokens'], eva.spec['dim']],
-                  'num_workers': extract.num_workers, 'build_s': round(build_s, 1),
+                  'num_workers': num_workers, 'build_s': round(build_s, 1),
                   'encode_images_per_s': round(encode, 1), 'pipeline_images_per_s': round(pipeline, 1),
                   'pipeline_images': images,
                   'peak_gpu_gb': round(torch.cuda.max_memory_allocated() / 1e9, 1) if device.type == 'cuda' else None}))

@@ -18,7 +18,7 @@ from PIL import Image
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EXTRACT = os.path.join(ROOT, 'extract.py')
-TINY = ['--clip_model=tiny-clip', '--eva_model=tiny-eva', '--grid_size=4', '--batch_size=4',
+TINY = ['--clip_model=tiny-clip', '--eva_model=tiny-eva', '--grid_size=4', '--extract_batch_size=4',
         '--num_workers=1', '--device=cpu', '--dtype=float32']
 
 
@@ -159,9 +159,9 @@ def test_complete_folder_is_kept_and_other_encoders_refused(tmp_path, capsys):
     run_extract(*args)
     assert 'already complete' in capsys.readouterr().out
     assert os.path.getmtime(tmp_path / 'val' / 'clip.npy') == stamp
-    with pytest.raises(SystemExit, match='overwrite=True'):
+    with pytest.raises(SystemExit, match='extract_overwrite=True'):
         run_extract(*args, '--eva_model=tiny-clip')
-    run_extract(*args, '--eva_model=tiny-clip', '--overwrite=True')
+    run_extract(*args, '--eva_model=tiny-clip', '--extract_overwrite=True')
     arrays, meta, _ = load_folder(tmp_path / 'val')
     assert arrays['eva'].shape == (5, 16, 64) and meta['eva']['model'] == 'tiny-clip'
 
@@ -215,7 +215,7 @@ def test_coco_source(tmp_path):
 
 
 def test_killed_run_resumes_to_identical_arrays(tmp_path):
-    args = [*TINY, '--batch_size=2', '--source=synthetic', "--splits=('train',)", "--synthetic_counts={'train': 120}",
+    args = [*TINY, '--extract_batch_size=2', '--source=synthetic', "--splits=('train',)", "--synthetic_counts={'train': 120}",
             '--synthetic_image_size=128', '--clip_pretrained=']
     run_extract(*args, f'--data_dir={tmp_path / "whole"}')
 
