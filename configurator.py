@@ -5,8 +5,9 @@ A script declares its settings as plain globals, then calls `configure(globals()
   stages too (one file drives every stage), those are ignored here;
 - `--key=value` overrides an existing setting; the value is parsed with ast.literal_eval and
   kept as a plain string when that fails (so `--out_dir=out/run-1` works);
-- an unknown `--key` fails and names the closest valid keys, a renamed one names its new name; a value of the wrong type fails
-  (an int is accepted where the default is a float; a None default accepts anything).
+- an unknown `--key` fails and names the closest valid keys, a renamed one its new name;
+- a value of the wrong type fails (an int is accepted where the default is a float; a None default
+  accepts anything).
 """
 import ast
 import difflib

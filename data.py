@@ -28,6 +28,7 @@ meta.json:
   complete             false while extract.py is writing, true once every row and statistic is written:
                        readers refuse an incomplete folder, and extract.py continues one
 """
+import functools
 import json
 import math
 import os
@@ -46,11 +47,20 @@ def read_json(path):
         return json.load(f)
 
 
-def write_json(path, obj, indent=None):
-    """Write atomically: a temporary file renamed over `path`, so a reader never sees half a file."""
-    with open(path + '.tmp', 'w') as f:
-        json.dump(obj, f, indent=indent)
+def write_atomic(path, write, mode='w'):
+    """write(file) into a temporary file, fsynced and renamed over `path`: a reader or a crash never sees half."""
+    with open(path + '.tmp', mode) as f:
+        write(f)
+        f.flush()
+        os.fsync(f.fileno())
     os.replace(path + '.tmp', path)
+    folder = os.open(os.path.dirname(path) or '.', os.O_RDONLY)  # the rename itself reaches the disk
+    os.fsync(folder)
+    os.close(folder)
+
+
+def write_json(path, obj, indent=None):
+    write_atomic(path, lambda f: json.dump(obj, f, indent=indent))
 
 
 def open_array(path, dtype, remedy='re-run extract.py'):
@@ -83,15 +93,16 @@ def open_folder(folder, arrays=('clip', 'eva'), setting='val_data', remedy='run 
     """
     meta_path = os.path.join(folder, 'meta.json')
     if not os.path.exists(meta_path):
-        what = (f"{meta_path} is missing: {folder!r} is not a data folder written by extract.py" if os.path.isdir(folder)
-                else f"data folder {folder!r} not found (no {meta_path})")
+        what = (f"{meta_path} is missing: {folder!r} is not a data folder written by extract.py"
+                if os.path.isdir(folder) else f"data folder {folder!r} not found (no {meta_path})")
         raise SystemExit(f"{setting}: {what}; {remedy} (it writes data_dir/<split>), or point --{setting} at one")
     meta = read_json(meta_path)
     if not meta.get('complete'):
         raise SystemExit(f"{meta_path}: the extraction is incomplete ('complete' is not true); finish it: {remedy}")
     meta['paths'] = {name: os.path.join(folder, f'{name}.npy') for name in arrays}
     meta['shapes'] = {name: open_array(meta['paths'][name], ARRAYS[name]).shape for name in arrays}
-    counts = [(f'{name}.npy', shape[0]) for name, shape in meta['shapes'].items()] + [('meta.json count', meta['count'])]
+    counts = [(f'{name}.npy', shape[0]) for name, shape in meta['shapes'].items()]
+    counts.append(('meta.json count', meta['count']))
     if len({c for _, c in counts}) > 1:
         (first, n), *rest = counts
         raise SystemExit(f"{folder}: {first} has {n} rows, " + ', '.join(f"{name} {c}" for name, c in rest)
@@ -103,6 +114,13 @@ def open_folder(folder, arrays=('clip', 'eva'), setting='val_data', remedy='run 
             raise SystemExit(f"{meta_path} describes {name} tokens {said} (model {encoder.get('model')!r}), but "
                              f"{meta['paths'][name]} holds {list(shape[1:])}: meta.json is from another "
                              f"extraction; re-run extract.py")
+    D = meta['shapes']['clip'][-1] if 'clip' in arrays else meta['clip']['dim']
+    for stat in ('clip_mean', 'clip_std'):
+        if len(meta.get(stat, [])) != D:
+            raise SystemExit(f"{meta_path}: {stat} should have {D} values (the CLIP token width), "
+                             f"got {len(meta.get(stat, []))}")
+    if not all(s > 0 and math.isfinite(s) for s in meta['clip_std']):
+        raise SystemExit(f"{meta_path}: clip_std must be positive and finite in every channel")
     return meta
 
 
@@ -119,6 +137,28 @@ def check_finite(path, samples=32):
                          f"{len(rows)} rows checked are bad); re-run extract.py")
 
 
+def read_rows(path, rows):
+    """Rows of a .npy array in ascending order (kinder to the page cache), from a fresh memmap: a long-lived
+    mapping of a huge file keeps growing the resident memory (nanoGPT #287); fancy indexing copies just them."""
+    return np.load(path, mmap_mode='r')[np.sort(rows)]
+
+
+@functools.lru_cache(maxsize=2)
+def epoch_order(seed, n_rows, epoch):
+    """The order of n_rows training rows in one epoch: a permutation seeded by (seed, epoch)."""
+    return np.random.default_rng([seed, epoch]).permutation(n_rows)
+
+
+def stream_rows(seed, n_rows, start, count):
+    """Rows at positions [start, start + count) of the endless training stream, epoch after epoch."""
+    positions = np.arange(start, start + count)
+    rows = np.empty(count, dtype=np.int64)
+    for epoch in np.unique(positions // n_rows):
+        at = positions // n_rows == epoch
+        rows[at] = epoch_order(seed, n_rows, int(epoch))[positions[at] % n_rows]
+    return rows
+
+
 def check_writable(folder, needed, setting, what):
     """Stop now, not hours later, unless folder can be created and written and its disk has `needed` bytes free."""
     probe = os.path.join(folder, f'.write_test.{os.getpid()}')
@@ -132,6 +172,42 @@ def check_writable(folder, needed, setting, what):
     if free < needed:
         raise SystemExit(f"{setting}={folder!r}: {what} about {needed:,} bytes, its disk has {free:,} free: "
                          f"free some space or pick another --{setting}")
+
+
+def write_random_folder(path, n=16, tokens=16, clip_dim=8, eva_dim=12, embed_dim=6, seed=0,
+                        captions_per_image=(1, 5, 7)):
+    """A complete data folder of random contents, for tests and benchmarks: every file, in this format.
+
+    The CLIP targets are a fixed function of the EVA tokens, so a model can learn them.
+    """
+    rng = np.random.default_rng(seed)
+    os.makedirs(path, exist_ok=True)
+    eva = rng.standard_normal((n, tokens, eva_dim)).astype(np.float32)
+    mixing = rng.standard_normal((eva_dim, clip_dim)).astype(np.float32) / np.sqrt(eva_dim)
+    clip = np.tanh(eva @ mixing) * 2.0 + 0.5
+    cls = rng.standard_normal((n, embed_dim)).astype(np.float32)
+    for name, array in [('clip', clip), ('eva', eva), ('clip_cls', cls)]:
+        out = np.lib.format.open_memmap(os.path.join(path, f'{name}.npy'), mode='w+', dtype=ARRAYS[name],
+                                        shape=array.shape)
+        out[:] = array
+        out.flush()
+        del out
+    clip64 = clip.astype(np.float16).astype(np.float64).reshape(-1, clip_dim)
+    image_ids = list(range(100, 100 + n))
+    meta = {
+        'format': FORMAT, 'version': VERSION, 'source': {'kind': 'random', 'seed': seed},
+        'count': n, 'image_ids': image_ids, 'files': [f'{i}.png' for i in image_ids],
+        'clip': {'model': 'random', 'pretrained': None, 'tokens': tokens, 'dim': clip_dim, 'embed_dim': embed_dim},
+        'eva': {'model': 'random', 'pretrained': None, 'tokens': tokens, 'dim': eva_dim},
+        'dtype': 'float16',
+        'clip_mean': clip64.mean(0).tolist(), 'clip_std': clip64.std(0).tolist(),
+        'skipped': [], 'complete': True,
+    }
+    write_json(os.path.join(path, 'meta.json'), meta)
+    captions = {str(i): [f'caption {c} of image {i}' for c in range(captions_per_image[k % len(captions_per_image)])]
+                for k, i in enumerate(image_ids)}
+    write_json(os.path.join(path, 'captions.json'), captions)
+    return path
 
 
 def open_clip_model(name, pretrained):

@@ -20,9 +20,13 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+import data
+
 # -----------------------------------------------------------------------------
 out_dir = 'out'                        # results go to out_dir/eval/
-val_data = 'data/val2017'              # data folder: clip.npy, clip_cls.npy, captions.json, meta.json
+data_dir = 'data'                      # extract.py's output: data_dir/<split>
+splits = ('train2017', 'val2017')
+val_data = ''                          # data folder with clip.npy, clip_cls.npy, captions.json; '' = data_dir/splits[1]
 generated = ''                         # generated tokens; '' = out_dir/generated.npy if it exists, else A and R only
 clip_model = 'ViT-L-14-quickgelu'      # open_clip name: visual.proj and the text tower
 clip_pretrained = 'openai'             # tag or local weight file; '' = random init under torch.manual_seed(0)
@@ -32,7 +36,6 @@ eval_batch_size = 256                  # images per token chunk, captions per te
 save_detailed = False                  # also write per-sample arrays (npz)
 device = 'auto'
 # -----------------------------------------------------------------------------
-ENCODERS = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'config', 'encoders')
 SCORE_CHUNK_ELEMENTS = 1 << 24         # one chunk of the score matrix: 64 MB of float32
 METHODS = {'a': 'A: real tokens, mean-pooled + proj', 'b': 'B: generated tokens, mean-pooled + proj',
            'r': 'R: CLIP CLS embedding (clip_cls)'}
@@ -117,14 +120,8 @@ def pool_project(tokens, visual):
 def load_clip(name, pretrained, device):
     """open_clip model and tokenizer; pretrained '' = random init under torch.manual_seed(0), as extract.py does."""
     import open_clip
-    if os.path.isdir(ENCODERS):
-        open_clip.add_model_config(ENCODERS)
     try:
-        if pretrained:
-            model = open_clip.create_model(name, pretrained=pretrained)
-        else:
-            torch.manual_seed(0)
-            model = open_clip.create_model(name)
+        model = data.open_clip_model(name, pretrained)[0]
         tokenizer = open_clip.get_tokenizer(name)
     except (RuntimeError, ValueError, FileNotFoundError) as e:
         raise SystemExit(f"eval.py: cannot build CLIP clip_model={name!r} clip_pretrained={pretrained!r}: {e}")
@@ -160,11 +157,8 @@ def text_features(model, tokenizer, captions, folder, name, pretrained, batch_si
         x = model.encode_text(tokenizer(captions[s:s + batch_size]).to(device))
         out.append(F.normalize(x.float(), dim=-1).cpu().numpy())
     feats = np.concatenate(out)
-    for target, write in [(path, lambda f: np.save(f, feats)),
-                          (meta_path, lambda f: f.write(json.dumps(key).encode()))]:
-        with open(target + '.tmp', 'wb') as f:
-            write(f)
-        os.replace(target + '.tmp', target)
+    data.write_atomic(path, lambda f: np.save(f, feats), 'wb')
+    data.write_json(meta_path, key)
     return feats
 
 
@@ -218,45 +212,20 @@ def pearson(x, y):
 
 
 def load_data(folder):
-    """meta, captions in row order, caption -> row index; every check names the file and the values."""
-    paths = {n: os.path.join(folder, n) for n in ('meta.json', 'captions.json', 'clip.npy', 'clip_cls.npy')}
-    for p in paths.values():
-        if not os.path.exists(p):
-            raise SystemExit(f"eval.py: {p} not found: val_data should be a data folder written by extract.py")
-    with open(paths['meta.json']) as f:
-        meta = json.load(f)
-    with open(paths['captions.json']) as f:
-        captions_by_id = json.load(f)
-    N, T, D = meta['count'], meta['clip']['tokens'], meta['clip']['dim']
-    for name, expected, dtype in [('clip.npy', (N, T, D), np.float16),
-                                  ('clip_cls.npy', (N, meta['clip']['embed_dim']), np.float32)]:
-        shape = array_shape(paths[name], expected, dtype)
-        if shape != expected:
-            raise SystemExit(f"eval.py: {paths[name]} has shape {list(shape)}, meta.json says {list(expected)}")
+    """meta (with paths), captions in row order, caption -> row index; every check names the file and the values."""
+    meta = data.open_folder(folder, arrays=('clip', 'clip_cls'))
+    captions_path = os.path.join(folder, 'captions.json')
+    if not os.path.exists(captions_path):
+        raise SystemExit(f"eval.py: {captions_path} not found: evaluation needs the captions extract.py writes")
+    captions_by_id = data.read_json(captions_path)
     missing = [i for i in meta['image_ids'] if not captions_by_id.get(str(i))]
     if missing:
         more = ' ...' if len(missing) > 5 else ''
-        raise SystemExit(f"eval.py: {paths['captions.json']} has no captions for {len(missing)} of {N} images "
+        raise SystemExit(f"eval.py: {captions_path} has no captions for {len(missing)} of {meta['count']} images "
                          f"(image ids {missing[:5]}{more}); every image needs at least one")
     captions = [c for i in meta['image_ids'] for c in captions_by_id[str(i)]]
-    text_image = np.repeat(np.arange(N), [len(captions_by_id[str(i)]) for i in meta['image_ids']])
-    return meta, paths, captions, text_image
-
-
-def array_shape(path, expected_shape, dtype):
-    """Shape of a .npy without reading it, or SystemExit naming the file, the expected and the actual size."""
-    try:
-        return np.load(path, mmap_mode='r').shape
-    except ValueError as e:  # e.g. truncated: the header promises more bytes than the file holds
-        data_bytes = int(np.prod(expected_shape)) * np.dtype(dtype).itemsize
-        raise SystemExit(f"eval.py: {path} cannot be read ({e}): expected {np.dtype(dtype)} {list(expected_shape)}, "
-                         f"{data_bytes:,} bytes of data, the file has {os.path.getsize(path):,} bytes in all")
-
-
-def write_json(path, obj):
-    with open(path + '.tmp', 'w') as f:
-        json.dump(obj, f, indent=2)
-    os.replace(path + '.tmp', path)
+    text_image = np.repeat(np.arange(meta['count']), [len(captions_by_id[str(i)]) for i in meta['image_ids']])
+    return meta, captions, text_image
 
 
 def plot(eval_dir, sims, recalls, k_values):
@@ -307,6 +276,7 @@ def plot(eval_dir, sims, recalls, k_values):
 if __name__ == '__main__':
     from configurator import configure
     config = configure(globals())
+    val_data = val_data or os.path.join(data_dir, splits[1])
     task_list = [t.strip() for t in tasks.split(',') if t.strip()]
     if not task_list or set(task_list) - {'alignment', 'recall'}:
         raise SystemExit(f"eval.py: tasks should be a comma list of 'alignment' and 'recall', got {tasks!r}")
@@ -316,7 +286,8 @@ if __name__ == '__main__':
     device = ('cuda' if torch.cuda.is_available() else 'cpu') if device == 'auto' else device
     t_start = time.time()
 
-    meta, paths, captions, text_image = load_data(val_data)
+    meta, captions, text_image = load_data(val_data)
+    paths = meta['paths']
     N, T = meta['count'], len(captions)
     gen_path = generated or os.path.join(out_dir, 'generated.npy')
     if not os.path.exists(gen_path):
@@ -326,14 +297,13 @@ if __name__ == '__main__':
         gen_path = None
     else:
         expected = (N, meta['clip']['tokens'], meta['clip']['dim'])
-        shape = array_shape(gen_path, expected, np.float16)
+        shape = data.open_array(gen_path, np.float16, remedy='regenerate it with sample.py').shape
         if shape != expected:
             raise SystemExit(f"eval.py: {gen_path} has shape {list(shape)}, but {val_data} holds {list(expected)} "
                              f"real tokens (count, tokens, dim); was it generated for another data folder?")
     sampling = None
     if gen_path and os.path.exists(gen_path[:-len('.npy')] + '.json'):
-        with open(gen_path[:-len('.npy')] + '.json') as f:
-            sampling = json.load(f)
+        sampling = data.read_json(gen_path[:-len('.npy')] + '.json')
         sampled_for = sampling.get('settings', {}).get('val_data')
         if sampled_for and os.path.realpath(sampled_for) != os.path.realpath(val_data):
             print(f"eval: warning: {gen_path} was generated for {sampled_for}, evaluating against {val_data}")
@@ -355,9 +325,9 @@ if __name__ == '__main__':
 
     text = torch.from_numpy(text_features(model, tokenizer, captions, val_data, clip_model, clip_pretrained,
                                           eval_batch_size, device)).to(device)
-    A, B, fidelity, per_image = embed_tokens(paths['clip.npy'], gen_path, visual, meta['clip_std'],
+    A, B, fidelity, per_image = embed_tokens(paths['clip'], gen_path, visual, meta['clip_std'],
                                              eval_batch_size, device)
-    R = F.normalize(torch.from_numpy(np.load(paths['clip_cls.npy'])).float(), dim=-1).numpy()
+    R = F.normalize(torch.from_numpy(np.load(paths['clip_cls'])).float(), dim=-1).numpy()
     image_emb = {'a': A, 'b': B, 'r': R} if B is not None else {'a': A, 'r': R}
     text_image_t = torch.from_numpy(text_image).to(device)
     eval_dir = os.path.join(out_dir, 'eval')
@@ -384,7 +354,7 @@ if __name__ == '__main__':
                            correlation=pearson(sims['a'], sims['b']),
                            token_fidelity=fidelity)
         summary['seconds'] = time.time() - t_start
-        write_json(os.path.join(eval_dir, 'alignment_summary.json'), summary)
+        data.write_json(os.path.join(eval_dir, 'alignment_summary.json'), summary, indent=2)
         table.append(('alignment mean cosine', {m: f"{s.mean():.4f}" for m, s in sims.items()}))
         correlations = {m: pearson(sims['a'], s) for m, s in sims.items()}
         table.append(('correlation with A', {m: 'n/a' if c is None else f"{c:.4f}" for m, c in correlations.items()}))
@@ -416,7 +386,7 @@ if __name__ == '__main__':
                                                    if recalls['a'][d][k] > 0 else None) for k in k_values}}
                 for d in ('image_to_text', 'text_to_image')}
         summary['seconds'] = time.time() - t_recall
-        write_json(os.path.join(eval_dir, 'recall_summary.json'), summary)
+        data.write_json(os.path.join(eval_dir, 'recall_summary.json'), summary, indent=2)
         for d, short in (('image_to_text', 'image->text'), ('text_to_image', 'text->image')):
             table += [(f"{short} R@{k}", {m: f"{100 * r[d][k]:.2f}%" for m, r in recalls.items()}) for k in k_values]
         if save_detailed:

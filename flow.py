@@ -46,11 +46,16 @@ def flow_loss(model, x1, cond, cond_drop_prob=0.1, t_sampling='logit_normal', si
     return F.mse_loss(pred.float(), velocity_target(x0, x1, sigma_min).float())
 
 
+def seed_for(*key):
+    """A well-mixed 64-bit generator seed for a tuple of integers, e.g. (seed, iteration, micro-batch)."""
+    return int(np.random.SeedSequence([int(k) for k in key]).generate_state(1, np.uint64)[0])
+
+
 def seeded_noise(seed, rows, shape, device=None):
     """Starting noise [len(rows), *shape]: row i's from a generator seeded by (seed, i) alone, so it does not
     depend on the batch size, the batch order or the number of ranks."""
-    seeds = (int(np.random.SeedSequence([seed, int(i)]).generate_state(1, np.uint64)[0]) for i in rows)
-    return torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(s)) for s in seeds]).to(device)
+    return torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(seed_for(seed, i)))
+                        for i in rows]).to(device)
 
 
 @torch.no_grad()

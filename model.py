@@ -12,6 +12,7 @@ EVA patch tokens cond [B, M, cond_dim]. Output: velocity [B, L, in_dim] (see flo
   out  = Linear(dim -> in_dim)(LayerNorm(h) * (1 + s))              adaLN-Zero: the untrained model outputs 0
 """
 import math
+from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Optional
 
@@ -238,3 +239,17 @@ class DiT(nn.Module):
                  + 4 * L * M * D                                   # cross-attn scores and values
                  + 2 * L * D * 3 * cfg.ffn_hidden)                 # SwiGLU
         return per_sample + tokens + cfg.n_layers * block
+
+
+def peak_flops(device_name, dtype):
+    """Dense bf16/fp16 tensor-core peak FLOP/s of one GPU from its name (TF32 is half); None where unknown."""
+    table = [('H100 PCIe', 756e12), ('H100', 989e12), ('H200', 989e12), ('GH200', 989e12), ('A100', 312e12)]
+    peak = next((value for key, value in table if key in device_name), None)
+    return None if peak is None else peak / (2 if dtype == torch.float32 else 1)
+
+
+def autocast(device, dtype):
+    """A stage's compute context: autocast to 'bfloat16' or 'float16' on the device's type; none for 'float32'."""
+    if dtype == 'float32':
+        return nullcontext()
+    return torch.autocast(torch.device(device).type, dtype=getattr(torch, dtype))

@@ -8,12 +8,8 @@ sample_batch_size or on the number of ranks (up to float rounding of batched ker
 where it stopped: rows go into generated.partial.npy and are marked in generated.done.npy once written; the
 finished array is renamed to generated.npy, so that name only ever holds a complete result.
 """
-import json
-import math
 import os
-import shutil
 import time
-from contextlib import nullcontext
 from datetime import timedelta
 
 import numpy as np
@@ -21,12 +17,15 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
+import data
 import flow
-from model import DiT, DiTConfig
+from model import DiT, DiTConfig, autocast
 
 # -----------------------------------------------------------------------------
 out_dir = 'out'                # reads out_dir/ckpt.pt, writes out_dir/generated.npy and generated.json
-val_data = 'data/val2017'      # the data folder to generate for (its eva.npy)
+data_dir = 'data'              # extract.py's output: data_dir/<split>
+splits = ('train2017', 'val2017')
+val_data = ''                  # the data folder to generate for (its eva.npy); '' = data_dir/splits[1]
 use_ema = True                 # the checkpoint's EMA weights; False = the raw weights
 sample_method = 'euler'        # 'euler' (1 model call a step) or 'heun' (2)
 sample_steps = 50
@@ -38,6 +37,7 @@ dtype = 'bfloat16' if torch.cuda.is_available() and torch.cuda.is_bf16_supported
 # -----------------------------------------------------------------------------
 from configurator import configure  # noqa: E402
 config = configure(globals())
+val_data = val_data or os.path.join(data_dir, splits[1])
 # -----------------------------------------------------------------------------
 
 if sample_method not in ('euler', 'heun') or sample_steps < 1 or sample_batch_size < 1:
@@ -57,9 +57,7 @@ if ddp:
 else:
     rank, world_size = 0, 1
 master_process = rank == 0
-ptdtype = {'float32': torch.float32, 'bfloat16': torch.bfloat16, 'float16': torch.float16}[dtype]
-ctx = (nullcontext() if device_type == 'cpu' or ptdtype == torch.float32
-       else torch.amp.autocast(device_type=device_type, dtype=ptdtype))
+ctx = autocast(device, dtype)
 
 
 def barrier():
@@ -76,36 +74,16 @@ weights = 'ema' if use_ema else 'model'
 if weights not in checkpoint:
     raise SystemExit(f"sample.py: {ckpt_path} has no {weights!r} weights (keys {sorted(checkpoint)})")
 model_cfg = DiTConfig(**checkpoint['model_args'])
-meta_path, eva_path = os.path.join(val_data, 'meta.json'), os.path.join(val_data, 'eva.npy')
-for p in (meta_path, eva_path):
-    if not os.path.exists(p):
-        raise SystemExit(f"sample.py: {p} not found: val_data should be a data folder written by extract.py")
-with open(meta_path) as f:
-    meta = json.load(f)
-try:
-    eva = np.load(eva_path, mmap_mode='r')
-except ValueError as e:  # a truncated file: its header promises more bytes than the file holds
-    with open(eva_path, 'rb') as f:
-        try:
-            version = np.lib.format.read_magic(f)
-            shape, _, dt = (np.lib.format.read_array_header_1_0 if version == (1, 0)
-                            else np.lib.format.read_array_header_2_0)(f)
-            expected = f"{f.tell() + math.prod(shape) * dt.itemsize:,} bytes ({dt} {list(shape)})"
-        except ValueError:
-            expected = "a .npy header"
-    raise SystemExit(f"sample.py: {eva_path} is truncated or corrupt: expected {expected}, the file has "
-                     f"{os.path.getsize(eva_path):,} bytes ({e}); re-run extract.py")
-if eva.dtype != np.float16 or eva.ndim != 3:
-    raise SystemExit(f"sample.py: {eva_path} holds {eva.dtype} {list(eva.shape)}, expected float16 [rows, tokens, dim]")
-N, M, C = eva.shape
-del eva
+meta = data.open_folder(val_data, arrays=('eva',))
+eva_path = meta['paths']['eva']
+N, M, C = meta['shapes']['eva']
 L = model_cfg.grid_size ** 2
 if C != model_cfg.cond_dim:
     raise SystemExit(f"sample.py: {eva_path} has EVA width {C}, but {ckpt_path} was trained with cond_dim "
                      f"{model_cfg.cond_dim}: generate with the data the model was trained for")
-if N != meta['count'] or (meta['clip']['tokens'], meta['clip']['dim']) != (L, model_cfg.in_dim):
+if (meta['clip']['tokens'], meta['clip']['dim']) != (L, model_cfg.in_dim):
     raise SystemExit(f"sample.py: {ckpt_path} generates [{L}, {model_cfg.in_dim}] tokens (grid_size**2, in_dim) "
-                     f"for {N} rows of {eva_path}, but {meta_path} has count {meta['count']} and CLIP tokens "
+                     f"for {N} rows of {eva_path}, but {val_data}/meta.json has count {meta['count']} and CLIP tokens "
                      f"[{meta['clip']['tokens']}, {meta['clip']['dim']}]")
 clip_mean = torch.tensor(checkpoint['data_stats']['clip_mean'], dtype=torch.float32, device=device)
 clip_std = torch.tensor(checkpoint['data_stats']['clip_std'], dtype=torch.float32, device=device)
@@ -128,57 +106,23 @@ del checkpoint
 out_path, info_path = os.path.join(out_dir, 'generated.npy'), os.path.join(out_dir, 'generated.json')
 partial_path, done_path = os.path.join(out_dir, 'generated.partial.npy'), os.path.join(out_dir, 'generated.done.npy')
 partial_info = os.path.join(out_dir, 'generated.partial.json')
-
-
-def read_json(path):
-    if not os.path.exists(path):
-        return None
-    with open(path) as f:
-        return json.load(f)
-
-
-def write_json(path, obj):
-    with open(path + '.tmp', 'w') as f:
-        json.dump(obj, f, indent=2)
-    os.replace(path + '.tmp', path)
-
-
-if os.path.exists(out_path) and (read_json(info_path) or {}).get('settings') == settings:
+if os.path.exists(out_path) and os.path.exists(info_path) and data.read_json(info_path).get('settings') == settings:
     print(f"sample.py: {out_path} already holds these samples ({info_path}); delete it to generate again")
     raise SystemExit(0)
-# stop now, not hours later, on an out_dir that cannot take the result: writable, and room for the array
-# (less what a killed run already wrote; the finished array is a rename of the partial one)
-probe = os.path.join(out_dir, f'.write_test.{os.getpid()}')
-try:
-    open(probe, 'w').close()
-    os.remove(probe)
-except OSError as e:
-    raise SystemExit(f"sample.py: out_dir={out_dir!r} is not writable ({e.strerror}: {e.filename})")
+# stop now, not hours later, on an out_dir that cannot take the result (less what a killed run already wrote;
+# the finished array is a rename of the partial one)
 needed = N * L * model_cfg.in_dim * 2 + N
 if os.path.exists(partial_path):
     needed -= os.stat(partial_path).st_blocks * 512
-free = shutil.disk_usage(out_dir).free
-if free < needed:
-    raise SystemExit(f"sample.py: out_dir={out_dir!r}: the samples need about {needed:,} bytes, its disk has "
-                     f"{free:,} free: free some space or pick another out_dir")
+data.check_writable(out_dir, needed, 'out_dir', 'the samples need')
 if master_process:
-    if read_json(partial_info) == settings and os.path.exists(partial_path) and os.path.exists(done_path):
+    if all(map(os.path.exists, (partial_info, partial_path, done_path))) and data.read_json(partial_info) == settings:
         print(f"resuming {partial_path}: {int(np.load(done_path).sum())} of {N} rows done")
     else:
         for path, dt, shape in [(partial_path, np.float16, (N, L, model_cfg.in_dim)), (done_path, np.bool_, (N,))]:
             np.lib.format.open_memmap(path, mode='w+', dtype=dt, shape=shape).flush()  # a new file reads as zeros
-        write_json(partial_info, settings)
+        data.write_json(partial_info, settings, indent=2)
 barrier()
-
-
-def row_noise(rows):
-    """Starting noise of rows [B, L, in_dim]: row i's from a generator seeded by (seed, i) alone."""
-    noise = []
-    for i in rows:
-        g = torch.Generator().manual_seed(int(np.random.SeedSequence([seed, int(i)]).generate_state(1, np.uint64)[0]))
-        noise.append(torch.randn(L, model_cfg.in_dim, generator=g))
-    return torch.stack(noise).to(device)
-
 
 shard = np.array_split(np.arange(N), world_size)[rank]
 todo = shard[~np.load(done_path)[shard]]
@@ -190,7 +134,8 @@ with tqdm(total=len(todo), unit='sample', disable=not master_process, smoothing=
         rows = todo[s:s + sample_batch_size]
         cond = torch.from_numpy(np.load(eva_path, mmap_mode='r')[rows]).to(device).float()
         with torch.no_grad(), ctx:
-            x = flow.sample(flow.guided(model, cond, cfg_scale), row_noise(rows), sample_steps, sample_method)
+            x0 = flow.seeded_noise(seed, rows, (L, model_cfg.in_dim), device)
+            x = flow.sample(flow.guided(model, cond, cfg_scale), x0, sample_steps, sample_method)
         x = x.float() * clip_std + clip_mean
         non_finite += int((~torch.isfinite(x)).sum())
         # open the memmaps afresh per batch (a long-lived mapping keeps growing resident memory, nanoGPT #287);
@@ -213,9 +158,9 @@ if master_process:
     if missing:
         raise SystemExit(f"sample.py: {missing} rows of {partial_path} are still missing; run again to finish them")
     os.replace(partial_path, out_path)
-    write_json(info_path, {'settings': settings, 'world_size': world_size, 'device': device, 'dtype': dtype,
+    data.write_json(info_path, {'settings': settings, 'world_size': world_size, 'device': device, 'dtype': dtype,
                            'sample_batch_size': sample_batch_size, 'seconds': seconds,
-                           'samples_per_second': len(todo) / seconds if seconds > 0 else None})
+                                'samples_per_second': len(todo) / seconds if seconds > 0 else None}, indent=2)
     os.remove(done_path)
     os.remove(partial_info)
     print(f"wrote {out_path} [{N}, {L}, {model_cfg.in_dim}] float16 and {info_path}: "

@@ -15,7 +15,6 @@ import os
 import platform
 import sys
 import time
-from contextlib import nullcontext
 
 import numpy as np
 import torch
@@ -23,7 +22,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import flow  # noqa: E402
-from model import DiT, DiTConfig  # noqa: E402
+from model import DiT, DiTConfig, autocast  # noqa: E402
 
 # -----------------------------------------------------------------------------
 # throughput: the DiT of these settings (DiTConfig fields; defaults = dit_large)
@@ -49,9 +48,7 @@ config = configure(globals())
 # -----------------------------------------------------------------------------
 device = ('cuda' if torch.cuda.is_available() else 'cpu') if device == 'auto' else device
 device_type = 'cuda' if device.startswith('cuda') else 'cpu'
-ptdtype = {'float32': torch.float32, 'bfloat16': torch.bfloat16, 'float16': torch.float16}[dtype]
-ctx = (nullcontext() if device_type == 'cpu' or ptdtype == torch.float32
-       else torch.amp.autocast(device_type=device_type, dtype=ptdtype))
+ctx = autocast(device, dtype)
 
 
 def sync():

@@ -21,9 +21,9 @@ import time
 import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path[:0] = [ROOT, os.path.join(ROOT, 'tests')]
+sys.path.insert(0, ROOT)
+import data  # noqa: E402
 from configurator import configure  # noqa: E402
-from conftest import make_data_folder  # noqa: E402  (the data folder format, random contents)
 from model import DiTConfig  # noqa: E402
 
 bench_warmup = 5  # iterations not timed (compilation, allocator warm-up)
@@ -37,10 +37,10 @@ configure(globals(), [a for a in args if not a.startswith('--') or a[2:].partiti
 train_args = [a for a in args if not a.startswith(('--bench_', '--compile='))]
 
 
-def bench(data, out_dir, compiled):
+def bench(folder, out_dir, compiled):
     """Run train.py until bench_warmup + bench_iters iterations are logged; medians of the timed ones."""
-    cmd = [sys.executable, os.path.join(ROOT, 'train.py'), *train_args, f'--train_data={data}', f'--val_data={data}',
-           f'--out_dir={out_dir}', '--init_from=scratch', '--overwrite=True', f'--compile={compiled}',
+    cmd = [sys.executable, os.path.join(ROOT, 'train.py'), *train_args, f'--train_data={folder}',
+           f'--val_data={folder}', f'--out_dir={out_dir}', '--init_from=scratch', '--overwrite=True', f'--compile={compiled}',
            '--max_iters=1000000000', '--eval_interval=1000000000', '--eval_iters=1', '--eval_gen_items=1',
            '--eval_gen_steps=1', '--log_interval=1', '--wandb_log=False']
     metrics = os.path.join(out_dir, 'metrics.jsonl')
@@ -67,10 +67,10 @@ def bench(data, out_dir, compiled):
 
 
 with tempfile.TemporaryDirectory() as tmp:
-    data = make_data_folder(os.path.join(tmp, 'data'), n=bench_rows, tokens=grid_size ** 2, clip_dim=in_dim,
-                            eva_dim=cond_dim, embed_dim=8, captions_per_image=(1,))
+    folder = data.write_random_folder(os.path.join(tmp, 'data'), n=bench_rows, tokens=grid_size ** 2, clip_dim=in_dim,
+                                      eva_dim=cond_dim, embed_dim=8, captions_per_image=(1,))
     modes = [True, False] if compile is None else [compile]
-    runs = [bench(data, os.path.join(tmp, f'out_{mode}'), mode) for mode in modes]
+    runs = [bench(folder, os.path.join(tmp, f'out_{mode}'), mode) for mode in modes]
 device = torch.cuda.get_device_name() if torch.cuda.is_available() else 'cpu'
 print(json.dumps({'bench': 'train', 'args': args, 'device': device, 'warmup': bench_warmup, 'iters': bench_iters,
                   'runs': runs}))

@@ -1,6 +1,10 @@
 # The CPU demo: synthetic images, tiny random encoders, a tiny DiT; every stage runs in minutes.
 # python extract.py config/demo.py && python train.py config/demo.py && python sample.py config/demo.py && python eval.py config/demo.py
 
+# --- data (every stage): data/demo/train and data/demo/val ---
+data_dir = 'data/demo'
+splits = ('train', 'val')
+
 # --- model (model.py DiTConfig fields) ---
 dim = 128
 n_layers = 4
@@ -11,10 +15,8 @@ grid_size = 4
 
 # --- extract.py ---
 source = 'synthetic'  # coloured shapes with captions, drawn from a seed: no download
-splits = ('train', 'val')
 synthetic_counts = {'train': 2000, 'val': 250}
 synthetic_image_size = 64
-data_dir = 'data/demo'  # -> data/demo/train, data/demo/val
 clip_model = 'tiny-clip'  # config/encoders/tiny-clip.json: 64 wide (in_dim), 32-d embedding
 clip_pretrained = ''  # random init under torch.manual_seed(0); eval.py rebuilds the same CLIP
 eva_model = 'tiny-eva'  # config/encoders/tiny-eva.json: 96 wide (cond_dim)
@@ -22,8 +24,6 @@ eva_pretrained = ''
 num_workers = 1
 
 # --- train.py ---
-train_data = 'data/demo/train'
-val_data = 'data/demo/val'
 out_dir = 'out/demo'
 init_from = 'auto'  # running the demo again continues (or just reports) the run in out/demo
 dtype = 'float32'  # the demo runs on a CPU: plain float32, no autocast
@@ -42,7 +42,7 @@ eval_gen_items = 64
 log_interval = 50
 
 # --- sample.py / eval.py ---
-# generate for data/demo/val (val_data) from out_dir/ckpt.pt, then evaluate A, B and R there
+# generate for data/demo/val from out_dir/ckpt.pt, then evaluate A, B and R there
 sample_method = 'heun'  # 2 model calls a step, error O(1/steps^2): 10 Heun steps beat 20 Euler steps
 sample_steps = 10
 sample_batch_size = 125  # 250 val images: two batches

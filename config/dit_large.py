@@ -7,9 +7,7 @@
 # data: COCO 2017 train for training, val for validation, sampling and evaluation
 source = 'coco'
 splits = ('train2017', 'val2017')
-data_dir = 'data/coco_vitl_eva8b'
-train_data = 'data/coco_vitl_eva8b/train2017'
-val_data = 'data/coco_vitl_eva8b/val2017'
+data_dir = 'data/coco_vitl_eva8b'  # -> data_dir/train2017, data_dir/val2017 for every stage
 out_dir = 'out/dit_large'
 clip_model = 'ViT-L-14-quickgelu'  # plain ViT-L-14 + openai silently builds GELU instead of QuickGELU
 clip_pretrained = 'openai'

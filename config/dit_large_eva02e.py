@@ -4,8 +4,6 @@
 #   torchrun --standalone --nproc_per_node=8 train.py config/dit_large_eva02e.py
 exec(open('config/dit_large.py').read())
 data_dir = 'data/coco_vitl_eva02e'
-train_data = 'data/coco_vitl_eva02e/train2017'
-val_data = 'data/coco_vitl_eva02e/val2017'
 out_dir = 'out/dit_large_eva02e'
 eva_model = 'EVA02-E-14-plus'
 eva_pretrained = 'laion2b_s9b_b144k'

@@ -68,3 +68,11 @@ def test_command_line_error_is_one_clear_line():
     result = subprocess.run([sys.executable, '-c', code, '--y=2'], cwd=ROOT, capture_output=True, text=True)
     assert result.returncode == 1
     assert result.stderr.strip() == "config error: unknown key 'y' in '--y=2'"
+
+
+def test_renamed_key_names_its_new_name():
+    ns = {'extract_batch_size': 64}
+    with pytest.raises(SystemExit, match=r"--batch_size is now --extract_batch_size"):
+        configure(ns, ['--batch_size=8'], renamed={'batch_size': 'extract_batch_size'})
+    assert configure(ns, ['--extract_batch_size=8'], renamed={'batch_size': 'extract_batch_size'}) == \
+        {'extract_batch_size': 8}

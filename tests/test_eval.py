@@ -222,8 +222,8 @@ def test_bad_generated_shape_count_and_values(eval_setup, monkeypatch):
         run_eval(monkeypatch, *args, '--generated=nowhere.npy')
     write_generated(out / 'generated.npy', clip)
     os.truncate(out / 'generated.npy', 1000)  # a copy cut short
-    with pytest.raises(SystemExit, match=r"generated.npy cannot be read .*expected float16 \[24, 16, 8\], 6,144 bytes "
-                                         r"of data, the file has 1,000 bytes"):
+    with pytest.raises(SystemExit, match=r"generated.npy is truncated or corrupt: expected 6,272 bytes "
+                                         r"\(float16 \[24, 16, 8\]\), the file has 1,000 bytes"):
         run_eval(monkeypatch, *args)
 
 

@@ -16,6 +16,8 @@ import pytest
 import torch
 from PIL import Image
 
+import data
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EXTRACT = os.path.join(ROOT, 'extract.py')
 TINY = ['--clip_model=tiny-clip', '--eva_model=tiny-eva', '--grid_size=4', '--extract_batch_size=4',
@@ -30,12 +32,10 @@ def run_extract(*args):
 
 
 def load_folder(path):
-    arrays = {name: np.load(os.path.join(path, f'{name}.npy'), mmap_mode='r') for name in ('clip', 'eva', 'clip_cls')}
-    with open(os.path.join(path, 'meta.json')) as f:
-        meta = json.load(f)
-    with open(os.path.join(path, 'captions.json')) as f:
-        captions = json.load(f)
-    return arrays, meta, captions
+    """Arrays, meta and captions of a complete data folder, through data.py's own checks."""
+    meta = data.open_folder(str(path), arrays=tuple(data.ARRAYS))
+    arrays = {name: np.load(p, mmap_mode='r') for name, p in meta['paths'].items()}
+    return arrays, meta, data.read_json(os.path.join(path, 'captions.json'))
 
 
 def open_clip_model(name, pretrained=None):

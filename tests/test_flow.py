@@ -147,3 +147,11 @@ def test_tiny_dit_learns_a_conditional_task():
     x = flow.sample(flow.guided(model, cond[:32]), torch.randn(32, tokens, in_dim, generator=g), steps=20)
     cosine = torch.nn.functional.cosine_similarity(x, x1[:32], dim=-1).mean()
     assert cosine > 0.9, cosine
+
+
+def test_seeded_noise_depends_on_seed_and_row_only():
+    together = flow.seeded_noise(3, [5, 2, 9], (4, 2))
+    apart = torch.cat([flow.seeded_noise(3, [i], (4, 2)) for i in (5, 2, 9)])
+    assert torch.equal(together, apart)
+    assert not torch.equal(flow.seeded_noise(4, [5], (4, 2)), together[:1])
+    assert flow.seed_for(3, 5) != flow.seed_for(5, 3)

@@ -239,7 +239,7 @@ def bad_folder(tmp_path, case):
         return folder, [clip, f'expected {size:,} bytes (float16 [64, 16, 8]), the file has {size - 100:,} bytes']
     if case == 'float32':
         np.save(clip, np.load(clip).astype(np.float32))
-        return folder, [clip, 'dtype float32, expected float16']
+        return folder, [clip, 'holds float32 [64, 16, 8], expected float16']
     if case == 'no_meta':
         os.remove(meta_path)
         return folder, [meta_path, 'is missing', 'extract.py']
