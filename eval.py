@@ -34,8 +34,8 @@ generated = ''                         # generated tokens; results go to <its fo
                                        # flow.samples_name) if it exists, else A and R only
 ckpt_path = ''                         # sample.py's settings, with its defaults: they name its output folder
 use_ema = True
-sample_method = 'euler'
-sample_steps = 50
+sample_method = 'midpoint'
+sample_steps = 10
 sample_shift = 1.0
 cfg_scale = 1.0
 seed = 1337

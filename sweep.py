@@ -29,7 +29,7 @@ data_dir = 'data'              # extract.py's output: data_dir/<split>
 splits = ('train2017', 'val2017')
 val_data = ''                  # the data folder to generate for and evaluate on; '' = data_dir/splits[1]
 ckpts = ('',)                  # checkpoint files or glob patterns ('out/demo/ckpt_iter*.pt'); '' = out_dir/ckpt.pt
-methods = ('euler', 'heun')    # flow.SAMPLERS
+methods = ('euler', 'midpoint')  # flow.SAMPLERS
 steps = (5, 10, 20)
 cfg_scales = (1.0,)
 shifts = (1.0,)                # time grids (flow.time_grid)

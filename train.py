@@ -80,7 +80,7 @@ norm_eps = 1e-5
 qk_norm = True
 rope_theta = 10000.0
 cross_rope = True
-t_scale = 1000.0  # time-embedding scale (model.py)
+t_scale = 1.0  # time features read t_scale * t (model.py); 1000 = DiT's
 grad_checkpointing = False  # a runtime choice: may change on resume
 # system
 device = 'auto'  # 'auto' = cuda when available, else cpu; under torchrun each rank takes cuda:LOCAL_RANK
@@ -135,17 +135,18 @@ if device_type == 'cuda':
     torch.set_float32_matmul_precision('high')  # TF32 matmuls (CUDA only: on CPU it could change float32 results)
 ptdtype, ctx = getattr(torch, dtype), autocast(device, dtype)
 
-# model, EMA, optimizer; on resume the model config is the checkpoint's (grad_checkpointing stays a runtime choice)
+# model, EMA, optimizer; on resume the model config is the checkpoint's (grad_checkpointing stays a runtime choice;
+# model_args without t_scale were written before it existed, with DiT's 1000)
 checkpoint = None
 model_args = {f.name: globals()[f.name] for f in dataclasses.fields(DiTConfig)}
 if init_from == 'resume':
     # mmap: every rank reads the same file without holding a private copy in RAM
     checkpoint = torch.load(ckpt_path, map_location='cpu', mmap=True, weights_only=True)
-    changed = {k: v for k, v in checkpoint['model_args'].items()
-               if k != 'grad_checkpointing' and model_args.get(k) != v}
+    saved = {'t_scale': 1000.0, **checkpoint['model_args']}
+    changed = {k: v for k, v in saved.items() if k != 'grad_checkpointing' and model_args.get(k) != v}
     if changed and master_process:
         print(f"resume: model settings come from {ckpt_path}: {changed}")
-    model_args = {**checkpoint['model_args'], 'grad_checkpointing': grad_checkpointing}
+    model_args = {**saved, 'grad_checkpointing': grad_checkpointing}
 model_cfg = DiTConfig(**model_args)
 n_tokens = model_cfg.grid_size ** 2
 # a checkpoint (fp32 weights, EMA, two AdamW moments) is written beside the previous one; 'meta' counts for free
@@ -310,8 +311,7 @@ def evaluate():
 
 
 def save_checkpoint(path=ckpt_path, keep=False):
-    """Write a checkpoint atomically: a crash while writing leaves the previous one intact. keep=True: only what
-    sampling needs (EMA weights, a quarter of the full one), not the state a resume needs."""
+    """Write a checkpoint atomically (a crash leaves the previous one whole); keep=True: the EMA weights only."""
     ckpt = {'ema': ema_model.state_dict(), 'model_args': dataclasses.asdict(model_cfg), 'iter_num': iter_num,
             'config': config, 'data_stats': data_stats}
     if not keep:

@@ -61,7 +61,7 @@ def out_dir_with(ckpt, path):
     return str(path)
 
 
-def samples(out, method='euler', steps=50, cfg=1.0, seed=1337, ckpt='ckpt.pt'):
+def samples(out, method='midpoint', steps=10, cfg=1.0, seed=1337, ckpt='ckpt.pt'):
     """The folder sample.py writes for these settings (flow.samples_name)."""
     return os.path.join(out, 'samples', flow.samples_name(ckpt, method, steps, cfg, seed))
 
@@ -80,13 +80,13 @@ def test_shapes_settings_and_batch_size_independence(trained, tmp_path, monkeypa
                    '--sample_steps=8', '--seed=3')
         outs[bs] = np.load(os.path.join(samples(out, steps=8, seed=3), 'generated.npy'))
         assert sorted(os.listdir(out)) == ['ckpt.pt', 'samples']
-        assert os.listdir(os.path.join(out, 'samples')) == ['ckpt-euler8-cfg1-seed3']
+        assert os.listdir(os.path.join(out, 'samples')) == ['ckpt-midpoint8-cfg1-seed3']
         assert sorted(os.listdir(samples(out, steps=8, seed=3))) == ['generated.json', 'generated.npy']  # no partials
     assert outs[5].shape == (N, 16, 8) and outs[5].dtype == np.float16
     np.testing.assert_allclose(outs[5].astype(np.float32), outs[12].astype(np.float32), atol=2e-3, rtol=2e-3)
     info = json.load(open(os.path.join(samples(tmp_path / 'bs5', steps=8, seed=3), 'generated.json')))
     assert (info['settings']['sample_steps'], info['settings']['seed'], info['settings']['use_ema']) == (8, 3, True)
-    assert info['settings']['shape'] == [N, 16, 8] and info['samples_per_second'] > 0 and info['model_calls'] == 8
+    assert info['settings']['shape'] == [N, 16, 8] and info['samples_per_second'] > 0 and info['model_calls'] == 16
     assert info['settings']['checkpoint'] == str(tmp_path / 'bs5' / 'ckpt.pt') and info['settings']['iter_num'] == 150
     # de-standardized with the checkpoint's stats, the samples match their own images (the untrained model gives ~0)
     meta = json.load(open(os.path.join(data, 'meta.json')))
@@ -98,7 +98,8 @@ def test_shapes_settings_and_batch_size_independence(trained, tmp_path, monkeypa
     # another seed or the raw weights give other samples, in folders of their own beside the first
     out = str(tmp_path / 'bs12')
     before = os.stat(os.path.join(samples(out, steps=8, seed=3), 'generated.npy')).st_mtime_ns
-    for extra, folder in (('--seed=4', 'ckpt-euler8-cfg1-seed4'), ('--use_ema=False', 'ckpt-euler8-cfg1-raw-seed3')):
+    for extra, folder in (('--seed=4', 'ckpt-midpoint8-cfg1-seed4'),
+                          ('--use_ema=False', 'ckpt-midpoint8-cfg1-raw-seed3')):
         run_sample(monkeypatch, f'--out_dir={out}', f'--val_data={data}', '--sample_steps=8', '--seed=3', extra)
         other = np.load(os.path.join(out, 'samples', folder, 'generated.npy')).astype(np.float32)
         assert np.abs(other - outs[12]).max() > 1e-2
@@ -198,3 +199,17 @@ def test_kept_checkpoint_and_a_changed_one(trained, tmp_path, monkeypatch):
                    '--sample_method=midpoint', '--sample_shift=2.0')
     with open(os.path.join(folder, 'generated.npy'), 'rb') as f:
         assert f.read() == before
+
+
+def test_checkpoint_without_t_scale_means_dits_1000(trained, tmp_path, monkeypatch):
+    """model_args written before t_scale existed were trained with DiT's 1000, whatever the default is now."""
+    data, ckpt = trained
+    full = torch.load(ckpt, weights_only=True)
+    legacy = {k: v for k, v in full['model_args'].items() if k != 't_scale'}
+    outs = {}
+    for name, model_args in (('explicit', {**legacy, 't_scale': 1000.0}), ('legacy', legacy)):
+        os.makedirs(tmp_path / name)
+        torch.save({**full, 'model_args': model_args}, tmp_path / name / 'ckpt.pt')
+        run_sample(monkeypatch, f'--out_dir={tmp_path / name}', f'--val_data={data}', '--sample_steps=2')
+        outs[name] = np.load(os.path.join(samples(tmp_path / name, steps=2), 'generated.npy'))
+    assert np.array_equal(outs['explicit'], outs['legacy'])

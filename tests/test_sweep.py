@@ -86,7 +86,7 @@ def test_sweep_fills_the_grid_reuses_and_resumes(setup):
         assert summary['checkpoint']['iter_num'] == int(r['iter_num']) and summary['sampler']['sample_steps'] == 2
     table = json.load(open(out / 'sweep.json'))
     assert len(table['cells']) == 4 and table['grid']['methods'] == ['euler', 'midpoint']
-    assert set(table['method_a']) == {'image_to_text', 'text_to_image', 'median_rank'}
+    assert {'image_to_text', 'text_to_image'} <= set(table['method_a'])
     assert os.path.getsize(out / 'sweep.png') > 1000
 
     # a second run: every cell is read back, no array is written again
