@@ -1,4 +1,4 @@
-"""Shared test fixtures: a small random data folder in the format of DESIGN.md."""
+"""Shared test fixtures: a small random data folder in the format of data.py's docstring."""
 import json
 import os
 import sys
