@@ -36,7 +36,8 @@ def run_extract(*args):
 def load_folder(path):
     """Arrays, meta and captions of a complete data folder, through data.py's own checks."""
     meta = data.open_folder(str(path), arrays=tuple(data.ARRAYS))
-    arrays = {name: np.load(p, mmap_mode='r') for name, p in meta['paths'].items()}
+    arrays = {name: np.load(p, mmap_mode='r') for name, p in meta.pop('paths').items()}
+    del meta['shapes']  # what open_folder adds: meta is now meta.json as written
     return arrays, meta, data.read_json(os.path.join(path, 'captions.json'))
 
 
