@@ -4,10 +4,11 @@ Three image embeddings, all in CLIP's joint image-text space (embed_dim, 768 for
   A = normalize(mean_tokens(clip.npy) @ visual.proj)        the seed's "CLIP baseline", from the real tokens
   B = the same function of generated.npy (sample.py)         the model under test; same function, fair comparison
   R = normalize(clip_cls.npy)                                 CLIP's own CLS embedding: what published numbers use
-Without a generated.npy only A and R are reported (the CLIP baseline).
+Without a generated.npy only A and R are reported (the CLIP baseline). The summaries go next to the generated
+array (<its folder>/eval/; out_dir/eval/ for A and R only) and name the checkpoint and sampler that made it.
 
-python eval.py config/demo.py
-python eval.py --val_data=data/coco_val2017 --out_dir=out/dit_large
+python eval.py config/demo.py                          # what `python sample.py config/demo.py` just wrote
+python eval.py config/demo.py --generated=out/demo/samples/ckpt_iter000400-euler10-cfg1-seed1337/generated.npy
 """
 import hashlib
 import json
@@ -21,13 +22,23 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import data
+import flow
 
 # -----------------------------------------------------------------------------
-out_dir = 'out'                        # results go to out_dir/eval/
+out_dir = 'out'                        # A and R only: results go to out_dir/eval/
 data_dir = 'data'                      # extract.py's output: data_dir/<split>
 splits = ('train2017', 'val2017')
 val_data = ''                          # data folder with clip.npy, clip_cls.npy, captions.json; '' = data_dir/splits[1]
-generated = ''                         # generated tokens; '' = out_dir/generated.npy if it exists, else A and R only
+generated = ''                         # generated tokens; results go to <its folder>/eval/. '' = the array that
+                                       # sample.py writes for the settings below (out_dir/samples/<name>/, name =
+                                       # flow.samples_name) if it exists, else A and R only
+ckpt_path = ''                         # sample.py's settings, with its defaults: they name its output folder
+use_ema = True
+sample_method = 'midpoint'
+sample_steps = 10
+sample_shift = 1.0
+cfg_scale = 1.0
+seed = 1337
 clip_model = 'ViT-L-14-quickgelu'      # open_clip name: visual.proj and the text tower
 clip_pretrained = 'openai'             # tag or local weight file; '' = random init under torch.manual_seed(0)
 tasks = 'alignment,recall'
@@ -289,7 +300,9 @@ if __name__ == '__main__':
     meta, captions, text_image = load_data(val_data)
     paths = meta['paths']
     N, T = meta['count'], len(captions)
-    gen_path = generated or os.path.join(out_dir, 'generated.npy')
+    name = flow.samples_name(ckpt_path or os.path.join(out_dir, 'ckpt.pt'), sample_method, sample_steps, cfg_scale,
+                             seed, sample_shift, use_ema)
+    gen_path = generated or os.path.join(out_dir, 'samples', name, 'generated.npy')
     if not os.path.exists(gen_path):
         if generated:
             raise SystemExit(f"eval.py: generated={generated!r} not found")
@@ -330,10 +343,16 @@ if __name__ == '__main__':
     R = F.normalize(torch.from_numpy(np.load(paths['clip_cls'])).float(), dim=-1).numpy()
     image_emb = {'a': A, 'b': B, 'r': R} if B is not None else {'a': A, 'r': R}
     text_image_t = torch.from_numpy(text_image).to(device)
-    eval_dir = os.path.join(out_dir, 'eval')
+    eval_dir = os.path.join(os.path.dirname(gen_path) if gen_path else out_dir, 'eval')
     os.makedirs(eval_dir, exist_ok=True)
     counts = np.bincount(text_image)
-    common = {'val_data': val_data, 'generated': gen_path, 'sampling': sampling, 'clip_model': clip_model,
+    made_by = (sampling or {}).get('settings')  # the checkpoint and the sampler that made the generated array
+    common = {'val_data': val_data, 'generated': gen_path,
+              'checkpoint': made_by and {'path': made_by.get('checkpoint'), 'iter_num': made_by.get('iter_num'),
+                                         'use_ema': made_by.get('use_ema')},
+              'sampler': made_by and {k: made_by.get(k) for k in ('sample_method', 'sample_steps', 'sample_shift',
+                                                                  'cfg_scale', 'seed')},
+              'model_calls': (sampling or {}).get('model_calls'), 'sampling': sampling, 'clip_model': clip_model,
               'clip_pretrained': clip_pretrained, 'num_images': N, 'num_captions': T,
               'captions_per_image': {'min': int(counts.min()), 'max': int(counts.max()), 'mean': T / N},
               'embedding_space': embed_dim, 'uses_visual_projection': True,

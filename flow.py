@@ -6,6 +6,8 @@ other way, never mix them): t in [0, 1], t = 0 is noise x0 ~ N(0, I), t = 1 is d
     v   = d x_t / dt = x1 - (1 - sigma_min) * x0
 Sampling integrates dx/dt = v(x, t) from t = 0 (x = x0 ~ N(0, I)) to t = 1.
 """
+import os
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -58,20 +60,39 @@ def seeded_noise(seed, rows, shape, device=None):
                         for i in rows]).to(device)
 
 
-@torch.no_grad()
-def sample(velocity_fn, x0, steps=50, method='euler'):
-    """Integrate dx/dt = velocity_fn(x, t) from t = 0 to 1 on a uniform grid of `steps` steps.
+SAMPLERS = {'euler': 1, 'heun': 2, 'midpoint': 2}  # model calls a step
 
-    Euler costs one call a step (error O(1/steps)); Heun two (error O(1/steps^2)).
+
+def model_calls(method, steps, cfg_scale=1.0):
+    """Model forwards per sample: calls a step x steps, twice under guidance (one batched forward of 2B)."""
+    return SAMPLERS[method] * steps * (1 if cfg_scale == 1.0 else 2)
+
+
+def time_grid(steps, shift=1.0):
+    """steps + 1 times from 0 to 1: uniform, warped by t / (shift - (shift - 1) t) (SD3's time shift in this
+    convention), so shift > 1 packs the steps near t = 0 (noise) and shift < 1 near t = 1 (data)."""
+    return [u / (shift - (shift - 1) * u) for u in (i / steps for i in range(steps + 1))]
+
+
+@torch.no_grad()
+def sample(velocity_fn, x0, steps=50, method='euler', shift=1.0):
+    """Integrate dx/dt = velocity_fn(x, t) from t = 0 to 1 in `steps` steps on time_grid(steps, shift).
+
+    euler: one call a step, error O(1/steps); heun (trapezoid corrector) and midpoint: two, error O(1/steps^2).
+    midpoint never calls the model at t = 1, where heun's last corrector does.
     """
-    if method not in ('euler', 'heun'):
-        raise ValueError(f"sampling method should be 'euler' or 'heun', got {method!r}")
-    x, dt = x0, 1.0 / steps
-    for i in range(steps):
-        t = torch.full((x.shape[0],), i * dt, device=x.device)
+    if method not in SAMPLERS:
+        raise ValueError(f"sampling method should be one of {', '.join(map(repr, SAMPLERS))}, got {method!r}")
+    if not shift > 0:
+        raise ValueError(f"time shift should be positive, got {shift!r}")
+    x, grid = x0, time_grid(steps, shift)
+    for t0, t1 in zip(grid[:-1], grid[1:]):
+        dt, t = t1 - t0, torch.full((x.shape[0],), t0, device=x.device)
         v = velocity_fn(x, t)
         if method == 'heun':
             v = 0.5 * (v + velocity_fn(x + dt * v, t + dt))
+        elif method == 'midpoint':
+            v = velocity_fn(x + 0.5 * dt * v, t + 0.5 * dt)
         x = x + dt * v
     return x
 
@@ -90,3 +111,12 @@ def guided(model, cond, scale=1.0):
         v_cond, v_null = model(torch.cat([x, x]), torch.cat([t, t]), torch.cat([cond, cond]), drop_cond=drop).chunk(2)
         return v_null + scale * (v_cond - v_null)
     return velocity_fn
+
+
+def samples_name(ckpt_path, method, steps, cfg_scale, seed, shift=1.0, use_ema=True):
+    """The folder of one sampling run under out_dir/samples/, from the checkpoint and the sampler settings:
+    <checkpoint file stem>-<method><steps>[-shift<s>]-cfg<scale>[-raw]-seed<seed>, e.g. ckpt-heun5-cfg1-seed1337.
+    sample.py writes there and eval.py finds it from the same settings."""
+    stem = os.path.splitext(os.path.basename(ckpt_path))[0]
+    shift_part = '' if shift == 1.0 else f'-shift{shift:g}'
+    return f"{stem}-{method}{steps}{shift_part}-cfg{cfg_scale:g}{'' if use_ema else '-raw'}-seed{seed}"

@@ -38,6 +38,8 @@ class DiTConfig:
     rope_theta: float = 10000.0
     grad_checkpointing: bool = False
     cross_rope: bool = True           # EVA tokens lie on the same grid: RoPE in cross-attention too
+    t_scale: float = 1.0              # time features sin/cos(t_scale * t * freqs): 1 keeps the velocity smooth in t
+                                      # (2nd-order samplers converge, bench/RESULTS.md); 1000 = DiT's, the seed's
 
     @property
     def head_dim(self):
@@ -140,17 +142,17 @@ class Block(nn.Module):
 
 
 class TimestepEmbedder(nn.Module):
-    """Sinusoidal features of 1000*t (DiT's scale, so t in [0, 1] spans the frequencies) -> MLP."""
+    """Sinusoidal features of t_scale * t -> MLP."""
 
-    def __init__(self, dim, freq_dim=256):
+    def __init__(self, dim, freq_dim=256, t_scale=1.0):
         super().__init__()
-        self.freq_dim = freq_dim
+        self.freq_dim, self.t_scale = freq_dim, t_scale
         self.mlp = nn.Sequential(nn.Linear(freq_dim, dim), nn.SiLU(), nn.Linear(dim, dim))
 
     def forward(self, t):
         half = self.freq_dim // 2
         freqs = torch.exp(-math.log(10000.0) * torch.arange(half, device=t.device, dtype=torch.float32) / half)
-        angles = 1000.0 * t.float()[:, None] * freqs
+        angles = self.t_scale * t.float()[:, None] * freqs
         return self.mlp(torch.cat([angles.cos(), angles.sin()], dim=-1))
 
 
@@ -162,7 +164,7 @@ class DiT(nn.Module):
                              f"and n_heads by n_kv_heads {cfg.kv_heads}")
         self.cfg = cfg
         self.x_embed = nn.Linear(cfg.in_dim, cfg.dim)
-        self.t_embed = TimestepEmbedder(cfg.dim)
+        self.t_embed = TimestepEmbedder(cfg.dim, t_scale=cfg.t_scale)
         self.cond_norm = RMSNorm(cfg.cond_dim, eps=cfg.norm_eps)
         self.cond_proj = nn.Linear(cfg.cond_dim, cfg.dim)
         self.pool_embed = nn.Linear(cfg.dim, cfg.dim)

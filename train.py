@@ -44,6 +44,7 @@ eval_gen_items = 64  # validation items generated with the EMA model at each eva
 eval_gen_steps = 10  # Euler steps for that generation check
 log_interval = 10  # the loss is read from the device only every log_interval iterations
 always_save_checkpoint = True  # False: save only when the validation loss improves
+keep_interval = 0  # > 0: also keep out_dir/ckpt_iter{N:06d}.pt (EMA weights only) every keep_interval iterations
 wandb_log = False
 wandb_project = 'blip3o-dit'
 wandb_run_name = 'dit'
@@ -79,6 +80,7 @@ norm_eps = 1e-5
 qk_norm = True
 rope_theta = 10000.0
 cross_rope = True
+t_scale = 1.0  # time features read t_scale * t (model.py); 1000 = DiT's
 grad_checkpointing = False  # a runtime choice: may change on resume
 # system
 device = 'auto'  # 'auto' = cuda when available, else cpu; under torchrun each rank takes cuda:LOCAL_RANK
@@ -98,8 +100,7 @@ if init_from not in ('scratch', 'resume', 'auto'):
 if dtype not in ('float32', 'bfloat16', 'float16'):
     raise SystemExit(f"config error: dtype should be 'float32', 'bfloat16' or 'float16', got {dtype!r}")
 ddp = int(os.environ.get('RANK', -1)) != -1
-if device == 'auto':
-    device = 'cuda' if torch.cuda.is_available() else 'cpu'
+device = ('cuda' if torch.cuda.is_available() else 'cpu') if device == 'auto' else device
 device_type = 'cuda' if device.startswith('cuda') else 'cpu'
 if ddp:
     rank, local_rank, world_size = int(os.environ['RANK']), int(os.environ['LOCAL_RANK']), int(os.environ['WORLD_SIZE'])
@@ -134,17 +135,18 @@ if device_type == 'cuda':
     torch.set_float32_matmul_precision('high')  # TF32 matmuls (CUDA only: on CPU it could change float32 results)
 ptdtype, ctx = getattr(torch, dtype), autocast(device, dtype)
 
-# model, EMA, optimizer; on resume the model config is the checkpoint's (grad_checkpointing stays a runtime choice)
+# model, EMA, optimizer; on resume the model config is the checkpoint's (grad_checkpointing stays a runtime choice;
+# model_args without t_scale were written before it existed, with DiT's 1000)
 checkpoint = None
 model_args = {f.name: globals()[f.name] for f in dataclasses.fields(DiTConfig)}
 if init_from == 'resume':
     # mmap: every rank reads the same file without holding a private copy in RAM
     checkpoint = torch.load(ckpt_path, map_location='cpu', mmap=True, weights_only=True)
-    changed = {k: v for k, v in checkpoint['model_args'].items()
-               if k != 'grad_checkpointing' and model_args.get(k) != v}
+    saved = {'t_scale': 1000.0, **checkpoint['model_args']}
+    changed = {k: v for k, v in saved.items() if k != 'grad_checkpointing' and model_args.get(k) != v}
     if changed and master_process:
         print(f"resume: model settings come from {ckpt_path}: {changed}")
-    model_args = {**checkpoint['model_args'], 'grad_checkpointing': grad_checkpointing}
+    model_args = {**saved, 'grad_checkpointing': grad_checkpointing}
 model_cfg = DiTConfig(**model_args)
 n_tokens = model_cfg.grid_size ** 2
 # a checkpoint (fp32 weights, EMA, two AdamW moments) is written beside the previous one; 'meta' counts for free
@@ -213,8 +215,7 @@ else:
                          f"{train_split['eva']} has {train_split['eva_tokens']}: the splits must agree")
 n_train = train_split['count']
 data_stats = checkpoint['data_stats'] if checkpoint else {k: train_split['meta'][k] for k in ('clip_mean', 'clip_std')}
-clip_mean = torch.tensor(data_stats['clip_mean'], dtype=torch.float32, device=device)
-clip_std = torch.tensor(data_stats['clip_std'], dtype=torch.float32, device=device)
+clip_mean, clip_std = (torch.tensor(data_stats[k], device=device).float() for k in ('clip_mean', 'clip_std'))
 if checkpoint:
     samples_seen = checkpoint['data_position']['samples_seen']
     if checkpoint['data_position']['train_rows'] != n_train:
@@ -309,19 +310,17 @@ def evaluate():
             'gen_token_cosine': sums[2] / n_gen, 'gen_pooled_cosine': sums[3] / n_gen}
 
 
-def save_checkpoint():
-    """Write ckpt.pt atomically: a crash while writing leaves the previous one intact."""
-    ckpt = {
-        'model': raw_model.state_dict(), 'ema': ema_model.state_dict(),
-        'optimizer': optimizer.state_dict(), 'scaler': scaler.state_dict(),
-        'model_args': dataclasses.asdict(model_cfg), 'iter_num': iter_num, 'best_val_loss': best_val_loss,
-        'config': config, 'data_stats': data_stats,
-        # training draws come from generators seeded by (seed, iter, micro-batch): the seed is the whole RNG state
-        'rng': {'seed': seed, 'scheme': 'torch.Generator seeded per (seed, iter_num, global micro-batch)'},
-        'data_position': {'samples_seen': samples_seen, 'epoch': samples_seen // n_train,
-                          'index': samples_seen % n_train, 'train_rows': n_train},
-    }
-    data.write_atomic(ckpt_path, lambda f: torch.save(ckpt, f), 'wb')
+def save_checkpoint(path=ckpt_path, keep=False):
+    """Write a checkpoint atomically (a crash leaves the previous one whole); keep=True: the EMA weights only."""
+    ckpt = {'ema': ema_model.state_dict(), 'model_args': dataclasses.asdict(model_cfg), 'iter_num': iter_num,
+            'config': config, 'data_stats': data_stats}
+    if not keep:
+        ckpt.update(model=raw_model.state_dict(), optimizer=optimizer.state_dict(), scaler=scaler.state_dict(),
+                    best_val_loss=best_val_loss, data_position={'samples_seen': samples_seen, 'train_rows': n_train,
+                    'epoch': samples_seen // n_train, 'index': samples_seen % n_train},
+                    # training draws come from generators seeded by (seed, iter, micro-batch): the seed is the RNG state
+                    rng={'seed': seed, 'scheme': 'torch.Generator seeded per (seed, iter_num, global micro-batch)'})
+    data.write_atomic(path, lambda f: torch.save(ckpt, f), 'wb')
 
 
 def stop(reason):
@@ -377,6 +376,8 @@ while True:
     for group in optimizer.param_groups:
         group['lr'] = lr
 
+    if keep_interval and iter_num % keep_interval == 0 and 0 < iter_num != resumed_at and master_process:
+        save_checkpoint(os.path.join(out_dir, f'ckpt_iter{iter_num:06d}.pt'), keep=True)
     # evaluate and save at every eval_interval and at the end (not again at the iteration we resumed from)
     if (iter_num % eval_interval == 0 or iter_num == max_iters) and iter_num != resumed_at:
         t_eval = time.time()

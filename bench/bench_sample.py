@@ -2,11 +2,13 @@
 
 Throughput: a randomly initialized DiT of the config's size (no checkpoint needed: speed does not depend on the
 weights), random EVA tokens, sample.py's sampler (batched, bf16 autocast on CUDA), best batch of the timed ones.
-Quality: a trained checkpoint (out_dir/ckpt.pt, EMA weights) on the first quality_samples rows of val_data:
-cosine and relative L2 error (standardized space) between samples at quality_steps and a reference_steps Heun
-solution from the same noise, for Euler and Heun; the curve goes to out_dir/bench_sample_quality.png (with matplotlib).
+Quality: a trained checkpoint (ckpt_path, EMA weights) on the first quality_samples rows of val_data: cosine and
+relative L2 error (standardized space) between samples at quality_steps and a reference_steps Heun solution from
+the same noise, for each of quality_methods on each time grid of quality_shifts (flow.time_grid); the curve goes to
+out_dir/bench_sample_quality.png (with matplotlib).
 
 python bench/bench_sample.py config/demo.py                                # CPU: demo DiT, quality on the demo run
+python bench/bench_sample.py config/demo.py --quality_methods="('heun', 'midpoint')" --quality_shifts="(1.0, 2.0)"
 python bench/bench_sample.py config/dit_large.py --quality=False           # GPU: dit_large throughput
 """
 import dataclasses
@@ -27,17 +29,23 @@ from model import DiT, DiTConfig, autocast  # noqa: E402
 # -----------------------------------------------------------------------------
 # throughput: the DiT of these settings (DiTConfig fields; defaults = dit_large)
 globals().update({f.name: f.default for f in dataclasses.fields(DiTConfig)})
-sample_method = 'euler'
-sample_steps = 50
+sample_method = 'midpoint'
+sample_steps = 10
+sample_shift = 1.0
 cfg_scale = 1.0
 sample_batch_size = 64
 throughput_batches = 3
 # quality: a trained run
 quality = True
 out_dir = 'out'
-val_data = 'data/coco_val2017'
+ckpt_path = ''  # '' = out_dir/ckpt.pt
+data_dir = 'data'
+splits = ('train2017', 'val2017')
+val_data = ''  # '' = data_dir/splits[1]
 quality_samples = 32
 quality_steps = (5, 10, 20, 50)
+quality_methods = ('euler', 'heun', 'midpoint')  # flow.SAMPLERS
+quality_shifts = (1.0,)  # time grids (flow.time_grid): 1.0 uniform, > 1 denser near the noise
 reference_steps = 200
 seed = 1337
 device = 'auto'
@@ -45,6 +53,8 @@ dtype = 'bfloat16' if torch.cuda.is_available() and torch.cuda.is_bf16_supported
 # -----------------------------------------------------------------------------
 from configurator import configure  # noqa: E402
 config = configure(globals())
+ckpt_path = ckpt_path or os.path.join(out_dir, 'ckpt.pt')
+val_data = val_data or os.path.join(data_dir, splits[1])
 # -----------------------------------------------------------------------------
 device = ('cuda' if torch.cuda.is_available() else 'cpu') if device == 'auto' else device
 device_type = 'cuda' if device.startswith('cuda') else 'cpu'
@@ -57,9 +67,9 @@ def sync():
 
 
 @torch.no_grad()
-def generate(model, cond, x0, steps, method):
+def generate(model, cond, x0, steps, method, shift=1.0):
     with ctx:
-        return flow.sample(flow.guided(model, cond, cfg_scale), x0, steps=steps, method=method).float()
+        return flow.sample(flow.guided(model, cond, cfg_scale), x0, steps, method, shift).float()
 
 
 # throughput
@@ -69,36 +79,36 @@ model = DiT(cfg).to(device).eval()
 L = cfg.grid_size ** 2
 cond = torch.randn(sample_batch_size, L, cfg.cond_dim, generator=g).to(device)
 x0 = torch.randn(sample_batch_size, L, cfg.in_dim, generator=g).to(device)
-generate(model, cond, x0, 1, sample_method)  # warm-up: kernels, allocator
+generate(model, cond, x0, 1, sample_method, sample_shift)  # warm-up: kernels, allocator
 times = []
 for _ in range(throughput_batches):
     sync()
     t0 = time.perf_counter()
-    generate(model, cond, x0, sample_steps, sample_method)
+    generate(model, cond, x0, sample_steps, sample_method, sample_shift)
     sync()
     times.append(time.perf_counter() - t0)
-calls = sample_steps * (2 if sample_method == 'heun' else 1) * (1 if cfg_scale == 1.0 else 2)
+calls = flow.model_calls(sample_method, sample_steps, cfg_scale)
 result = {'bench': 'sample', 'device': device,
           'machine': (torch.cuda.get_device_name() if device_type == 'cuda'
                 else f"{platform.machine()}, {os.cpu_count()} cpus"),
           'dtype': dtype if device_type == 'cuda' else 'float32', 'torch_threads': torch.get_num_threads(),
           'model': {k: getattr(cfg, k) for k in ('dim', 'n_layers', 'n_heads', 'in_dim', 'cond_dim', 'grid_size')},
           'params': model.num_params(), 'sample_method': sample_method, 'sample_steps': sample_steps,
-          'cfg_scale': cfg_scale, 'batch': sample_batch_size, 'model_batch_forwards': calls,
+          'sample_shift': sample_shift, 'cfg_scale': cfg_scale, 'batch': sample_batch_size,
+          'model_batch_forwards': calls,
           'samples_per_s': round(sample_batch_size / min(times), 2), 'batch_s': [round(t, 3) for t in times],
           'model_tflops_per_s': round(calls * sample_batch_size * model.flops_per_sample() / min(times) / 1e12, 3)}
 del model
 
 # quality against steps
 result['quality'] = None
-ckpt_path = os.path.join(out_dir, 'ckpt.pt')
 eva_path = os.path.join(val_data, 'eva.npy')
 if quality and not (os.path.exists(ckpt_path) and os.path.exists(eva_path)):
     result['quality_note'] = (f"skipped: needs a trained checkpoint {ckpt_path} and its data {eva_path} "
                               f"(run extract.py and train.py with the same config first)")
 elif quality:
     checkpoint = torch.load(ckpt_path, map_location='cpu', weights_only=True)
-    qcfg = DiTConfig(**checkpoint['model_args'])
+    qcfg = DiTConfig(**{'t_scale': 1000.0, **checkpoint['model_args']})  # no t_scale: written before it existed
     model = DiT(qcfg)
     model.load_state_dict(checkpoint['ema'])
     model.to(device).eval()
@@ -109,12 +119,13 @@ elif quality:
     # compared in the model's standardized space: de-standardized, the channel means would inflate every cosine
     ref = generate(model, cond, x0, reference_steps, 'heun')
     curve = {}
-    for method in ('euler', 'heun'):
-        curve[method] = {}
+    for method, shift in [(m, s) for s in quality_shifts for m in quality_methods]:
+        label = method if shift == 1.0 else f"{method}-shift{shift:g}"
+        curve[label] = {}
         for steps in quality_steps:
-            x = generate(model, cond, x0, steps, method)
-            curve[method][steps] = {
-                'model_calls': steps * (2 if method == 'heun' else 1),
+            x = generate(model, cond, x0, steps, method, shift)
+            curve[label][steps] = {
+                'model_calls': flow.model_calls(method, steps, cfg_scale),
                 'token_cosine': round(float(F.cosine_similarity(x, ref, dim=-1).mean()), 6),
                 'pooled_cosine': round(float(F.cosine_similarity(x.mean(1), ref.mean(1), dim=-1).mean()), 6),
                 'relative_l2': round(float((x - ref).norm() / ref.norm()), 5)}
@@ -133,8 +144,10 @@ elif quality:
                ylabel=f'relative L2 error to Heun-{reference_steps}', title='sample quality against steps')
         ax.legend()
         fig.tight_layout()
-        fig.savefig(os.path.join(out_dir, 'bench_sample_quality.png'), dpi=120)
-        result['quality']['plot'] = os.path.join(out_dir, 'bench_sample_quality.png')
+        stem = os.path.splitext(os.path.basename(ckpt_path))[0]
+        plot_path = os.path.join(os.path.dirname(ckpt_path), f'bench_sample_quality-{stem}.png')
+        fig.savefig(plot_path, dpi=120)
+        result['quality']['plot'] = plot_path
     except ImportError:
         pass
 print(json.dumps(result))

@@ -9,6 +9,9 @@ n_heads = 12
 batch_size = 128
 gradient_accumulation_steps = 1
 learning_rate = 3e-4
-max_iters = 50000
-lr_decay_iters = 50000
-warmup_iters = 500
+# dit_large's schedule for this batch: `epochs` of the train2017 rows left after val_fraction
+iters_per_epoch = round(118287 * (1 - val_fraction) / (batch_size * gradient_accumulation_steps))  # 906
+max_iters = lr_decay_iters = epochs * iters_per_epoch  # 9,060
+warmup_iters = max_iters // 20
+eval_interval = iters_per_epoch
+keep_interval = 2 * iters_per_epoch

@@ -21,13 +21,20 @@ in_dim = 1024
 cond_dim = 4096
 grid_size = 16
 
-# training: global batch 32 x 8 = 256 samples a step
+# training: global batch 32 x 8 = 256 samples a step, for `epochs` passes over the training rows (the seed
+# trains 10 epochs at lr 1e-4). The schedule derives from epochs and the batch: change those here, not max_iters
+# (a --batch_size on the command line does not re-derive it). Validation holds out the last val_fraction of
+# train2017, so val2017 stays the test set and no checkpoint is selected on it.
 batch_size = 32
 gradient_accumulation_steps = 8
 learning_rate = 1e-4
-max_iters = 100000
-warmup_iters = 1000
-lr_decay_iters = 100000
 min_lr = 1e-5
+epochs = 10
+val_fraction = 0.02  # 2,366 of train2017's 118,287 images; 115,921 train
+iters_per_epoch = round(118287 * (1 - val_fraction) / (batch_size * gradient_accumulation_steps))  # 453
+max_iters = lr_decay_iters = epochs * iters_per_epoch  # 4,530
+warmup_iters = max_iters // 20  # 5%
+eval_interval = iters_per_epoch  # validation loss, generation check and ckpt.pt once an epoch
+keep_interval = 2 * iters_per_epoch  # EMA-only ckpt_iterN.pt every 2 epochs, for sweep.py
 dtype = 'bfloat16'
 compile = True

@@ -63,6 +63,19 @@ def test_shipped_config_files_parse_for_the_model():
         assert cfg.dim % cfg.n_heads == 0
 
 
+def test_gpu_configs_train_epochs_of_train2017_and_validate_on_a_slice_of_it():
+    """The schedule derives from `epochs` and the global batch; val2017 stays the test set."""
+    keys = ('max_iters', 'lr_decay_iters', 'warmup_iters', 'eval_interval', 'keep_interval', 'batch_size',
+            'gradient_accumulation_steps')
+    for name in ('dit_large', 'dit_large_eva02e', 'dit_base'):
+        c = configure({**dict.fromkeys(keys, 0), 'val_fraction': 0.0}, [f'{ROOT}/config/{name}.py'])
+        train_rows = 118287 - round(118287 * c['val_fraction'])  # COCO train2017 less the held-out slice
+        epochs = c['max_iters'] * c['batch_size'] * c['gradient_accumulation_steps'] / train_rows
+        assert 0.02 <= c['val_fraction'] <= 0.05 and epochs == pytest.approx(10, rel=0.01), (name, c)
+        assert c['lr_decay_iters'] == c['max_iters'] and 0 < c['warmup_iters'] <= c['max_iters'] // 10
+        assert c['max_iters'] % c['eval_interval'] == 0 and c['max_iters'] % c['keep_interval'] == 0
+
+
 def test_command_line_error_is_one_clear_line():
     code = "from configurator import configure; x = 1; configure(globals())"
     result = subprocess.run([sys.executable, '-c', code, '--y=2'], cwd=ROOT, capture_output=True, text=True)

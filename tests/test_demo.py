@@ -28,8 +28,9 @@ def test_demo_end_to_end_learns_and_reports_both_tasks(tmp_path):
     assert (untrained['iter'], trained['iter']) == (0, 150)
     assert trained['gen_token_cosine'] > untrained['gen_token_cosine'] + 0.2, (untrained, trained)
 
-    alignment = json.load(open(out / 'eval' / 'alignment_summary.json'))
-    recall = json.load(open(out / 'eval' / 'recall_summary.json'))
+    [samples] = os.listdir(out / 'samples')  # sample.py's one output folder, which eval.py found by itself
+    alignment = json.load(open(out / 'samples' / samples / 'eval' / 'alignment_summary.json'))
+    recall = json.load(open(out / 'samples' / samples / 'eval' / 'recall_summary.json'))
     assert alignment['embedding_space'] == 32 and alignment['uses_visual_projection'] is True  # tiny CLIP: 32-d
     assert alignment['token_fidelity']['token_cosine_mean'] > 0.5
     assert 0 < alignment['correlation'] <= 1
@@ -40,4 +41,5 @@ def test_demo_end_to_end_learns_and_reports_both_tasks(tmp_path):
             assert 0 <= r[0] <= r[1] <= r[2] <= 1
     table = printed[printed.index('A real tokens'):]  # the printed table has all three methods and both tasks
     assert 'B generated' in table and 'R CLIP CLS' in table and 'image->text R@1' in table and 'text->image R@10' in table
-    assert os.path.exists(out / 'generated.npy')
+    assert alignment['generated'] == str(out / 'samples' / samples / 'generated.npy')
+    assert alignment['checkpoint']['path'] == str(out / 'ckpt.pt') and alignment['checkpoint']['iter_num'] == 150

@@ -1,4 +1,5 @@
 """eval.py: recall on hand-built embeddings, method A against open_clip's own avg pooling, end to end, bad input."""
+import ast
 import importlib.util
 import json
 import os
@@ -10,6 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import flow
 from conftest import ROOT, make_data_folder
 from eval import pool_project, recall_at_k, retrieval_ranks
 
@@ -137,7 +139,7 @@ def test_end_to_end_writes_every_field(eval_setup, monkeypatch, capsys):
     os.makedirs(out)
     noisy = clip.astype(np.float32) + np.random.default_rng(0).normal(0, 0.5, clip.shape)
     write_generated(out / 'generated.npy', noisy)
-    run_eval(monkeypatch, *args, '--save_detailed=True')
+    run_eval(monkeypatch, *args, f'--generated={out / "generated.npy"}', '--save_detailed=True')
     align, recall = load_summaries(out)
     for s in (align, recall):
         assert s['embedding_space'] == 6 and s['uses_visual_projection'] is True
@@ -183,7 +185,7 @@ def test_end_to_end_writes_every_field(eval_setup, monkeypatch, capsys):
 
     # the real tokens fed as generated: B is A exactly; the cached text features are reused
     write_generated(out / 'generated.npy', clip)
-    run_eval(monkeypatch, *args)
+    run_eval(monkeypatch, *args, f'--generated={out / "generated.npy"}')
     align2, recall2 = load_summaries(out)
     assert 'text features: cached' in capsys.readouterr().out
     assert align2['method_b'] == align2['method_a'] and align2['method_a'] == align['method_a']
@@ -208,6 +210,7 @@ def test_without_generated_reports_the_clip_baseline(eval_setup, monkeypatch):
 
 def test_bad_generated_shape_count_and_values(eval_setup, monkeypatch):
     data, out, args = eval_setup
+    args = [*args, f'--generated={out / "generated.npy"}']
     os.makedirs(out)
     clip = np.load(os.path.join(data, 'clip.npy'))
     write_generated(out / 'generated.npy', clip[:20])
@@ -243,3 +246,38 @@ def test_clip_model_that_does_not_fit_the_data(tmp_path, tiny_clip, monkeypatch)
     with pytest.raises(SystemExit, match=r"projects 8 -> 6, but .* token dim 12"):
         run_eval(monkeypatch, f'--val_data={data}', f'--out_dir={tmp_path}', f'--clip_model={tiny_clip}',
                  '--clip_pretrained=')
+
+
+def test_default_finds_what_sample_py_wrote_and_names_its_maker(eval_setup, monkeypatch):
+    """With no --generated, eval.py derives sample.py's output folder from the same settings and writes its
+    summaries there, recording the checkpoint and the sampler from generated.json."""
+    data, out, args = eval_setup
+    folder = out / 'samples' / flow.samples_name(str(out / 'ckpt.pt'), 'heun', 5, 1.0, 1337)
+    os.makedirs(folder)
+    write_generated(folder / 'generated.npy', np.load(os.path.join(data, 'clip.npy')))
+    settings = {'checkpoint': str(out / 'ckpt.pt'), 'iter_num': 800, 'use_ema': True, 'sample_method': 'heun',
+                'sample_steps': 5, 'sample_shift': 1.0, 'cfg_scale': 1.0, 'seed': 1337, 'val_data': data}
+    with open(folder / 'generated.json', 'w') as f:
+        json.dump({'settings': settings, 'model_calls': 10}, f)
+    run_eval(monkeypatch, *args, '--sample_method=heun', '--sample_steps=5')
+    align, recall = load_summaries(folder)
+    assert not os.path.exists(out / 'eval')
+    for s in (align, recall):
+        assert s['generated'] == str(folder / 'generated.npy') and s['model_calls'] == 10
+        assert s['checkpoint'] == {'path': str(out / 'ckpt.pt'), 'iter_num': 800, 'use_ema': True}
+        assert s['sampler'] == {'sample_method': 'heun', 'sample_steps': 5, 'sample_shift': 1.0, 'cfg_scale': 1.0,
+                                'seed': 1337}
+    assert recall['method_b'] == recall['method_a']
+
+
+def test_naming_settings_default_alike_in_sample_and_eval():
+    """eval.py's default `generated` is sample.py's default output only while their defaults agree."""
+    def defaults(script):
+        values = {}
+        for node in ast.parse(open(os.path.join(ROOT, script)).read()).body:  # the first assignment: the default
+            name = getattr(node.targets[0], 'id', None) if isinstance(node, ast.Assign) else None
+            if name in ('ckpt_path', 'use_ema', 'sample_method', 'sample_steps', 'sample_shift', 'cfg_scale', 'seed',
+                        'out_dir') and name not in values:
+                values[name] = ast.literal_eval(node.value)
+        return values
+    assert defaults('eval.py') == defaults('sample.py') and len(defaults('eval.py')) == 8

@@ -159,3 +159,11 @@ def test_flops_per_sample_counts_matmuls():
     per_sample = sum(p.numel() for n, p in model.named_parameters()
                      if p.dim() == 2 and ('adaLN' in n or 't_embed' in n or 'pool' in n))
     assert flops == 2 * token_matmul_params * L + attention + 2 * per_sample
+
+
+def test_t_scale_multiplies_t_in_the_time_embedding():
+    """The embedding reads sin/cos(t_scale * t * freqs): the same weights at t_scale 1000 and time t / 1000 give
+    exactly the t_scale 1 model at time t."""
+    x, t, cond = inputs()
+    torch.testing.assert_close(tiny_model(t_scale=1000.0)(x, t / 1000, cond), tiny_model(t_scale=1.0)(x, t, cond))
+    assert not torch.allclose(tiny_model(t_scale=1000.0)(x, t, cond), tiny_model(t_scale=1.0)(x, t, cond))

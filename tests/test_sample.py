@@ -1,9 +1,9 @@
-"""sample.py on a tiny trained checkpoint: shapes, determinism across batch sizes and ranks, resume, bad input."""
+"""sample.py on a tiny trained checkpoint: shapes, determinism across batch sizes and ranks, resume, output names,
+kept checkpoints, bad input."""
 import dataclasses
 import json
 import os
 import runpy
-import shutil
 import signal
 import subprocess
 import sys
@@ -61,6 +61,11 @@ def out_dir_with(ckpt, path):
     return str(path)
 
 
+def samples(out, method='midpoint', steps=10, cfg=1.0, seed=1337, ckpt='ckpt.pt'):
+    """The folder sample.py writes for these settings (flow.samples_name)."""
+    return os.path.join(out, 'samples', flow.samples_name(ckpt, method, steps, cfg, seed))
+
+
 def run_sample(monkeypatch, *args):
     monkeypatch.setattr(sys, 'argv', ['sample.py', *args])
     runpy.run_path(SAMPLE, run_name='__main__')
@@ -73,13 +78,16 @@ def test_shapes_settings_and_batch_size_independence(trained, tmp_path, monkeypa
         out = out_dir_with(ckpt, tmp_path / f'bs{bs}')
         run_sample(monkeypatch, f'--out_dir={out}', f'--val_data={data}', f'--sample_batch_size={bs}',
                    '--sample_steps=8', '--seed=3')
-        outs[bs] = np.load(os.path.join(out, 'generated.npy'))
-        assert sorted(os.listdir(out)) == ['ckpt.pt', 'generated.json', 'generated.npy']  # no partial files left
+        outs[bs] = np.load(os.path.join(samples(out, steps=8, seed=3), 'generated.npy'))
+        assert sorted(os.listdir(out)) == ['ckpt.pt', 'samples']
+        assert os.listdir(os.path.join(out, 'samples')) == ['ckpt-midpoint8-cfg1-seed3']
+        assert sorted(os.listdir(samples(out, steps=8, seed=3))) == ['generated.json', 'generated.npy']  # no partials
     assert outs[5].shape == (N, 16, 8) and outs[5].dtype == np.float16
     np.testing.assert_allclose(outs[5].astype(np.float32), outs[12].astype(np.float32), atol=2e-3, rtol=2e-3)
-    info = json.load(open(tmp_path / 'bs5' / 'generated.json'))
+    info = json.load(open(os.path.join(samples(tmp_path / 'bs5', steps=8, seed=3), 'generated.json')))
     assert (info['settings']['sample_steps'], info['settings']['seed'], info['settings']['use_ema']) == (8, 3, True)
-    assert info['settings']['shape'] == [N, 16, 8] and info['samples_per_second'] > 0
+    assert info['settings']['shape'] == [N, 16, 8] and info['samples_per_second'] > 0 and info['model_calls'] == 16
+    assert info['settings']['checkpoint'] == str(tmp_path / 'bs5' / 'ckpt.pt') and info['settings']['iter_num'] == 150
     # de-standardized with the checkpoint's stats, the samples match their own images (the untrained model gives ~0)
     meta = json.load(open(os.path.join(data, 'meta.json')))
     standardize = lambda x: (x.astype(np.float32) - meta['clip_mean']) / meta['clip_std']
@@ -87,11 +95,16 @@ def test_shapes_settings_and_batch_size_independence(trained, tmp_path, monkeypa
     pooled_cos = (gen * real).sum(1) / np.linalg.norm(gen, axis=1) / np.linalg.norm(real, axis=1)
     assert pooled_cos.mean() > 0.5
     assert np.abs(standardize(outs[5]).mean((0, 1))).max() < 0.5  # per-channel means land on the data's
-    # another seed or the raw weights give other samples; rerunning the same settings is a no-op
-    for extra in ('--seed=4', '--use_ema=False'):
-        out = out_dir_with(ckpt, tmp_path / f'other{extra[2:6]}')
+    # another seed or the raw weights give other samples, in folders of their own beside the first
+    out = str(tmp_path / 'bs12')
+    before = os.stat(os.path.join(samples(out, steps=8, seed=3), 'generated.npy')).st_mtime_ns
+    for extra, folder in (('--seed=4', 'ckpt-midpoint8-cfg1-seed4'),
+                          ('--use_ema=False', 'ckpt-midpoint8-cfg1-raw-seed3')):
         run_sample(monkeypatch, f'--out_dir={out}', f'--val_data={data}', '--sample_steps=8', '--seed=3', extra)
-        assert np.abs(np.load(os.path.join(out, 'generated.npy')).astype(np.float32) - outs[12]).max() > 1e-2
+        other = np.load(os.path.join(out, 'samples', folder, 'generated.npy')).astype(np.float32)
+        assert np.abs(other - outs[12]).max() > 1e-2
+    assert os.stat(os.path.join(samples(out, steps=8, seed=3), 'generated.npy')).st_mtime_ns == before
+    # rerunning the same settings is a no-op
     with pytest.raises(SystemExit) as e:
         run_sample(monkeypatch, f'--out_dir={tmp_path / "bs5"}', f'--val_data={data}', '--sample_steps=8', '--seed=3')
     assert e.value.code == 0 and 'already holds these samples' in capsys.readouterr().out
@@ -105,7 +118,8 @@ def test_resume_after_kill(trained, tmp_path, monkeypatch, capsys):
     out = out_dir_with(ckpt, tmp_path / 'killed')
     proc = subprocess.Popen([sys.executable, SAMPLE, f'--out_dir={out}', *common, '--sample_batch_size=1'],
                             cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    done_path = os.path.join(out, 'generated.done.npy')
+    folder = samples(out, 'heun', 60, 1.5)
+    done_path = os.path.join(folder, 'generated.done.npy')
     deadline = time.time() + 60
     while time.time() < deadline and proc.poll() is None:
         if os.path.exists(done_path) and np.load(done_path).sum() >= 2:
@@ -114,18 +128,19 @@ def test_resume_after_kill(trained, tmp_path, monkeypatch, capsys):
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     done = int(np.load(done_path).sum())
-    assert 2 <= done < N and not os.path.exists(os.path.join(out, 'generated.npy'))
+    assert 2 <= done < N and not os.path.exists(os.path.join(folder, 'generated.npy'))
     run_sample(monkeypatch, f'--out_dir={out}', *common, '--sample_batch_size=4')
     printed = capsys.readouterr().out
     assert f'{done} of {N} rows done' in printed and f'{N - done} of {N} rows to generate' in printed
-    np.testing.assert_allclose(np.load(os.path.join(out, 'generated.npy')).astype(np.float32),
-                               np.load(os.path.join(ref, 'generated.npy')).astype(np.float32), atol=2e-3, rtol=2e-3)
-    # other settings do not continue the partial files of a killed run: they start over
-    shutil.copy(os.path.join(out, 'generated.json'), tmp_path / 'info.json')
+    np.testing.assert_allclose(np.load(os.path.join(folder, 'generated.npy')).astype(np.float32),
+                               np.load(os.path.join(samples(ref, 'heun', 60, 1.5), 'generated.npy')).astype(np.float32),
+                               atol=2e-3, rtol=2e-3)
+    # partial files written under other settings (another val_data, say) are not continued: the run starts over
+    os.remove(os.path.join(folder, 'generated.npy'))
     for name in ('generated.partial.npy', 'generated.done.npy'):
-        np.save(os.path.join(out, name), np.zeros(1))
-    json.dump({'stale': True}, open(os.path.join(out, 'generated.partial.json'), 'w'))
-    run_sample(monkeypatch, f'--out_dir={out}', *common[:2])
+        np.save(os.path.join(folder, name), np.zeros(1))
+    json.dump({'stale': True}, open(os.path.join(folder, 'generated.partial.json'), 'w'))
+    run_sample(monkeypatch, f'--out_dir={out}', *common)
     assert f'{N} of {N} rows to generate' in capsys.readouterr().out
 
 
@@ -140,9 +155,10 @@ def test_torchrun_ranks_write_their_rows(trained, tmp_path, monkeypatch):
                             cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr[-2000:]
     assert 'rank 1: 6 of 6 rows to generate' in result.stdout
-    assert json.load(open(os.path.join(ranks, 'generated.json')))['world_size'] == 2
-    np.testing.assert_allclose(np.load(os.path.join(ranks, 'generated.npy')).astype(np.float32),
-                               np.load(os.path.join(single, 'generated.npy')).astype(np.float32), atol=2e-3, rtol=2e-3)
+    assert json.load(open(os.path.join(samples(ranks, steps=4), 'generated.json')))['world_size'] == 2
+    np.testing.assert_allclose(np.load(os.path.join(samples(ranks, steps=4), 'generated.npy')).astype(np.float32),
+                               np.load(os.path.join(samples(single, steps=4), 'generated.npy')).astype(np.float32),
+                               atol=2e-3, rtol=2e-3)
 
 
 def test_bad_input_named(trained, tmp_path, monkeypatch):
@@ -156,5 +172,44 @@ def test_bad_input_named(trained, tmp_path, monkeypatch):
     other = make_data_folder(str(tmp_path / 'other'), n=4, tokens=16, clip_dim=6, eva_dim=12)
     with pytest.raises(SystemExit, match=r'generates \[16, 8\] tokens .* CLIP tokens \[16, 6\]'):
         run_sample(monkeypatch, f'--out_dir={out}', f'--val_data={other}')
-    with pytest.raises(SystemExit, match=r"sample_method should be 'euler' or 'heun'"):
+    with pytest.raises(SystemExit, match=r"sample_method should be one of 'euler', 'heun', 'midpoint' \(got 'rk4'\)"):
         run_sample(monkeypatch, f'--out_dir={out}', f'--val_data={data}', '--sample_method=rk4')
+
+
+def test_kept_checkpoint_and_a_changed_one(trained, tmp_path, monkeypatch):
+    """Any checkpoint file samples into a folder named after it; a finished folder whose checkpoint has changed
+    since (trained further) is refused, not overwritten."""
+    data, ckpt = trained
+    full = torch.load(ckpt, weights_only=True)
+    kept = str(tmp_path / 'ckpt_iter000150.pt')  # what train.py's keep_interval writes: EMA weights only
+    torch.save({k: full[k] for k in ('ema', 'model_args', 'config', 'data_stats', 'iter_num')}, kept)
+    out = str(tmp_path / 'out')
+    run_sample(monkeypatch, f'--out_dir={out}', f'--val_data={data}', f'--ckpt_path={kept}', '--sample_steps=4',
+               '--sample_method=midpoint', '--sample_shift=2.0')
+    folder = os.path.join(out, 'samples', 'ckpt_iter000150-midpoint4-shift2-cfg1-seed1337')
+    info = json.load(open(os.path.join(folder, 'generated.json')))
+    assert info['settings']['checkpoint'] == kept and info['model_calls'] == 8
+    with pytest.raises(SystemExit, match=r"has no 'model' weights"):
+        run_sample(monkeypatch, f'--out_dir={out}', f'--val_data={data}', f'--ckpt_path={kept}', '--use_ema=False')
+    torch.save({**torch.load(kept, weights_only=True), 'iter_num': 300}, kept)
+    with open(os.path.join(folder, 'generated.npy'), 'rb') as f:
+        before = f.read()
+    with pytest.raises(SystemExit, match=r"holds samples made with other settings .*'iter_num': \(150, 300\).*delete"):
+        run_sample(monkeypatch, f'--out_dir={out}', f'--val_data={data}', f'--ckpt_path={kept}', '--sample_steps=4',
+                   '--sample_method=midpoint', '--sample_shift=2.0')
+    with open(os.path.join(folder, 'generated.npy'), 'rb') as f:
+        assert f.read() == before
+
+
+def test_checkpoint_without_t_scale_means_dits_1000(trained, tmp_path, monkeypatch):
+    """model_args written before t_scale existed were trained with DiT's 1000, whatever the default is now."""
+    data, ckpt = trained
+    full = torch.load(ckpt, weights_only=True)
+    legacy = {k: v for k, v in full['model_args'].items() if k != 't_scale'}
+    outs = {}
+    for name, model_args in (('explicit', {**legacy, 't_scale': 1000.0}), ('legacy', legacy)):
+        os.makedirs(tmp_path / name)
+        torch.save({**full, 'model_args': model_args}, tmp_path / name / 'ckpt.pt')
+        run_sample(monkeypatch, f'--out_dir={tmp_path / name}', f'--val_data={data}', '--sample_steps=2')
+        outs[name] = np.load(os.path.join(samples(tmp_path / name, steps=2), 'generated.npy'))
+    assert np.array_equal(outs['explicit'], outs['legacy'])

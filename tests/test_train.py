@@ -46,9 +46,10 @@ def data(tmp_path_factory):
 
 @pytest.fixture(scope='module')
 def run(data, tmp_path_factory):
-    """The reference run: 30 iterations, validation on the last quarter of the folder."""
+    """The reference run: 30 iterations, validation on the last quarter of the folder, a kept checkpoint every 10."""
     out = str(tmp_path_factory.mktemp('run') / 'out')
-    train(f'--train_data={data}', '--val_fraction=0.25', f'--out_dir={out}', f'--max_iters={ITERS}')
+    train(f'--train_data={data}', '--val_fraction=0.25', f'--out_dir={out}', f'--max_iters={ITERS}',
+          '--keep_interval=10')
     return out
 
 
@@ -80,6 +81,20 @@ def test_checkpoint_is_clean_and_complete(run, data):
     assert ckpt['data_position']['samples_seen'] == ITERS * 8
     with open(os.path.join(data, 'meta.json')) as f:
         assert ckpt['data_stats']['clip_std'] == json.load(f)['clip_std']
+
+
+def test_keep_interval_keeps_small_sampling_checkpoints(run):
+    kept = sorted(f for f in os.listdir(run) if f.startswith('ckpt_iter'))
+    assert kept == ['ckpt_iter000010.pt', 'ckpt_iter000020.pt', 'ckpt_iter000030.pt']
+    full = torch.load(os.path.join(run, 'ckpt.pt'), weights_only=True)
+    first, last = (torch.load(os.path.join(run, name), weights_only=True) for name in (kept[0], kept[-1]))
+    assert set(last) == {'ema', 'model_args', 'config', 'data_stats', 'iter_num'}
+    assert (first['iter_num'], last['iter_num']) == (10, ITERS)
+    assert all(torch.equal(last['ema'][k], v) for k, v in full['ema'].items())  # the EMA weights ckpt.pt holds
+    assert not all(torch.equal(first['ema'][k], v) for k, v in full['ema'].items())
+    assert last['model_args'] == full['model_args'] and last['data_stats'] == full['data_stats']
+    assert last['config']['keep_interval'] == 10
+    assert os.path.getsize(os.path.join(run, kept[-1])) < os.path.getsize(os.path.join(run, 'ckpt.pt')) / 3
 
 
 def test_torchrun_two_ranks_follow_the_single_process_curve(run, data, tmp_path):
