@@ -1,5 +1,5 @@
 """Generate CLIP tokens with a trained DiT: a checkpoint + val_data/eva.npy -> generated.npy (+ generated.json) in
-out_dir/samples/<name>/, name = flow.samples_name(checkpoint, sampler settings), e.g. samples/ckpt-heun5-cfg1-seed1337/,
+out_dir/samples/<name>/, name = flow.samples_name(checkpoint, sampler settings), e.g. ckpt-midpoint10-cfg1-seed1337,
 so samples of other checkpoints or settings never overwrite each other (eval.py finds them from the same settings).
 
 One GPU or CPU:   python sample.py config/demo.py

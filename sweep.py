@@ -1,6 +1,6 @@
 """Sweep the sampler over checkpoints: sample.py and eval.py per cell, one table (CSV and JSON) and a plot.
 
-python sweep.py config/demo.py --ckpts="('out/demo/ckpt_iter*.pt',)" --methods="('euler', 'heun')" \
+python sweep.py config/demo.py --ckpts="('out/demo/ckpt_iter*.pt',)" --methods="('euler', 'midpoint')" \
     --steps="(5, 10, 20)" --cfg_scales="(1.0,)"
 
 The grid is ckpts x methods x steps x cfg_scales x shifts. Each cell runs sample.py (it writes
@@ -149,6 +149,7 @@ def plot(path, rows, baseline):
     panels = [('i2t_recall@5', 'image->text R@5 (%)', 100), ('t2i_recall@5', 'text->image R@5 (%)', 100),
               ('token_cosine_mean', 'token cosine to the real tokens', 1)]
     fig, axes = plt.subplots(1, 3, figsize=(14, 4))
+    calls = sorted({r['model_calls'] for r in rows})
     lines = {}
     for row in rows:
         label = (f"{os.path.splitext(os.path.basename(row['checkpoint']))[0]} {row['method']}"
@@ -162,6 +163,8 @@ def plot(path, rows, baseline):
             ax.axhline(100 * baseline[DIRECTIONS[key[:3]]]['recall@5'], color='k', ls='--', lw=0.8,
                        label='A: real tokens')
         ax.set(xscale='log', xlabel='model calls per sample', title=title)
+        ax.set_xticks(calls, [str(c) for c in calls])  # the grid's own call counts, not powers of ten
+        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
     axes[0].legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path + '.png', dpi=120)

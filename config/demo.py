@@ -37,6 +37,7 @@ warmup_iters = 50
 lr_decay_iters = 800
 ema_decay = 0.999
 eval_interval = 200
+keep_interval = 200  # out/demo/ckpt_iter000200.pt ... 000800.pt (7 MB each), for sweep.py to compare
 eval_iters = 4  # 4 x 64 >= 250 items: the whole val split
 eval_gen_items = 64
 log_interval = 50
