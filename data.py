@@ -14,17 +14,23 @@ in the header, readers open them with `np.load(path, mmap_mode='r')` and never l
 
 meta.json:
   format, version      'blip3o-dit-data', 1
-  source               how the images were listed: kind ('coco', 'folder', 'synthetic'), split, and the
-                       kind's own keys (annotations file, root folder, seed, a hash of the file list)
+  source               how the images were listed: kind ('coco', 'folder', 'webdataset', 'synthetic'), split,
+                       and the kind's own keys (annotations file, root folder, shard pattern and max_shards,
+                       seed, a hash of the file list)
   clip, eva            the encoders: model, pretrained, tokens, dim (clip also embed_dim)
   dtype                'float16', the token storage dtype
-  compute_dtype        the encoders' autocast dtype
+  compute_dtype        {'clip': ..., 'eva': ...}: each encoder's autocast dtype ('float32' on the CPU)
   count                N, the rows of every array
   image_ids, files     per row: the image id (captions.json's key) and its file, relative to the source root
+                       (webdataset: the sample key, and 'shard.tar/key.jpg')
   grid_size            the patch grid's side
   clip_mean, clip_std  per-channel statistics of clip.npy's tokens ([D] each): the DiT standardizes its
                        targets with the training folder's and sample.py de-standardizes with them
   skipped              [{image_id, file, reason}]: listed images that did not decode, and have no row
+  eva_clamped_values   how many EVA values were beyond float16's range and are stored as +-65504 (finite
+                       outliers of a pre-norm hidden state; non-finite features and CLIP values beyond
+                       float16 stop extract.py instead)
+  eva_clamped_files    the first (up to 10) files with clamped EVA values
   complete             false while extract.py is writing, true once every row and statistic is written:
                        readers refuse an incomplete folder, and extract.py continues one
 """

@@ -1,17 +1,23 @@
 """Evaluate generated CLIP tokens on a captioned data folder (COCO val2017): Task 1 alignment, Task 2 recall.
 
-Three image embeddings, all in CLIP's joint image-text space (embed_dim, 768 for ViT-L/14):
+Image embeddings, all in CLIP's joint image-text space (embed_dim, 768 for ViT-L/14):
   A = normalize(mean_tokens(clip.npy) @ visual.proj)        the seed's "CLIP baseline", from the real tokens
   B = the same function of generated.npy (sample.py)         the model under test; same function, fair comparison
   R = normalize(clip_cls.npy)                                 CLIP's own CLS embedding: what published numbers use
-Without a generated.npy only A and R are reported (the CLIP baseline). The summaries go next to the generated
-array (<its folder>/eval/; out_dir/eval/ for A and R only) and name the checkpoint and sampler that made it.
+  mean tokens = the same function of train_data's mean tokens, one vector for every image: what a generator that
+  ignores EVA gets (recall at chance, alignment the floor)
+Without a generated.npy only A, R and mean tokens are reported (the CLIP baseline). In recall, competitors tied
+with a query because their embeddings are equal stand in a random order (expected recall), other exact ties count
+against it; every recall and alignment mean carries a bootstrap 95% interval.
+The summaries go next to the generated array (<its folder>/eval/; out_dir/eval/ without one) and name the
+checkpoint and sampler that made it.
 
 python eval.py config/demo.py                          # what `python sample.py config/demo.py` just wrote
 python eval.py config/demo.py --generated=out/demo/samples/ckpt_iter000400-euler10-cfg1-seed1337/generated.npy
 """
 import hashlib
 import json
+import math
 import os
 import re
 import time
@@ -29,6 +35,8 @@ out_dir = 'out'                        # A and R only: results go to out_dir/eva
 data_dir = 'data'                      # extract.py's output: data_dir/<split>
 splits = ('train2017', 'val2017')
 val_data = ''                          # data folder with clip.npy, clip_cls.npy, captions.json; '' = data_dir/splits[1]
+train_data = ''                        # its clip.npy gives the mean-tokens row; '' = data_dir/splits[0]
+mean_tokens_rows = 10000               # evenly spaced train rows averaged for it (0 = all)
 generated = ''                         # generated tokens; results go to <its folder>/eval/. '' = the array that
                                        # sample.py writes for the settings below (out_dir/samples/<name>/, name =
                                        # flow.samples_name) if it exists, else A and R only
@@ -45,23 +53,45 @@ tasks = 'alignment,recall'
 k_values = (1, 5, 10)
 eval_batch_size = 256                  # images per token chunk, captions per text-tower batch
 save_detailed = False                  # also write per-sample arrays (npz)
+bootstrap_samples = 1000               # resamples for the 95% intervals (0 = none)
+bootstrap_seed = 0
 device = 'auto'
 # -----------------------------------------------------------------------------
-SCORE_CHUNK_ELEMENTS = 1 << 24         # one chunk of the score matrix: 64 MB of float32
+SCORE_CHUNK_ELEMENTS = 1 << 24         # scores per image chunk (64 MB of float32; three such buffers exist at once)
 METHODS = {'a': 'A: real tokens, mean-pooled + proj', 'b': 'B: generated tokens, mean-pooled + proj',
-           'r': 'R: CLIP CLS embedding (clip_cls)'}
-COLUMNS = {'a': 'A real tokens', 'b': 'B generated', 'r': 'R CLIP CLS'}
+           'r': 'R: CLIP CLS embedding (clip_cls)',
+           'm': "mean tokens: the training set's mean CLIP tokens for every image, mean-pooled + proj"}
+COLUMNS = {'a': 'A real tokens', 'b': 'B generated', 'r': 'R CLIP CLS', 'm': 'mean tokens', 'd': 'B - A'}
+SUMMARY_KEYS = {'a': 'method_a', 'b': 'method_b', 'r': 'reference', 'm': 'mean_tokens'}
+DIRECTIONS = ('image_to_text', 'text_to_image')
+TIES = ('never for the query: competitors whose embedding equals the best correct item\'s stand in a uniformly '
+        'random order with it and recall is the expectation over that order (a constant embedding scores exactly '
+        'chance); a different embedding with exactly the same score counts against the query')
 
 
-def retrieval_ranks(image_emb, text_emb, text_image, chunk_size=None):
-    """0-based ranks: per image, of its best-scoring caption among all captions (image -> text); per caption,
-    of its image among all images (text -> image).
+def duplicate_groups(emb):
+    """Group id of every row [R]: rows with exactly equal embeddings share one (their scores tie exactly)."""
+    return torch.unique(emb, dim=0, return_inverse=True)[1]
 
-    A rank counts the candidates that score strictly higher, so ties go to the query. One pass over row chunks of
-    the [N, T] score matrix serves both directions; only one chunk (and a same-sized comparison buffer) exists.
+
+def retrieval_counts(image_emb, text_emb, text_image, chunk_images=None, text_groups=None):
+    """What decides every query's rank, counted on one score matrix S = text_emb @ image_emb.T.
+
+    Returns ({'image_to_text': (greater, ties, correct) per image [N], 'text_to_image': (greater, ties, correct)
+    per caption [T]}, pair): `ties` competitors tie with the query's best correct item and `correct` of its correct
+    items do (a caption's image: 1), because their embeddings equal its embedding; `greater` competitors score
+    above it, or exactly level with a different embedding (a float coincidence: it counts against the query);
+    pair [T] is each caption's score with its own image.
+    S is computed once, in blocks that are GEMMs of one shape (rounding can depend on a GEMM's shape; one shape
+    makes equal embeddings score exactly equal), and every score, a query's own and its competitors', is read from
+    it: one comparison per score and direction. Block (k, c) scores the captions of image chunk k against image
+    chunk c, so the diagonal blocks hold every own pair: they go first, as text -> image needs each caption's own
+    score before it can compare. text_groups: duplicate_groups(text_emb), to share it between calls.
     """
-    image_emb, text_emb = torch.as_tensor(image_emb).float(), torch.as_tensor(text_emb).float()
-    text_image = torch.as_tensor(text_image).to(text_emb.device).long()
+    text_emb = torch.as_tensor(text_emb).float()
+    device = text_emb.device
+    image_emb = torch.as_tensor(image_emb).float().to(device)
+    text_image = torch.as_tensor(text_image).to(device).long()
     (N, D), (T, D_text) = image_emb.shape, text_emb.shape
     if D != D_text or text_image.shape != (T,):
         raise ValueError(f"recall: image_emb [N, D], text_emb [T, D] and text_image [T] expected, got "
@@ -73,33 +103,68 @@ def retrieval_ranks(image_emb, text_emb, text_image, chunk_size=None):
     if (captions_per_image == 0).any():
         missing = torch.nonzero(captions_per_image == 0).flatten()
         raise ValueError(f"recall: {len(missing)} of {N} images have no caption (rows {missing[:10].tolist()})")
-    pos = pair_scores(image_emb, text_emb, text_image)  # each caption's score with its own image
-    # own[i]: the caption columns of image i, padded to the widest image by repeating its last caption, so one
-    # gather per chunk reads every image's own scores (and slot[t] finds caption t's column in that gather)
+    text_groups = duplicate_groups(text_emb) if text_groups is None else torch.as_tensor(text_groups).to(device)
+    image_groups = duplicate_groups(image_emb)
+    n = -(-N // (chunk_images or max(1, SCORE_CHUNK_ELEMENTS // T)))
+    r = -(-N // n)  # images per chunk, equal chunks
     order = torch.argsort(text_image, stable=True)
-    first = torch.cumsum(captions_per_image, 0) - captions_per_image
-    slot = torch.empty_like(text_image)
-    slot[order] = torch.arange(T, device=slot.device) - first[text_image[order]]
-    width = torch.arange(int(captions_per_image.max()), device=slot.device)
-    own = order[first[:, None] + torch.minimum(width, captions_per_image[:, None] - 1)]
-    own_scores = torch.empty(N, len(width), device=text_emb.device)
-    rows = chunk_size or max(1, SCORE_CHUNK_ELEMENTS // T)
-    scores = torch.empty(min(rows, N), T, device=text_emb.device)
-    hits = torch.empty_like(scores)  # float 0/1: summing floats is several times faster than summing bools on CPU
-    i2t, t2i = torch.empty(N, device=text_emb.device), torch.zeros(T, device=text_emb.device)
-    for s in range(0, N, rows):
-        e = min(s + rows, N)
-        S, H = scores[:e - s], hits[:e - s]
-        torch.mm(image_emb[s:e], text_emb.T, out=S)
-        torch.gather(S, 1, own[s:e], out=own_scores[s:e])
-        # image -> text: the best own caption, read from this very matrix, so no rounding gap can rank it below itself
-        torch.gt(S, own_scores[s:e].amax(1, keepdim=True), out=H)
-        i2t[s:e] = H.sum(1)
-        # text -> image: images beating the caption's own score
-        torch.gt(S, pos, out=H)
-        t2i += H.sum(0)
-    t2i -= (own_scores[text_image, slot] > pos).float()  # the caption's own image is no competitor
-    return i2t.long(), t2i.long()
+    owner = text_image[order]  # captions grouped by image, so by chunk
+    chunk = owner // r
+    per_chunk = torch.bincount(chunk, minlength=n)
+    w = int(per_chunk.max())  # caption rows per chunk, padded to the fullest
+    row = chunk * w + torch.arange(T, device=device) - (torch.cumsum(per_chunk, 0) - per_chunk)[chunk]
+    source = torch.zeros(n * w, dtype=torch.long, device=device)
+    source[row] = order
+    X = text_emb.index_select(0, source)
+    if n * w > T:  # padding rows: NaN compares false with everything, so they are never counted
+        X[torch.ones(n * w, dtype=torch.bool, device=device).index_fill_(0, row, False)] = math.nan
+    X = X.view(n, w, D)
+    E = image_emb.new_full((n * r, D), math.nan)
+    E[:N] = image_emb
+    diagonal = torch.bmm(X, E.view(n, r, D).transpose(1, 2))  # every caption against its own image chunk
+    pair = torch.full((n * w,), math.nan, device=device)
+    pair[row] = diagonal[chunk, row - chunk * w, owner - chunk * r]
+    best = torch.full((N,), -math.inf, device=device).scatter_reduce(0, owner, pair[row], 'amax')
+    # ties are exact between equal embeddings: an image's best captions tie with every caption equal to one of them
+    at_best = pair[row] == best[owner]
+    best_group = torch.unique(owner[at_best] * T + text_groups[order][at_best])
+    tied = torch.zeros(N, dtype=torch.long, device=device).index_add_(
+        0, best_group // T, torch.bincount(text_groups, minlength=T)[best_group % T])
+    correct = torch.bincount(owner[at_best], minlength=N)
+    own_group = torch.bincount(image_groups, minlength=N)[image_groups]  # images equal to each image, itself included
+    t2i, i2t = torch.zeros(n * w, device=device), torch.zeros(n, r, device=device)
+    S, H = torch.empty_like(diagonal), torch.empty_like(diagonal)
+    p, b = pair.view(n, w, 1), F.pad(best, (0, n * r - N), value=math.nan).view(n, r)
+    for c in range(n):
+        Ec = E[c * r:(c + 1) * r].T
+        for ks in (slice(0, c), slice(c + 1, n)):  # the other blocks of this image chunk, each of the same shape
+            torch.bmm(X[ks], Ec.expand(ks.stop - ks.start, D, r), out=S[ks])
+        S[c] = diagonal[c]
+        t2i += torch.ge(S, p, out=H).view(-1, r).sum(1)  # into floats: summing them is faster than summing bools
+        i2t[c] = torch.ge(S, b[c], out=H).view(-1, r).sum(0)
+    t2i = t2i[row]
+    back = torch.empty_like(order)
+    back[order] = torch.arange(T, device=device)  # sorted caption -> the caller's caption order
+    own_ties = own_group[owner][back]
+    i2t = i2t.flatten()[:N].long()
+    return {'image_to_text': (i2t - tied, tied - correct, correct),
+            'text_to_image': (t2i[back].long() - own_ties, own_ties - 1, torch.ones_like(own_ties))}, pair[row][back]
+
+
+def hit_rates(greater, ties, correct, k_values):
+    """[Q, len(k_values)] float64: the chance that a query has a correct item in its top K when its tied competitors
+    and tied correct items stand in a uniformly random order below the `greater` ones."""
+    g, e, c = (torch.as_tensor(x).double()[:, None] for x in (greater, ties, correct))
+    j = torch.arange(max(k_values), dtype=torch.float64, device=g.device)
+    # P(the first j places of the tied group all go to competitors), j = 0 .. max K
+    miss = torch.cat([torch.ones_like(g), torch.cumprod((e - j).clamp(min=0) / (e + c - j).clamp(min=1), 1)], 1)
+    places = (torch.tensor(k_values, dtype=torch.float64, device=g.device) - g).clamp(min=0).long()
+    return 1 - miss.gather(1, places)
+
+
+def expected_ranks(greater, ties, correct):
+    """0-based rank of the first correct item, expected over the random order of the tied ones."""
+    return greater.double() + ties.double() / (correct.double() + 1)
 
 
 def pair_scores(image_emb, text_emb, text_image):
@@ -107,20 +172,18 @@ def pair_scores(image_emb, text_emb, text_image):
     return torch.einsum('td,td->t', image_emb.index_select(0, text_image), text_emb)
 
 
-def recall_from_ranks(i2t_rank, t2i_rank, k_values=(1, 5, 10)):
-    return {'image_to_text': {k: float((i2t_rank < k).double().mean()) for k in k_values},
-            'text_to_image': {k: float((t2i_rank < k).double().mean()) for k in k_values}}
-
-
-def recall_at_k(image_emb, text_emb, text_image, k_values=(1, 5, 10), chunk_size=None):
+def recall_at_k(image_emb, text_emb, text_image, k_values=(1, 5, 10), chunk_images=None):
     """Recall@K, fractions in [0, 1], for any embeddings (L2-normalize them first for cosine retrieval).
 
     image_emb [N, D], text_emb [T, D], text_image [T] the image row of each caption (images may have any number
     of captions, at least one). Image -> text: an image is a hit when any of its captions is in its top K.
-    Text -> image: a caption is a hit when its image is in its top K.
+    Text -> image: a caption is a hit when its image is in its top K. Competitors equal to a query's best correct
+    item stand in a random order with it, and recall is the expectation (a constant embedding scores exactly
+    chance); a different embedding at exactly the same score counts against the query (see retrieval_counts).
     Returns {'image_to_text': {k: r}, 'text_to_image': {k: r}}.
     """
-    return recall_from_ranks(*retrieval_ranks(image_emb, text_emb, text_image, chunk_size), k_values)
+    counts, _ = retrieval_counts(image_emb, text_emb, text_image, chunk_images)
+    return {d: dict(zip(k_values, hit_rates(*c, k_values).mean(0).tolist())) for d, c in counts.items()}
 
 
 def pool_project(tokens, visual):
@@ -163,31 +226,63 @@ def text_features(model, tokenizer, captions, folder, name, pretrained, batch_si
             if json.load(f) == key:
                 print(f"text features: cached {path}")
                 return np.load(path)
+    # a caption repeated across images is encoded once: its copies tie exactly (batches can round differently)
+    unique, index = np.unique(np.array(captions, dtype=object), return_inverse=True)
     out = []
-    for s in tqdm(range(0, len(captions), batch_size), desc='text features', unit='batch'):
-        x = model.encode_text(tokenizer(captions[s:s + batch_size]).to(device))
+    for s in tqdm(range(0, len(unique), batch_size), desc='text features', unit='batch'):
+        x = model.encode_text(tokenizer(unique[s:s + batch_size].tolist()).to(device))
         out.append(F.normalize(x.float(), dim=-1).cpu().numpy())
-    feats = np.concatenate(out)
+    feats = np.concatenate(out)[index]
     data.write_atomic(path, lambda f: np.save(f, feats), 'wb')
     data.write_json(meta_path, key)
     return feats
 
 
 @torch.no_grad()
-def embed_tokens(clip_path, gen_path, visual, clip_std, batch_size, device):
-    """A (and B, token fidelity summary, per-image arrays) from clip.npy (and generated.npy), a chunk at a time."""
+def mean_tokens(clip_path, token_shape, max_rows, batch_size, device):
+    """Per-position, per-channel mean of clip.npy [tokens, dim] over at most max_rows evenly spaced rows (0 = all),
+    read a chunk at a time; and the number of rows averaged."""
+    n, *shape = data.open_array(clip_path, np.float16).shape
+    if tuple(shape) != tuple(token_shape):
+        raise SystemExit(f"eval.py: {clip_path} holds tokens of shape {shape}, the evaluated data "
+                         f"{list(token_shape)} (tokens, dim): train_data should be the same encoder's training folder")
+    rows = np.linspace(0, n, max_rows, endpoint=False).astype(int) if 0 < max_rows < n else np.arange(n)
+    total = 0
+    for s in tqdm(range(0, len(rows), batch_size), desc='mean tokens', unit='batch'):
+        chunk = np.load(clip_path, mmap_mode='r')[rows[s:s + batch_size]]
+        total = total + torch.from_numpy(chunk).to(device).float().sum(0).double()
+    return (total / len(rows)).float(), len(rows)
+
+
+@torch.no_grad()
+def embed_tokens(clip_path, gen_path, mean_tok, visual, clip_mean, clip_std, batch_size, device):
+    """A and B (None without gen_path) from clip.npy and generated.npy, a chunk at a time, and per image how close
+    B's tokens and the mean tokens come to the real ones: {'b': {...}, 'm': {...}} of [N] arrays."""
     N = np.load(clip_path, mmap_mode='r').shape[0]
     A = np.empty((N, visual.proj.shape[1]), np.float32)
     B = np.empty_like(A) if gen_path else None
-    per_image = {'token_cosine': np.empty(N), 'image_vector_cosine': np.empty(N)}
-    sq_err = 0.0
-    std = torch.as_tensor(clip_std, dtype=torch.float32, device=device)
+    mean, std = (torch.as_tensor(x, dtype=torch.float32, device=device) for x in (clip_mean, clip_std))
+    fidelity = {m: {k: np.empty(N) for k in ('token_cosine', 'token_cosine_standardized', 'image_vector_cosine',
+                                             'mse_standardized')} for m in ('bm' if gen_path else 'm')}
+    m_tokens = mean_tok.to(device)[None]
+    m_vec = pool_project(m_tokens, visual)
+
+    def compare(m, tokens, vec, real, z_real, a, rows):
+        z = (tokens - mean) / std  # standardized as the DiT sees them: per-channel offsets no longer dominate
+        f = fidelity[m]
+        f['token_cosine'][rows] = F.cosine_similarity(tokens, real, dim=-1).mean(1).cpu().numpy()
+        f['token_cosine_standardized'][rows] = F.cosine_similarity(z, z_real, dim=-1).mean(1).cpu().numpy()
+        f['image_vector_cosine'][rows] = (a * vec).sum(1).cpu().numpy()
+        f['mse_standardized'][rows] = ((z - z_real) ** 2).mean((1, 2)).cpu().numpy()
+
     for s in tqdm(range(0, N, batch_size), desc='image vectors', unit='batch'):
         e = min(s + batch_size, N)
         # a fresh memmap per chunk: a long-lived one keeps every page it touched resident (nanoGPT #287)
         real = torch.from_numpy(np.load(clip_path, mmap_mode='r')[s:e].astype(np.float32)).to(device)
         a = pool_project(real, visual)
         A[s:e] = a.cpu().numpy()
+        z_real = (real - mean) / std
+        compare('m', m_tokens, m_vec, real, z_real, a, slice(s, e))
         if gen_path is None:
             continue
         gen = torch.from_numpy(np.load(gen_path, mmap_mode='r')[s:e].astype(np.float32)).to(device)
@@ -199,20 +294,44 @@ def embed_tokens(clip_path, gen_path, visual, clip_std, batch_size, device):
                              f"(NaN/inf), e.g. {gen[bad][:3].tolist()}; the sampler diverged: regenerate it")
         b = pool_project(gen, visual)
         B[s:e] = b.cpu().numpy()
-        per_image['token_cosine'][s:e] = F.cosine_similarity(gen, real, dim=-1).mean(1).cpu().numpy()
-        per_image['image_vector_cosine'][s:e] = (a * b).sum(1).cpu().numpy()
-        sq_err += float((((gen - real) / std) ** 2).sum(dtype=torch.float64))
-    if gen_path is None:
-        return A, None, None, None
-    T, D = np.load(clip_path, mmap_mode='r').shape[1:]
-    fidelity = {f'{k}_{stat}': float(getattr(v, stat)()) for k, v in per_image.items() for stat in ('mean', 'std')}
-    fidelity['mse_standardized'] = sq_err / (N * T * D)
-    return A, B, fidelity, per_image
+        compare('b', gen, b, real, z_real, a, slice(s, e))
+    return A, B, m_vec.cpu().numpy()[0], fidelity
+
+
+def fidelity_summary(per_image):
+    out = {f'{k}_{stat}': float(getattr(v, stat)()) for k, v in per_image.items() for stat in ('mean', 'std')
+           if k != 'mse_standardized'}
+    return {**out, 'mse_standardized': float(per_image['mse_standardized'].mean())}
+
+
+def bootstrap_ci(sums, counts, samples, seed, batch=100):
+    """95% percentile intervals [M, 2] of sum(sums) / sum(counts) over units drawn with replacement, `samples` times.
+
+    Per unit (an image: its hit rates, or its captions' cosine sum and count; a caption: its hit rates and 1), sums
+    [U, M] and counts [U]. Every column sees the same draws, so a column of B - A gives a paired interval.
+    """
+    sums, counts = torch.as_tensor(sums, dtype=torch.float64), torch.as_tensor(counts, dtype=torch.float64)
+    U, g = len(counts), torch.Generator().manual_seed(seed)
+    ones, estimates = torch.ones(batch, U, dtype=torch.float64), []
+    for s in range(0, samples, batch):
+        b = min(batch, samples - s)
+        draws = torch.randint(U, (b, U), generator=g)
+        weights = torch.zeros(b, U, dtype=torch.float64).scatter_add_(1, draws, ones[:b])  # times each unit is drawn
+        estimates.append((weights @ sums) / (weights @ counts)[:, None])
+    return torch.quantile(torch.cat(estimates), torch.tensor([0.025, 0.975], dtype=torch.float64), dim=0).T.tolist()
 
 
 def cosine_stats(sims):
     return {'mean_cosine_similarity': float(sims.mean()), 'std_cosine_similarity': float(sims.std()),
             'min_cosine_similarity': float(sims.min()), 'max_cosine_similarity': float(sims.max())}
+
+
+def with_ci(x, ci, difference=False, percent=False):
+    """A table cell: '23.6% [20.8, 26.4]', '0.2310 [0.2281, 0.2340]'; differences signed, in points for recall."""
+    scale, spec = (100, '.1f') if percent else (1, '.4f')
+    spec = '+' + spec if difference else spec
+    cell = f"{scale * x:{spec}}" + ('%' if percent and not difference else '')
+    return cell + (f" [{scale * ci[0]:{spec}}, {scale * ci[1]:{spec}}]" if ci else '')
 
 
 def pearson(x, y):
@@ -248,7 +367,7 @@ def plot(eval_dir, sims, recalls, k_values):
     except ImportError:
         print("plots: matplotlib not installed, skipped")
         return
-    colors = {'a': 'tab:blue', 'b': 'tab:orange', 'r': 'tab:green'}
+    colors = {'a': 'tab:blue', 'b': 'tab:orange', 'r': 'tab:green', 'm': 'tab:gray'}
     if sims:
         fig, ax = plt.subplots(figsize=(6, 4))
         bins = np.linspace(min(s.min() for s in sims.values()), max(s.max() for s in sims.values()), 61)
@@ -288,6 +407,7 @@ if __name__ == '__main__':
     from configurator import configure
     config = configure(globals())
     val_data = val_data or os.path.join(data_dir, splits[1])
+    train_data = train_data or os.path.join(data_dir, splits[0])
     task_list = [t.strip() for t in tasks.split(',') if t.strip()]
     if not task_list or set(task_list) - {'alignment', 'recall'}:
         raise SystemExit(f"eval.py: tasks should be a comma list of 'alignment' and 'recall', got {tasks!r}")
@@ -338,10 +458,22 @@ if __name__ == '__main__':
 
     text = torch.from_numpy(text_features(model, tokenizer, captions, val_data, clip_model, clip_pretrained,
                                           eval_batch_size, device)).to(device)
-    A, B, fidelity, per_image = embed_tokens(paths['clip'], gen_path, visual, meta['clip_std'],
-                                             eval_batch_size, device)
+    token_shape = (meta['clip']['tokens'], meta['clip']['dim'])
+    train_clip = os.path.join(train_data, 'clip.npy')
+    if os.path.exists(train_clip):
+        mean_tok, n_rows = mean_tokens(train_clip, token_shape, mean_tokens_rows, eval_batch_size, device)
+        mean_source = f"{train_clip}: per-position mean of {n_rows} rows"
+    else:
+        mean_tok = torch.tensor(meta['clip_mean'], dtype=torch.float32).expand(token_shape)
+        mean_source = f"{val_data}/meta.json clip_mean at every position (no {train_clip})"
+        print(f"eval: the mean-tokens row uses {mean_source}")
+    A, B, m_vec, per_image = embed_tokens(paths['clip'], gen_path, mean_tok, visual, meta['clip_mean'],
+                                          meta['clip_std'], eval_batch_size, device)
     R = F.normalize(torch.from_numpy(np.load(paths['clip_cls'])).float(), dim=-1).numpy()
-    image_emb = {'a': A, 'b': B, 'r': R} if B is not None else {'a': A, 'r': R}
+    image_emb = {'a': A, 'b': B, 'r': R, 'm': np.tile(m_vec, (N, 1))}  # mean tokens: one vector for every image
+    if B is None:
+        del image_emb['b']
+    columns = list(image_emb) + (['d'] if B is not None else [])  # d: B - A, paired
     text_image_t = torch.from_numpy(text_image).to(device)
     eval_dir = os.path.join(os.path.dirname(gen_path) if gen_path else out_dir, 'eval')
     os.makedirs(eval_dir, exist_ok=True)
@@ -356,69 +488,101 @@ if __name__ == '__main__':
               'clip_pretrained': clip_pretrained, 'num_images': N, 'num_captions': T,
               'captions_per_image': {'min': int(counts.min()), 'max': int(counts.max()), 'mean': T / N},
               'embedding_space': embed_dim, 'uses_visual_projection': True,
-              'methods': {m: METHODS[m] for m in image_emb}}
-    table, sims, recalls, ranks = [], {}, {}, {}
+              'methods': {m: METHODS[m] for m in image_emb}, 'mean_tokens_source': mean_source,
+              'bootstrap': {'samples': bootstrap_samples, 'seed': bootstrap_seed, 'interval': '95% percentile',
+                            'resampled': 'images (image->text recall; alignment means, with all their captions), '
+                                         'captions (text->image recall); the same draws for every method, so B - A '
+                                         'is paired'} if bootstrap_samples else None}
+    # 95% intervals of per-unit means: units (images or captions) drawn with replacement; None without bootstrap
+    intervals = lambda sums, n: (bootstrap_ci(sums, n, bootstrap_samples, bootstrap_seed) if bootstrap_samples
+                                 else [None] * sums.shape[1])
+    table, sims, recalls, hits, ranked = [], {}, {}, {}, {}
+    t_recall = time.time()
+    if 'recall' in task_list:
+        text_groups = duplicate_groups(text)  # repeated captions: found once, for every method
+        for m, emb in image_emb.items():
+            ranked[m] = retrieval_counts(torch.from_numpy(emb).to(device), text, text_image_t, text_groups=text_groups)
+    seconds_recall = time.time() - t_recall
 
     if 'alignment' in task_list:
-        for m, emb in image_emb.items():
-            sims[m] = pair_scores(torch.from_numpy(emb).to(device), text, text_image_t).cpu().numpy().astype(np.float64)
-        summary = {'task': 'alignment', **common,
-                   'method_a': cosine_stats(sims['a']), 'method_b': cosine_stats(sims['b']) if B is not None else None,
-                   'reference': cosine_stats(sims['r']),
-                   'difference_mean': None, 'difference_std': None, 'correlation': None,
-                   'reference_correlation': pearson(sims['a'], sims['r']), 'token_fidelity': None}
+        for m, emb in image_emb.items():  # per-pair cosines; read from the recall's score matrix where it ran
+            pair = ranked[m][1] if m in ranked else pair_scores(torch.from_numpy(emb).to(device), text, text_image_t)
+            sims[m] = pair.cpu().numpy().astype(np.float64)
+        values = {**sims, 'd': sims['b'] - sims['a']} if B is not None else sims
+        ci = dict(zip(columns, intervals(np.stack([np.bincount(text_image, values[m], N) for m in columns], 1),
+                                         counts)))
+        stats = {m: {**cosine_stats(s), 'mean_cosine_similarity_ci95': ci[m]} for m, s in sims.items()}
+        summary = {'task': 'alignment', **common, **{SUMMARY_KEYS[m]: stats.get(m) for m in SUMMARY_KEYS},
+                   'difference_mean': None, 'difference_mean_ci95': None, 'difference_std': None,
+                   'correlation': None, 'reference_correlation': pearson(sims['a'], sims['r']),
+                   'token_fidelity': None, 'mean_tokens_fidelity': fidelity_summary(per_image['m'])}
         if B is not None:
-            diff = sims['b'] - sims['a']
-            summary.update(difference_mean=float(diff.mean()), difference_std=float(diff.std()),
-                           correlation=pearson(sims['a'], sims['b']),
-                           token_fidelity=fidelity)
+            summary.update(difference_mean=float(values['d'].mean()), difference_mean_ci95=ci['d'],
+                           difference_std=float(values['d'].std()), correlation=pearson(sims['a'], sims['b']),
+                           token_fidelity=fidelity_summary(per_image['b']))
         summary['seconds'] = time.time() - t_start
         data.write_json(os.path.join(eval_dir, 'alignment_summary.json'), summary, indent=2)
-        table.append(('alignment mean cosine', {m: f"{s.mean():.4f}" for m, s in sims.items()}))
+        table.append(('alignment mean cosine', {m: with_ci(values[m].mean(), ci[m], m == 'd') for m in columns}))
         correlations = {m: pearson(sims['a'], s) for m, s in sims.items()}
         table.append(('correlation with A', {m: 'n/a' if c is None else f"{c:.4f}" for m, c in correlations.items()}))
         if save_detailed:
-            extra = {f'similarity_{m}': s for m, s in sims.items()}
-            if B is not None:
-                extra.update({f'{k}_per_image': v for k, v in per_image.items()})
+            extra = {f'{k}_per_image_{m}': v for m, f in per_image.items() for k, v in f.items()}
             np.savez(os.path.join(eval_dir, 'alignment_detailed.npz'), text_image=text_image,
-                     image_ids=np.array([str(i) for i in meta['image_ids']]),
-                     **{f'image_embedding_{m}': e for m, e in image_emb.items()}, **extra)
+                     image_ids=np.array([str(i) for i in meta['image_ids']]), mean_tokens=mean_tok.cpu().numpy(),
+                     **{f'image_embedding_{m}': e for m, e in image_emb.items()},
+                     **{f'similarity_{m}': s for m, s in sims.items()}, **extra)
 
     if 'recall' in task_list:
         t_recall = time.time()
-        for m, emb in image_emb.items():
-            ranks[m] = retrieval_ranks(torch.from_numpy(emb).to(device), text, text_image_t)
-            recalls[m] = recall_from_ranks(*ranks[m], k_values)
-        fmt = lambda r: {d: {f"recall@{k}": r[d][k] for k in k_values} for d in r}
-        per_method = {m: {**fmt(recalls[m]),
-                          'median_rank': {'image_to_text': float(np.median(ranks[m][0].cpu().numpy())) + 1,
-                                          'text_to_image': float(np.median(ranks[m][1].cpu().numpy())) + 1}}
+        ranks = {}
+        for m, (by_direction, _) in ranked.items():
+            hits[m] = {d: hit_rates(*c, k_values).cpu().numpy() for d, c in by_direction.items()}
+            ranks[m] = {d: expected_ranks(*c).cpu().numpy() for d, c in by_direction.items()}
+            recalls[m] = {d: dict(zip(k_values, h.mean(0).tolist())) for d, h in hits[m].items()}
+        if B is not None:
+            hits['d'] = {d: hits['b'][d] - hits['a'][d] for d in DIRECTIONS}
+        ci = {}  # (method, direction, k) -> interval
+        for d in DIRECTIONS:
+            per_query = np.concatenate([hits[m][d] for m in columns], 1)  # [queries, methods x k_values]
+            flat = intervals(per_query, np.ones(len(per_query)))
+            ci.update({(m, d, k): flat[j * len(k_values) + i] for j, m in enumerate(columns)
+                       for i, k in enumerate(k_values)})
+        per_method = {m: {**{d: {key: v for k in k_values for key, v in ((f"recall@{k}", recalls[m][d][k]),
+                                                                         (f"recall@{k}_ci95", ci[m, d, k]))}
+                             for d in DIRECTIONS},
+                          'median_rank': {d: float(np.median(ranks[m][d])) + 1 for d in DIRECTIONS}}
                       for m in recalls}
-        summary = {'task': 'recall', **common, 'k_values': k_values, 'ties': 'equal scores count for the query',
-                   'method_a': per_method['a'], 'method_b': per_method.get('b'), 'reference': per_method['r'],
-                   'difference': None}
+        summary = {'task': 'recall', **common, 'k_values': k_values, 'ties': TIES,
+                   **{SUMMARY_KEYS[m]: per_method.get(m) for m in SUMMARY_KEYS}, 'difference': None}
         if B is not None:
             summary['difference'] = {d: {
                 **{f"recall@{k}_difference": recalls['b'][d][k] - recalls['a'][d][k] for k in k_values},
+                **{f"recall@{k}_difference_ci95": ci['d', d, k] for k in k_values},
                 **{f"recall@{k}_relative_change": (100 * (recalls['b'][d][k] - recalls['a'][d][k]) / recalls['a'][d][k]
                                                    if recalls['a'][d][k] > 0 else None) for k in k_values}}
-                for d in ('image_to_text', 'text_to_image')}
-        summary['seconds'] = time.time() - t_recall
+                for d in DIRECTIONS}
+        summary['seconds'] = seconds_recall + time.time() - t_recall
         data.write_json(os.path.join(eval_dir, 'recall_summary.json'), summary, indent=2)
         for d, short in (('image_to_text', 'image->text'), ('text_to_image', 'text->image')):
-            table += [(f"{short} R@{k}", {m: f"{100 * r[d][k]:.2f}%" for m, r in recalls.items()}) for k in k_values]
+            table += [(f"{short} R@{k}", {m: with_ci(hits[m][d][:, i].mean(), ci[m, d, k], m == 'd', percent=True)
+                                          for m in columns}) for i, k in enumerate(k_values)]
         if save_detailed:
-            np.savez(os.path.join(eval_dir, 'recall_detailed.npz'), text_image=text_image,
-                     **{f'rank_{d}_{m}': r[j].cpu().numpy() for m, r in ranks.items()
-                        for j, d in enumerate(('image_to_text', 'text_to_image'))})
+            np.savez(os.path.join(eval_dir, 'recall_detailed.npz'), text_image=text_image, k_values=k_values,
+                     **{f'rank_{d}_{m}': r for m, rs in ranks.items() for d, r in rs.items()},
+                     **{f'hits_{d}_{m}': h for m, hs in hits.items() if m != 'd' for d, h in hs.items()})
 
     plot(eval_dir, sims, recalls, k_values)
-    cols = list(image_emb)
-    print(f"{'':26s}" + ''.join(f"{COLUMNS[m]:>16s}" for m in cols))
+    width = max(len(cell) for _, row in table for cell in [*row.values(), *COLUMNS.values()]) + 2
+    print(f"{'':26s}" + ''.join(f"{COLUMNS[m]:>{width}s}" for m in columns))
     for name, row in table:
-        print(f"{name:26s}" + ''.join(f"{row[m]:>16s}" for m in cols))
-    if fidelity:
-        print(f"token fidelity: per-token cosine {fidelity['token_cosine_mean']:.4f}, A.B image cosine "
-              f"{fidelity['image_vector_cosine_mean']:.4f}, standardized MSE {fidelity['mse_standardized']:.4f}")
+        print(f"{name:26s}" + ''.join(f"{row.get(m, ''):>{width}s}" for m in columns))
+    if bootstrap_samples:
+        print(f"[95% interval: {bootstrap_samples} bootstrap resamples of images (captions for text->image); "
+              f"B - A paired; recall differences in points]")
+    tokens_line = lambda f: f"per-token cosine {f['token_cosine_mean']:.4f} (standardized " \
+                            f"{f['token_cosine_standardized_mean']:.4f}), standardized MSE {f['mse_standardized']:.4f}"
+    if B is not None:
+        print(f"token fidelity, B: {tokens_line(fidelity_summary(per_image['b']))}, A.B image cosine "
+              f"{per_image['b']['image_vector_cosine'].mean():.4f}")
+    print(f"token fidelity, mean tokens: {tokens_line(fidelity_summary(per_image['m']))}")
     print(f"eval: wrote {eval_dir} in {time.time() - t_start:.1f} s")

@@ -3,6 +3,8 @@ Images -> memmapped CLIP and EVA patch-token arrays, one data folder per split (
 
     python extract.py config/demo.py                                   # synthetic images, tiny encoders, CPU
     python extract.py --coco_root=/data/coco                           # COCO 2017, ViT-L-14-quickgelu + EVA-CLIP-8B
+    python extract.py --source=webdataset --splits="('train',)" \
+        --webdataset_shards="{'train': 'shards/{00000..00099}.tar'}"  # img2dataset tar shards, captions
     torchrun --standalone --nproc_per_node=8 extract.py --coco_root=/data/coco --extract_batch_size=256
 
 Per split: list the images; decode each once to find the unreadable ones (skipped and listed in
@@ -13,9 +15,11 @@ run. meta.json is written first with "complete": false and last with "complete":
 """
 import collections
 import hashlib
+import io
 import json
 import math
 import os
+import tarfile
 import time
 import zlib
 from concurrent.futures import ThreadPoolExecutor
@@ -34,9 +38,14 @@ import data
 
 # -----------------------------------------------------------------------------
 # source
-source = 'coco'  # 'coco' | 'folder' | 'synthetic'
+source = 'coco'  # 'coco' | 'folder' | 'webdataset' | 'synthetic'
 coco_root = 'data/coco'  # coco_root/images/<split>/*.jpg and coco_root/annotations/captions_<split>.json
 image_folder = 'data/images'  # 'folder': image_folder/<split>/ (recursive); a same-name .txt holds captions, one a line
+# 'webdataset': img2dataset-style uncompressed tar shards per split, brace-expanded, e.g.
+# {'train': 'data/blip3o/{00000..00098}.tar', 'val': 'data/blip3o/00099.tar'}; a sample is key.jpg|png|webp
+# with key.txt and/or key.json ('caption') beside it
+webdataset_shards = {}
+max_shards = 0  # 'webdataset': only the first max_shards shards of each split (0 = all)
 synthetic_counts = {'train': 2000, 'val': 250}  # 'synthetic': images per split
 synthetic_seed = 0
 synthetic_image_size = 224
@@ -53,13 +62,17 @@ grid_size = 16  # both encoders must give grid_size**2 patch tokens
 extract_batch_size = 64
 num_workers = 8  # DataLoader processes decoding images
 device = 'auto'  # 'auto' = cuda if available; under torchrun each process takes cuda:LOCAL_RANK
-dtype = 'bfloat16'  # autocast dtype on the GPU; the CPU always computes in float32
+# autocast dtypes on the GPU (the CPU always computes in float32): OpenAI CLIP's own inference precision for the
+# targets (10 mantissa bits, as many as the float16 they are stored in); bfloat16's range for EVA
+clip_dtype = 'float16'
+eva_dtype = 'bfloat16'
 extract_overwrite = False  # replace an out folder that holds another extraction
 # -----------------------------------------------------------------------------
 
 IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.bmp', '.gif', '.webp', '.tif', '.tiff')
 ARRAYS = tuple(f'{name}.npy' for name in data.ARRAYS)
 FLOAT16_MAX = 65504.0
+CLAMPED_LISTED = 10  # images with clamped EVA values that are named (warning, meta.json) per split
 
 # --- synthetic images: coloured shapes on a background, captions say what is where -------------
 
@@ -126,12 +139,105 @@ def load_file(path):
         return image.convert('RGB')
 
 
+def load_member(key):
+    """The image at (shard, offset, size) of a tar shard as RGB; raises for a sample without one."""
+    shard, offset, size = key
+    if offset is None:
+        raise FileNotFoundError(f"the sample has no image file ({', '.join(IMAGE_EXTENSIONS)}) in {shard}")
+    with open(shard, 'rb') as f:  # a file opened per image: nothing shared between DataLoader workers
+        f.seek(offset)
+        raw = f.read(size)
+    with Image.open(io.BytesIO(raw)) as image:
+        return image.convert('RGB')
+
+
+def sample_captions(text, meta):
+    """[caption] of a webdataset sample from its .txt bytes, else its .json's 'caption'; [] without either."""
+    if text is not None:
+        caption = text.decode('utf-8', 'replace')
+    else:
+        try:
+            caption = json.loads(meta)['caption'] if meta is not None else None
+        except (ValueError, KeyError, TypeError):  # a .json without a caption: the image is still used
+            caption = None
+    return [caption.strip()] if isinstance(caption, str) and caption.strip() else []
+
+
+def list_webdataset(split, shard_patterns, max_shards=0, limit=0):
+    """The samples of a split's tar shards in shard and member order, indexed from the tar headers alone.
+
+    The headers (and the small .txt/.json members; no image is read) give every sample's image a fixed
+    (shard, offset, size): the ranks split the list by index, the decode check and a resumed run read
+    exactly the samples of an uninterrupted one, and loading an image is one seek and read, fork-safe.
+    webdataset gives the shard list (brace expansion) and the sample convention (key = the member name
+    up to the first dot of its base name); its streaming pipeline cannot start at a given row.
+    """
+    try:
+        from webdataset.shardlists import expand_urls
+        from webdataset.tariterators import base_plus_ext
+    except ImportError:
+        raise SystemExit("source='webdataset' reads shard lists through the webdataset package, which is not "
+                         "installed: pip install webdataset")
+    if split not in shard_patterns:
+        raise SystemExit(f"source='webdataset': split {split!r} has no shard pattern in "
+                         f"webdataset_shards={shard_patterns}")
+    pattern = shard_patterns[split]
+    shards = expand_urls(pattern)[:max_shards or None]
+    root = os.path.dirname(os.path.commonprefix(shards))
+    extensions = {e[1:] for e in IMAGE_EXTENSIONS}
+    ids, files, keys, captions, shard_of = [], [], [], {}, {}
+    for shard in shards:
+        if not os.path.isfile(shard):
+            raise SystemExit(f"webdataset shard not found: {shard} (webdataset_shards[{split!r}]={pattern!r}); "
+                             f"expected local uncompressed .tar files")
+        samples = {}
+        try:
+            with tarfile.open(shard, 'r:') as tar:
+                for member in tar:  # headers only: tarfile seeks past each member's data
+                    key, ext = base_plus_ext(member.name)
+                    if not member.isreg() or key is None or key.startswith('__') and key.endswith('__'):
+                        continue  # webdataset's convention: __name__ members are shard metadata
+                    sample, ext = samples.setdefault(key, {}), ext.lower()
+                    if ext in extensions and 'image' not in sample:
+                        sample['image'] = (member.name, member.offset_data, member.size)
+                    elif ext in ('txt', 'json'):
+                        sample[ext] = tar.extractfile(member).read()
+        except tarfile.TarError as e:
+            raise SystemExit(f"{shard} is not a readable uncompressed tar file (expected img2dataset-style "
+                             f"shards): {e}")
+        relative = os.path.relpath(shard, root or '.')
+        for key, sample in samples.items():
+            if key in shard_of:
+                raise SystemExit(f"webdataset_shards[{split!r}]: sample key {key!r} is in {shard_of[key]} and "
+                                 f"{shard}: expected unique keys (they are the image ids)")
+            shard_of[key] = shard
+            name, offset, size = sample.get('image', (key, None, 0))
+            ids.append(key)
+            files.append(f'{relative}/{name}')
+            keys.append((shard, offset, size))
+            if found := sample_captions(sample.get('txt'), sample.get('json')):
+                captions[key] = found
+        if limit and len(ids) >= limit:
+            break
+    if not ids:
+        raise SystemExit(f"no samples in the shards of webdataset_shards[{split!r}]={pattern!r} "
+                         f"({len(shards)} shards): expected tar members like key.jpg, key.txt")
+    ids, files, keys = ids[:limit or None], files[:limit or None], keys[:limit or None]
+    source = {'kind': 'webdataset', 'split': split, 'shards': pattern, 'max_shards': max_shards, 'root': root,
+              'listed': len(ids), 'files_sha1': hashlib.sha1('\n'.join(files).encode()).hexdigest()}
+    return dict(ids=ids, files=files, keys=keys, decode_check=True, load=load_member,
+                captions={i: captions[i] for i in ids if i in captions}, source=source)
+
+
 def list_split(split, source, limit=0, coco_root=None, image_folder=None, synthetic_counts=None, synthetic_seed=0,
-               synthetic_image_size=224):
+               synthetic_image_size=224, webdataset_shards=None, max_shards=0):
     """The images of one split: ids, file names, what the loader reads, the loader, captions, source.
 
-    source 'coco' reads coco_root, 'folder' image_folder, 'synthetic' draws synthetic_counts[split] images.
+    source 'coco' reads coco_root, 'folder' image_folder, 'webdataset' the tar shards webdataset_shards[split]
+    (the first max_shards), 'synthetic' draws synthetic_counts[split] images.
     """
+    if source == 'webdataset':
+        return list_webdataset(split, webdataset_shards, max_shards, limit)
     if source == 'synthetic':
         if split not in synthetic_counts:
             raise SystemExit(f"source='synthetic': split {split!r} has no count in synthetic_counts={synthetic_counts}")
@@ -177,7 +283,7 @@ def list_split(split, source, limit=0, coco_root=None, image_folder=None, synthe
                     captions[f] = [line.strip() for line in fh if line.strip()]
         kind = {'kind': 'folder', 'split': split}
     else:
-        raise SystemExit(f"source must be 'coco', 'folder' or 'synthetic', got {source!r}")
+        raise SystemExit(f"source must be 'coco', 'folder', 'webdataset' or 'synthetic', got {source!r}")
     kind.update(root=root, listed=len(ids), files_sha1=hashlib.sha1('\n'.join(files).encode()).hexdigest())
     return dict(ids=ids, files=files, keys=[os.path.join(root, f) for f in files], decode_check=True,
                 load=load_file, captions=captions, source=kind)
@@ -211,6 +317,7 @@ class Encoder:
     transform: Callable
     forward: Callable
     spec: dict = field(default_factory=dict)  # model, pretrained, tokens, dim (+ embed_dim for clip)
+    dtype: torch.dtype = torch.float32  # forward's autocast dtype
 
 
 def open_clip_encoder(role, name, pretrained):
@@ -281,7 +388,7 @@ def hf_encoder(role, name, weight_dtype):
 
 
 def build_encoder(role, name, pretrained, device, ptdtype, grid_size):
-    """An Encoder on `device`, probed once: its token count must be grid_size**2."""
+    """An Encoder on `device` that computes under autocast to ptdtype, probed once: grid_size**2 tokens."""
     if name.startswith('hf:'):
         encoder, module = hf_encoder(role, name[3:], ptdtype if device.type == 'cuda' else torch.float32)
     else:
@@ -296,6 +403,7 @@ def build_encoder(role, name, pretrained, device, ptdtype, grid_size):
         raise SystemExit(f"{role}_model={name!r} gives {tokens.shape[1]} patch tokens per image, "
                          f"grid_size={grid_size} needs {grid_size ** 2}{hint}")
     encoder.spec = {'model': name, 'pretrained': pretrained, 'tokens': tokens.shape[1], 'dim': tokens.shape[2]}
+    encoder.dtype = ptdtype
     if role == 'clip':
         encoder.spec['embed_dim'] = pooled.shape[1]
     if rank_world()[0] == 0:
@@ -333,8 +441,9 @@ def state_file(out, rank):
 
 
 def reset(state, dim):
-    """No rows written yet: progress and the float64 sums of CLIP tokens (per channel) start at zero."""
-    state.update(rows_done=0, clip_sum=[0.0] * dim, clip_sumsq=[0.0] * dim)
+    """No rows written yet: progress, the float64 sums of CLIP tokens (per channel), clamped EVA values at zero."""
+    state.update(rows_done=0, clip_sum=[0.0] * dim, clip_sumsq=[0.0] * dim, eva_clamped_values=0,
+                 eva_clamped_files=[])
 
 
 def folder_plan(out, spec, overwrite=False):
@@ -393,17 +502,20 @@ def write_batch(out, row, arrays, state_path, state):
     data.write_json(state_path, state)
 
 
-def checked_float16(x, files, what):
-    """x as float16, or SystemExit naming the first image whose features are non-finite or overflow float16."""
+def float16_tokens(x, files, role, dtype, clamp):
+    """(x as float16, values beyond float16 per image, peak |x| per image); SystemExit naming the first image
+    whose features are non-finite, or beyond float16 unless clamp: then they are stored as +-65504."""
     x = x.float()
     peak = x.abs().flatten(1).amax(1)
-    bad = ~torch.isfinite(peak) | (peak > FLOAT16_MAX)
+    bad = ~torch.isfinite(peak) | (peak > FLOAT16_MAX) & (not clamp)
     if bad.any():
         j = int(bad.nonzero()[0])
-        problem = ("non-finite (with dtype='float16', try 'bfloat16')" if not torch.isfinite(peak[j])
+        hint = f" (with {role}_dtype='float16', try 'bfloat16')" if dtype == torch.float16 else ''
+        problem = (f'non-finite{hint}' if not torch.isfinite(peak[j])
                    else f'up to {peak[j]:.4g}, beyond float16 (65504), the storage dtype')
-        raise SystemExit(f"{what} features of {files[j]} are {problem}; stopping")
-    return x.half()
+        raise SystemExit(f"{role.upper()} features of {files[j]} are {problem}; stopping")
+    over = (x.abs() > FLOAT16_MAX).flatten(1).sum(1) if clamp and (peak > FLOAT16_MAX).any() else torch.zeros(len(x))
+    return x.clamp_(-FLOAT16_MAX, FLOAT16_MAX).half(), over.long().tolist(), peak.tolist()
 
 # --- one split --------------------------------------------------------------------------------------
 
@@ -472,11 +584,12 @@ def assign_rows(listing, out, clip, eva, batch_size, num_workers):
     return state, mine, first_row, count
 
 
-def encode_rows(listing, out, clip, eva, device, ptdtype, state, mine, first_row, batch_size, num_workers):
+def encode_rows(listing, out, clip, eva, device, state, mine, first_row, batch_size, num_workers):
     """Phase 3: encode this rank's images not yet done and write their rows; returns images/s."""
     rank = rank_world()[0]
     files, keys = listing['files'], listing['keys']
     done, sums, sumsq = state['rows_done'], np.array(state['clip_sum']), np.array(state['clip_sumsq'])
+    clamped, clamped_files = state['eva_clamped_values'], list(state['eva_clamped_files'])
     todo = mine[done:]
     probe = Image.fromarray(np.random.default_rng(0).integers(0, 256, (251, 317, 3), dtype=np.uint8))
     shared = torch.equal(clip.transform(probe), eva.transform(probe))  # e.g. both 224 px, OpenAI mean/std: once
@@ -491,11 +604,24 @@ def encode_rows(listing, out, clip, eva, device, ptdtype, state, mine, first_row
             batch_files = [files[todo[k]] for k in ks.tolist()]
             x_clip = pixels[0].to(device, non_blocking=True)
             x_eva = x_clip if shared else pixels[1].to(device, non_blocking=True)
-            with torch.no_grad(), autocast(device, ptdtype):
-                clip_tokens, clip_cls = clip.forward(x_clip)
-                eva_tokens, _ = eva.forward(x_eva)
-            clip16 = checked_float16(clip_tokens, batch_files, 'CLIP')
-            eva16 = checked_float16(eva_tokens, batch_files, 'EVA')
+            with torch.no_grad():
+                with autocast(device, clip.dtype):
+                    clip_tokens, clip_cls = clip.forward(x_clip)
+                with autocast(device, eva.dtype):
+                    eva_tokens, _ = eva.forward(x_eva)
+            # CLIP targets are ln_post outputs: beyond float16 means a broken tower, and a clamped target is a
+            # wrong one. EVA's last hidden state can be pre-norm with a few huge channels (EVA-CLIP-8B): the DiT
+            # RMS-normalizes each token, where a value clamped to 65504 still dominates as the true one did.
+            # Per value, so a row does not depend on batch, rank or resume (a scale fitted on a first batch
+            # would, and could still overflow later); the clamped values are counted in meta.json.
+            clip16, _, _ = float16_tokens(clip_tokens, batch_files, 'clip', clip.dtype, clamp=False)
+            eva16, over, peak = float16_tokens(eva_tokens, batch_files, 'eva', eva.dtype, clamp=True)
+            for f, n, p in zip(batch_files, over, peak):
+                if n and len(clamped_files) < CLAMPED_LISTED:
+                    clamped_files.append(f)
+                    tqdm.write(f"warning: {n} EVA values of {f} (up to {p:.4g}) are beyond float16: stored as "
+                               f"+-65504")
+            clamped += sum(over)
             cls32 = clip_cls.float()
             if not torch.isfinite(cls32).all():
                 raise SystemExit(f"CLIP embedding of {batch_files[int((~torch.isfinite(cls32)).any(1).nonzero()[0])]} "
@@ -508,7 +634,8 @@ def encode_rows(listing, out, clip, eva, device, ptdtype, state, mine, first_row
             if device.type == 'cuda':  # pinned: a pageable copy from the GPU runs several times slower
                 torch.cuda.current_stream(device).synchronize()
             arrays = {f: x.numpy() for f, x in host.items()}
-            state.update(rows_done=done + len(ks), clip_sum=sums.tolist(), clip_sumsq=sumsq.tolist())
+            state.update(rows_done=done + len(ks), clip_sum=sums.tolist(), clip_sumsq=sumsq.tolist(),
+                         eva_clamped_values=clamped, eva_clamped_files=list(clamped_files))
             pending.append(writer.submit(write_batch, out, first_row + done, arrays, state_file(out, rank),
                                          dict(state)))
             if len(pending) > 1:  # at most one batch waits for the disk: bounded memory
@@ -521,7 +648,7 @@ def encode_rows(listing, out, clip, eva, device, ptdtype, state, mine, first_row
 
 
 def finish_folder(listing, out, spec, count, tokens):
-    """Phase 4 (rank 0): captions.json, then meta.json with the stats and complete=true; state files removed."""
+    """Phase 4 (rank 0): captions.json, then meta.json (returned) with the stats and complete=true; no state files."""
     ids, files, n = listing['ids'], listing['files'], len(listing['keys'])
     states = [data.read_json(state_file(out, r)) for r in range(rank_world()[1])]
     assert sum(s['rows_done'] for s in states) == count, 'a rank did not write all its rows'
@@ -537,37 +664,44 @@ def finish_folder(listing, out, spec, count, tokens):
             'grid_size': math.isqrt(tokens), 'clip_mean': mean.tolist(),
             'clip_std': np.sqrt(np.maximum(var, 0)).tolist(),
             'skipped': [{'image_id': ids[s['index']], 'file': s['file'], 'reason': s['reason']} for s in skipped],
+            'eva_clamped_values': sum(s['eva_clamped_values'] for s in states),
+            'eva_clamped_files': [f for s in states for f in s['eva_clamped_files']][:CLAMPED_LISTED],
             'complete': True}
     data.write_json(os.path.join(out, 'meta.json'), meta)  # last: "complete" marks a finished folder
     for f in os.listdir(out):  # this run's state files and any of earlier runs with more processes
         if f.startswith('.extract_state.'):
             os.remove(os.path.join(out, f))
-    return len(skipped)
+    return meta
 
 
-def extract_split(listing, out, clip, eva, device, ptdtype, batch_size=64, num_workers=0, overwrite=False):
+def extract_split(listing, out, clip, eva, device, batch_size=64, num_workers=0, overwrite=False):
     """Fill out/ (clip.npy, eva.npy, clip_cls.npy, meta.json, captions.json) from one listed split."""
+    compute = {role: str(e.dtype).removeprefix('torch.') for role, e in (('clip', clip), ('eva', eva))}
     spec = json.loads(json.dumps({'format': data.FORMAT, 'version': data.VERSION, 'source': listing['source'],
-                                  'clip': clip.spec, 'eva': eva.spec, 'dtype': 'float16',
-                                  'compute_dtype': str(ptdtype).removeprefix('torch.')}))
+                                  'clip': clip.spec, 'eva': eva.spec, 'dtype': 'float16', 'compute_dtype': compute}))
     if prepare_folder(out, spec, overwrite) == 'done':
         if rank_world()[0] == 0:
             print(f"{out}: already complete, nothing to do (--extract_overwrite=True redoes it)")
         return
     state, mine, first_row, count = assign_rows(listing, out, clip, eva, batch_size, num_workers)
-    rate = encode_rows(listing, out, clip, eva, device, ptdtype, state, mine, first_row, batch_size, num_workers)
+    rate = encode_rows(listing, out, clip, eva, device, state, mine, first_row, batch_size, num_workers)
     barrier()  # every rank has written its rows
     if rank_world()[0] == 0:
-        skipped = finish_folder(listing, out, spec, count, clip.spec['tokens'])
+        meta = finish_folder(listing, out, spec, count, clip.spec['tokens'])
         gb = sum(os.path.getsize(os.path.join(out, a)) for a in ARRAYS) / 1e9
-        print(f"{out}: {count} images ({skipped} skipped), clip {[count, clip.spec['tokens'], clip.spec['dim']]}, "
-              f"eva {[count, eva.spec['tokens'], eva.spec['dim']]}, {gb:.2f} GB, {rate * rank_world()[1]:.1f} images/s")
+        shapes = {role: [count, e.spec['tokens'], e.spec['dim']] for role, e in (('clip', clip), ('eva', eva))}
+        print(f"{out}: {count} images ({len(meta['skipped'])} skipped), clip {shapes['clip']}, eva {shapes['eva']}, "
+              f"{gb:.2f} GB, {rate * rank_world()[1]:.1f} images/s")
+        if meta['eva_clamped_values']:
+            print(f"warning: {meta['eva_clamped_values']} EVA values beyond float16 are stored as +-65504 "
+                  f"(meta.json eva_clamped_values; first in {', '.join(meta['eva_clamped_files'][:3])})")
     barrier()
 
 
 if __name__ == '__main__':
     from configurator import configure
-    config = configure(globals(), renamed={'batch_size': 'extract_batch_size', 'overwrite': 'extract_overwrite'})
+    config = configure(globals(), renamed={'batch_size': 'extract_batch_size', 'overwrite': 'extract_overwrite',
+                                           'dtype': 'clip_dtype and --eva_dtype'})
     if int(os.environ.get('RANK', -1)) != -1:  # torchrun: gloo carries only small objects; ranks may finish far apart
         dist.init_process_group('gloo', timeout=timedelta(hours=12))
     rank, world = rank_world()
@@ -576,24 +710,27 @@ if __name__ == '__main__':
     if device == 'cuda' and world > 1:
         device = f"cuda:{os.environ.get('LOCAL_RANK', 0)}"
     device = torch.device(device)
-    if dtype not in ('float32', 'bfloat16', 'float16'):
-        raise SystemExit(f"dtype must be 'float32', 'bfloat16' or 'float16', got {dtype!r}")
-    ptdtype = getattr(torch, dtype) if device.type == 'cuda' else torch.float32
+    for key, value in (('clip_dtype', clip_dtype), ('eva_dtype', eva_dtype)):
+        if value not in ('float32', 'bfloat16', 'float16'):
+            raise SystemExit(f"{key} must be 'float32', 'bfloat16' or 'float16', got {value!r}")
+    ptdtypes = {role: getattr(torch, value) if device.type == 'cuda' else torch.float32
+                for role, value in (('clip', clip_dtype), ('eva', eva_dtype))}
     if device.type == 'cpu':  # the DataLoader workers have their cores; oversubscribed threads crawl
         torch.set_num_threads(max(1, (os.cpu_count() or 1) - num_workers))
 
     listings = {split: list_split(split, source, limit, coco_root, image_folder, synthetic_counts, synthetic_seed,
-                                  synthetic_image_size) for split in splits}
+                                  synthetic_image_size, webdataset_shards, max_shards) for split in splits}
     if source != 'synthetic':  # train on one split, evaluate on another: never the same image twice
-        seen = {s: set(listings[s]['ids']) if source == 'coco' else set(map(os.path.realpath, listings[s]['keys']))
+        seen = {s: set(listings[s]['ids']) if source == 'coco' else
+                {os.path.realpath(os.path.join(listings[s]['source']['root'], f)) for f in listings[s]['files']}
                 for s in splits}
         for i, a in enumerate(splits):
             for b in splits[i + 1:]:
                 if seen[a] & seen[b]:
                     raise SystemExit(f"splits {a!r} and {b!r} share {len(seen[a] & seen[b])} images "
                                      f"(e.g. {min(seen[a] & seen[b])}): train and evaluation images must differ")
-    clip = build_encoder('clip', clip_model, clip_pretrained, device, ptdtype, grid_size)
-    eva = build_encoder('eva', eva_model, eva_pretrained, device, ptdtype, grid_size)
+    clip = build_encoder('clip', clip_model, clip_pretrained, device, ptdtypes['clip'], grid_size)
+    eva = build_encoder('eva', eva_model, eva_pretrained, device, ptdtypes['eva'], grid_size)
     # stop now, not hours later, on a data_dir that cannot take the arrays (less what a killed run already wrote)
     row_bytes = grid_size ** 2 * (clip.spec['dim'] + eva.spec['dim']) * 2 + clip.spec['embed_dim'] * 4
     needed = sum(len(listings[split]['ids']) * row_bytes - sum(os.stat(p).st_blocks * 512 for p in
@@ -602,7 +739,7 @@ if __name__ == '__main__':
     for split in splits:
         if rank == 0:
             print(f"split {split}: {len(listings[split]['ids'])} images -> {os.path.join(data_dir, split)}")
-        extract_split(listings[split], os.path.join(data_dir, split), clip, eva, device, ptdtype,
-                      extract_batch_size, num_workers, extract_overwrite)
+        extract_split(listings[split], os.path.join(data_dir, split), clip, eva, device, extract_batch_size,
+                      num_workers, extract_overwrite)
     if dist.is_initialized():
         dist.destroy_process_group()

@@ -38,8 +38,8 @@ class DiTConfig:
     rope_theta: float = 10000.0
     grad_checkpointing: bool = False
     cross_rope: bool = True           # EVA tokens lie on the same grid: RoPE in cross-attention too
-    t_scale: float = 1.0              # time features sin/cos(t_scale * t * freqs): 1 keeps the velocity smooth in t
-                                      # (2nd-order samplers converge, bench/RESULTS.md); 1000 = DiT's, the seed's
+    t_scale: float = 1000.0           # time features sin/cos(t_scale * t * freqs): 1000 = DiT's and the seed's;
+                                      # 1 (Lumina-Next's, SiT's) makes samplers converge at their order, learns slower
 
     @property
     def head_dim(self):
@@ -144,7 +144,7 @@ class Block(nn.Module):
 class TimestepEmbedder(nn.Module):
     """Sinusoidal features of t_scale * t -> MLP."""
 
-    def __init__(self, dim, freq_dim=256, t_scale=1.0):
+    def __init__(self, dim, freq_dim=256, t_scale=1000.0):
         super().__init__()
         self.freq_dim, self.t_scale = freq_dim, t_scale
         self.mlp = nn.Sequential(nn.Linear(freq_dim, dim), nn.SiLU(), nn.Linear(dim, dim))

@@ -80,7 +80,7 @@ norm_eps = 1e-5
 qk_norm = True
 rope_theta = 10000.0
 cross_rope = True
-t_scale = 1.0  # time features read t_scale * t (model.py); 1000 = DiT's
+t_scale = 1000.0  # time features read t_scale * t (model.py): DiT's; 1 = Lumina-Next's (bench/RESULTS.md)
 grad_checkpointing = False  # a runtime choice: may change on resume
 # system
 device = 'auto'  # 'auto' = cuda when available, else cpu; under torchrun each rank takes cuda:LOCAL_RANK

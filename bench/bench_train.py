@@ -5,9 +5,10 @@ python bench/bench_train.py config/demo.py --compile=False      # CPU: skip the 
 
 Runs train.py itself on a random data folder shaped like the config's model, once compiled and once
 eager (or only the mode --compile names), reads its metrics.jsonl and stops it after bench_warmup +
-bench_iters iterations. Reports medians over the timed iterations: ms/iter, samples/s, tokens/s,
-MFU (CUDA only) and peak memory (device memory on CUDA, process RSS on CPU). Any other --key=value
-goes to train.py unchanged.
+bench_iters iterations. train.py reads the loss from the device only every log_interval iterations (here
+bench_log_interval), as in a real run; each log line holds the mean time of the iterations since the
+previous one. Reports over the timed iterations: ms/iter, samples/s, tokens/s, MFU (CUDA only) and peak
+memory (device memory on CUDA, train.py's own peak RSS on the CPU). Any other --key=value goes to train.py.
 """
 import dataclasses
 import json
@@ -29,9 +30,11 @@ from model import DiTConfig  # noqa: E402
 bench_warmup = 5  # iterations not timed (compilation, allocator warm-up)
 bench_iters = 20  # timed iterations
 bench_rows = 256  # rows of the random data folder
+bench_log_interval = 5  # train.py's log_interval: its only host sync
 compile = None  # None: both compiled and eager; True / False: only that one
 globals().update({f.name: f.default for f in dataclasses.fields(DiTConfig)})
-own_keys = ['bench_warmup', 'bench_iters', 'bench_rows', 'compile'] + [f.name for f in dataclasses.fields(DiTConfig)]
+own_keys = ['bench_warmup', 'bench_iters', 'bench_rows', 'bench_log_interval', 'compile'] + \
+    [f.name for f in dataclasses.fields(DiTConfig)]
 args = sys.argv[1:]
 configure(globals(), [a for a in args if not a.startswith('--') or a[2:].partition('=')[0] in own_keys])
 train_args = [a for a in args if not a.startswith(('--bench_', '--compile='))]
@@ -42,13 +45,13 @@ def bench(folder, out_dir, compiled):
     cmd = [sys.executable, os.path.join(ROOT, 'train.py'), *train_args, f'--train_data={folder}',
            f'--val_data={folder}', f'--out_dir={out_dir}', '--init_from=scratch', '--overwrite=True', f'--compile={compiled}',
            '--max_iters=1000000000', '--eval_interval=1000000000', '--eval_iters=1', '--eval_gen_items=1',
-           '--eval_gen_steps=1', '--log_interval=1', '--wandb_log=False']
+           '--eval_gen_steps=1', f'--log_interval={bench_log_interval}', '--wandb_log=False']
     metrics = os.path.join(out_dir, 'metrics.jsonl')
     with open(os.path.join(out_dir + '.log'), 'w') as log:
         proc = subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
     records = []
     try:
-        while len(records) < bench_warmup + bench_iters:
+        while not records or records[-1]['iter'] < bench_warmup + bench_iters:
             if proc.poll() is not None:
                 with open(out_dir + '.log') as f:
                     raise SystemExit(f"bench_train: train.py stopped (exit {proc.returncode}):\n{f.read()[-3000:]}")
@@ -59,11 +62,16 @@ def bench(folder, out_dir, compiled):
     finally:
         proc.kill()
         proc.wait()
-    timed = records[bench_warmup:bench_warmup + bench_iters]
-    median = {k: statistics.median(r[k] for r in timed) for k in ('ms_per_iter', 'samples_per_s', 'tokens_per_s')}
-    mfu = [r['mfu'] for r in timed if r['mfu'] is not None]
-    return {'compile': compiled, **median, 'mfu': statistics.median(mfu) if mfu else None,
-            'peak_mem_mb': max(r['peak_mem_mb'] for r in timed), 'first_iter_s': records[0]['ms_per_iter'] / 1000}
+    # each record's ms_per_iter is the mean over the iterations since the previous record
+    timed = [(r, r['iter'] - prev['iter']) for prev, r in zip(records, records[1:]) if prev['iter'] >= bench_warmup]
+    iters = sum(n for _, n in timed)
+    ms = sum(r['ms_per_iter'] * n for r, n in timed) / iters
+    samples_per_s = records[-1]['samples_per_s'] * records[-1]['ms_per_iter'] / ms  # global batch / seconds
+    mfu = [r['mfu'] for r, _ in timed if r['mfu'] is not None]
+    return {'compile': compiled, 'ms_per_iter': ms, 'samples_per_s': samples_per_s,
+            'tokens_per_s': samples_per_s * grid_size ** 2, 'timed_iters': iters,
+            'mfu': statistics.median(mfu) if mfu else None,
+            'peak_mem_mb': max(r['peak_mem_mb'] for r, _ in timed), 'first_iter_s': records[0]['ms_per_iter'] / 1000}
 
 
 with tempfile.TemporaryDirectory() as tmp:

@@ -21,14 +21,22 @@ run() { timeout "$LIMIT" "$PY" "$@"; }
 
 batch=
 for b in $BATCHES; do  # the largest batch whose compiled step fits in memory
-  if line=$(run bench/bench_model.py "$CONFIG" --compile=True --batch_size="$b" "${DEV[@]}" "${STEPS[@]}" 2>/tmp/gpu_bench_model.err); then
-    echo "$line"; batch=$b; break
+  if model=$(run bench/bench_model.py "$CONFIG" --compile=True --batch_size="$b" "${DEV[@]}" "${STEPS[@]}" \
+              2>/tmp/gpu_bench_model.err | tail -n 1); then
+    echo "$model"; batch=$b; break
   fi
   echo "{\"bench\": \"model\", \"batch_size\": $b, \"failed\": \"$(tail -c 200 /tmp/gpu_bench_model.err | tr '\n"' ' ')\"}"
 done
 [ -n "$batch" ] || { echo '{"bench": "gpu.sh", "error": "no batch fits"}'; exit 1; }
-run bench/bench_train.py "$CONFIG" --compile=True --batch_size="$batch" --gradient_accumulation_steps=2 \
-    --bench_warmup=3 --bench_iters=5 "${DEV[@]}" | tail -n 1
+train=$(run bench/bench_train.py "$CONFIG" --compile=True --batch_size="$batch" --gradient_accumulation_steps=2 \
+         --bench_warmup=3 --bench_iters=5 "${DEV[@]}" | tail -n 1)
+echo "$train"
+"$PY" -c 'import json, sys
+model, train = json.loads(sys.argv[1]), json.loads(sys.argv[2])["runs"][0]
+step = 2 * model["ms_per_step"]  # two micro-steps of forward + backward
+print(json.dumps({"bench": "train_overhead", "batch_size": model["batch_size"], "train_ms_per_iter": train["ms_per_iter"],
+                  "model_ms_for_two_micro_steps": step, "overhead": train["ms_per_iter"] / step - 1}))' "$model" "$train"
+
 run bench/bench_sample.py "$CONFIG" --quality=False --sample_method=euler --sample_steps=50 "${SAMPLE[@]}" \
     "${DEV[@]}" | tail -n 1
 run bench/bench_eval.py "${EVAL[@]}" | tail -n 1

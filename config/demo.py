@@ -45,6 +45,6 @@ log_interval = 50
 # --- sample.py / eval.py ---
 # generate for data/demo/val from out_dir/ckpt.pt, then evaluate A, B and R there
 sample_method = 'midpoint'  # 2 model calls a step, error O(1/steps^2), never calls the model at t = 1
-sample_steps = 5  # 10 calls: token cosine 0.99996 to a 200-step Heun solution (bench/RESULTS.md)
+sample_steps = 5  # 10 calls: token cosine 0.99970 to a 200-step Heun solution (bench/RESULTS.md)
 sample_batch_size = 125  # 250 val images: two batches
 eval_batch_size = 250

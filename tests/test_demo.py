@@ -4,6 +4,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from conftest import ROOT
 
 
@@ -21,7 +23,7 @@ def test_demo_end_to_end_learns_and_reports_both_tasks(tmp_path):
     run('train.py', f'--train_data={data}/train', *folders, '--max_iters=150', '--eval_interval=150',
         '--warmup_iters=10', '--lr_decay_iters=150')
     run('sample.py', *folders, '--sample_batch_size=32')
-    printed = run('eval.py', *folders)
+    printed = run('eval.py', *folders, f'--train_data={data}/train')
 
     evals = [r for r in map(json.loads, open(out / 'metrics.jsonl')) if r['kind'] == 'eval']
     untrained, trained = evals[0], evals[-1]
@@ -34,12 +36,19 @@ def test_demo_end_to_end_learns_and_reports_both_tasks(tmp_path):
     assert alignment['embedding_space'] == 32 and alignment['uses_visual_projection'] is True  # tiny CLIP: 32-d
     assert alignment['token_fidelity']['token_cosine_mean'] > 0.5
     assert 0 < alignment['correlation'] <= 1
-    for method in ('method_a', 'method_b', 'reference'):
+    for method in ('method_a', 'method_b', 'reference', 'mean_tokens'):
         assert -1 <= alignment[method]['mean_cosine_similarity'] <= 1
         for direction in ('image_to_text', 'text_to_image'):
             r = [recall[method][direction][f'recall@{k}'] for k in (1, 5, 10)]
             assert 0 <= r[0] <= r[1] <= r[2] <= 1
+    # the training set's mean tokens: one embedding for all 64 images, so text -> image is chance exactly, even with
+    # the synthetic captions that many images share
+    assert str(data / 'train') in alignment['mean_tokens_source']
+    assert [recall['mean_tokens']['text_to_image'][f'recall@{k}'] for k in (1, 5, 10)] == \
+        pytest.approx([1 / 64, 5 / 64, 10 / 64], rel=1e-12)
+    assert alignment['mean_tokens_fidelity']['mse_standardized'] > alignment['token_fidelity']['mse_standardized']
     table = printed[printed.index('A real tokens'):]  # the printed table has all three methods and both tasks
     assert 'B generated' in table and 'R CLIP CLS' in table and 'image->text R@1' in table and 'text->image R@10' in table
     assert alignment['generated'] == str(out / 'samples' / samples / 'generated.npy')
     assert alignment['checkpoint']['path'] == str(out / 'ckpt.pt') and alignment['checkpoint']['iter_num'] == 150
+    assert 'mean tokens' in table and 'B - A' in table

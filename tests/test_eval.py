@@ -1,7 +1,9 @@
 """eval.py: recall on hand-built embeddings, method A against open_clip's own avg pooling, end to end, bad input."""
 import ast
 import importlib.util
+import itertools
 import json
+import math
 import os
 import runpy
 import sys
@@ -13,7 +15,7 @@ import torch.nn.functional as F
 
 import flow
 from conftest import ROOT, make_data_folder
-from eval import pool_project, recall_at_k, retrieval_ranks
+from eval import bootstrap_ci, hit_rates, pool_project, recall_at_k, retrieval_counts
 
 EVAL = os.path.join(ROOT, 'eval.py')
 # A tiny CLIP: 16 tokens of width 8 (4x4 patches of a 16 px image), joint space 6, one layer per tower.
@@ -58,9 +60,11 @@ def test_recall_hand_built_known_answers():
         [0.2, 0.95, 0.3, 0.3, 0.3, 0.3, 0.2, 0.2, 0.2, 0.2, 0.2, 0.2, 0.2],    # best own t1 = 0.95 is the top -> rank 0
         [0.7, 0.75, 0.8, 0.85, 0.9, 0.1, 0.6, 0.5, 0.5, 0.5, 0.5, 0.5, 0.5]])  # best own 0.6: t0..t4 beat it -> rank 5
     text_image = torch.tensor([0] + [1] * 5 + [2] * 7)
-    i2t, t2i = retrieval_ranks(torch.eye(3), scores.T, text_image, chunk_size=2)
-    assert i2t.tolist() == [2, 0, 5]
-    assert t2i.tolist() == [1, 0, 1, 1, 1, 0, 1, 0, 0, 0, 0, 0, 0]
+    counts, pair = retrieval_counts(torch.eye(3), scores.T, text_image, chunk_images=2)
+    assert [c.tolist() for c in counts['image_to_text']] == [[2, 0, 5], [0, 0, 0], [1, 1, 1]]
+    assert counts['text_to_image'][0].tolist() == [1, 0, 1, 1, 1, 0, 1, 0, 0, 0, 0, 0, 0]
+    assert counts['text_to_image'][1].tolist() == [0] * 13  # no ties
+    assert pair.tolist() == scores[text_image, torch.arange(13)].tolist()  # each caption's own score, exactly
     r = recall_at_k(torch.eye(3), scores.T, text_image, k_values=(1, 2, 3, 5, 6, 10))
     assert r['image_to_text'] == pytest.approx({1: 1 / 3, 2: 1 / 3, 3: 2 / 3, 5: 2 / 3, 6: 1.0, 10: 1.0})
     assert r['text_to_image'] == pytest.approx({1: 8 / 13, 2: 1.0, 3: 1.0, 5: 1.0, 6: 1.0, 10: 1.0})
@@ -69,8 +73,8 @@ def test_recall_hand_built_known_answers():
     assert recall_at_k(torch.eye(3), scores.T[perm], text_image[perm], (1, 2, 3, 5, 6, 10)) == r
 
 
-@pytest.mark.parametrize('chunk_size', [None, 1, 7])
-def test_recall_matches_naive_full_matrix(chunk_size):
+@pytest.mark.parametrize('chunk_images', [None, 1, 7])
+def test_recall_matches_naive_full_matrix(chunk_images):
     g = torch.Generator().manual_seed(1)
     counts = torch.randint(1, 8, (60,), generator=g)  # 1 to 7 captions per image
     text_image = torch.repeat_interleave(torch.arange(60), counts)
@@ -78,7 +82,7 @@ def test_recall_matches_naive_full_matrix(chunk_size):
     images = F.normalize(torch.randn(60, 16, generator=g), dim=-1)
     texts = F.normalize(images[text_image] + 1.2 * torch.randn(len(text_image), 16, generator=g), dim=-1)
     k_values = (1, 5, 10, 50)
-    got = recall_at_k(images, texts, text_image, k_values, chunk_size=chunk_size)
+    got = recall_at_k(images, texts, text_image, k_values, **({'chunk_images': chunk_images} if chunk_images else {}))
     naive = naive_recall(images, texts, text_image, k_values)
     for d in ('image_to_text', 'text_to_image'):
         assert got[d] == pytest.approx(naive[d])
@@ -86,9 +90,131 @@ def test_recall_matches_naive_full_matrix(chunk_size):
     assert 0 < got['text_to_image'][1] < got['text_to_image'][10] < 1
 
 
+def brute_force_recall(images, texts, text_image, k):
+    """Expected recall@k by enumerating every order of the tied candidates: those whose embedding equals the query's
+    best correct item's, and its correct items at that score; a different embedding at the same score counts above."""
+    scores = images @ texts.T
+
+    def expected_hit(candidate_scores, correct, embeddings):
+        best = max(s for s, c in zip(candidate_scores, correct) if c)
+        best_embeddings = [e for s, c, e in zip(candidate_scores, correct, embeddings) if c and s == best]
+        tied, above = [], 0
+        for s, c, e in zip(candidate_scores, correct, embeddings):
+            if s == best and (c or any(torch.equal(e, b) for b in best_embeddings)):
+                tied.append(c)
+            elif s >= best:
+                above += 1
+        orders = list(itertools.permutations(tied))
+        return sum(any(o[:max(k - above, 0)]) for o in orders) / len(orders)
+
+    n, t = scores.shape
+    i2t = [expected_hit(scores[i].tolist(), (text_image == i).tolist(), list(texts)) for i in range(n)]
+    t2i = [expected_hit(scores[:, j].tolist(), (torch.arange(n) == text_image[j]).tolist(), list(images))
+           for j in range(t)]
+    return sum(i2t) / n, sum(t2i) / t
+
+
+@pytest.mark.parametrize('seed', range(6))
+def test_recall_with_ties_matches_brute_force(seed):
+    # embeddings drawn from a few small integer vectors: repeated images and captions (exact ties), and different
+    # embeddings with equal integer scores (float coincidences, which count against the query)
+    g = torch.Generator().manual_seed(seed)
+    images = torch.tensor([[1., 0, 1], [0, 1, 1], [1, 1, 0]])[torch.randint(0, 3, (5,), generator=g)]
+    texts = torch.tensor([[1., 0, 0], [0, 1, 0], [1, 1, 1], [0, 0, 1]])[torch.randint(0, 4, (8,), generator=g)]
+    text_image = torch.tensor([0, 0, 1, 2, 2, 2, 3, 4])
+    for k in (1, 2, 3, 5):
+        expected = brute_force_recall(images, texts, text_image, k)
+        got = recall_at_k(images, texts, text_image, (k,), chunk_images=2)
+        assert (got['image_to_text'][k], got['text_to_image'][k]) == pytest.approx(expected, abs=1e-12)
+
+
+def test_hit_rates_closed_form():
+    # 2 correct captions level with 3 wrong ones at the top: the first of 5 random places is correct with p 2/5,
+    # one of the first two with 1 - (3/5)(2/4) = 7/10, one of the first three with 1 - (3/5)(2/4)(1/3) = 9/10
+    hits = hit_rates(torch.tensor([0, 1]), torch.tensor([3, 1]), torch.tensor([2, 2]), (1, 2, 3, 4))
+    assert hits.flatten().tolist() == pytest.approx([2 / 5, 7 / 10, 9 / 10, 1, 0, 2 / 3, 1, 1])
+
+
+CUDA = pytest.param('cuda', marks=pytest.mark.skipif(not torch.cuda.is_available(), reason='no GPU'))
+
+
+@pytest.mark.parametrize('device', ['cpu', CUDA])
+@pytest.mark.parametrize('chunk_images', [None, 7])
+def test_constant_image_embeddings_score_exactly_chance(chunk_images, device):
+    # the seed's rule (ties count for the query, the own score from another product) gave text->image R@1 = 0.65
+    # for 1000 constant images: a collapsed generator must not beat chance. Exact chance needs every block's GEMM
+    # to give equal inputs equal outputs, which the device's BLAS decides: hence the GPU case.
+    g = torch.Generator().manual_seed(3)
+    text_image = torch.repeat_interleave(torch.arange(200), torch.randint(1, 8, (200,), generator=g)).to(device)
+    N, T, k_values = 200, len(text_image), (1, 5, 10, 50)
+    image = F.normalize(torch.randn(1, 32, generator=g), dim=-1).expand(N, 32).to(device)
+    texts = F.normalize(torch.randn(T, 32, generator=g), dim=-1).to(device)
+    tile = {'chunk_images': chunk_images} if chunk_images else {}
+    got = recall_at_k(image, texts, text_image, k_values, **tile)
+    # text -> image: all N images tie, so the own one is in the top K with probability K / N exactly
+    assert got['text_to_image'] == pytest.approx({k: k / N for k in k_values}, rel=1e-12)
+    # image -> text: every image ranks the captions alike, so exactly the owners of the K best captions are hits
+    ranking = (texts @ image[0]).argsort(descending=True)
+    assert got['image_to_text'] == pytest.approx({k: len(set(text_image[ranking[:k]].tolist())) / N
+                                                  for k in k_values}, rel=1e-12)
+    assert len(set(text_image[ranking[:50]].tolist())) < 50  # some images own two of the 50 best: below K / N
+    # all captions constant too: everything ties, and an image with c of the T captions hits with 1 - C(T-c,K)/C(T,K)
+    got = recall_at_k(image, texts[:1].expand(T, 32), text_image, k_values, **tile)
+    per_image = torch.bincount(text_image).tolist()  # 1 to 7 captions
+    chance = {k: sum(1 - math.comb(T - c, k) / math.comb(T, k) for c in per_image) / N for k in k_values}
+    assert got['image_to_text'] == pytest.approx(chance, rel=1e-9)
+    assert got['text_to_image'] == pytest.approx({k: k / N for k in k_values}, rel=1e-12)
+
+
+def test_duplicate_captions_across_images_tie():
+    # images 2j and 2j+1 have one caption each, the same string (identical text embeddings), closer to image 2j.
+    # image -> text: each image's caption ties with its twin, a coin flip at K = 1. Text -> image: both copies rank
+    # image 2j first, so the copy of image 2j+1 misses at K = 1. A perfect model of this data can do no better.
+    images = torch.eye(20)
+    shared = F.normalize(images[0::2] + 0.5 * images[1::2], dim=-1)
+    texts, text_image = shared.repeat_interleave(2, 0), torch.arange(20)
+    got = recall_at_k(images, texts, text_image, (1, 2))
+    assert got == {'image_to_text': {1: 0.5, 2: 1.0}, 'text_to_image': {1: 0.5, 2: 1.0}}
+    counts, _ = retrieval_counts(images, texts, text_image)  # (greater, ties, correct) = (0, 1, 1) for every image
+    assert counts['image_to_text'][1].tolist() == [1] * 20 and counts['image_to_text'][2].tolist() == [1] * 20
+
+
+def test_near_equal_image_embeddings_stay_at_chance():
+    # mathematically equal image vectors that differ only by float32 rounding (each normalized from its own scale)
+    g = torch.Generator().manual_seed(4)
+    N, per_image = 300, 5
+    c = torch.randn(1, 64, generator=g)
+    images = F.normalize(c * torch.rand(N, 1, generator=g).add(0.5), dim=-1)
+    assert len(torch.unique(images, dim=0)) > 1  # they do differ in the last bits
+    texts = F.normalize(torch.randn(N * per_image, 64, generator=g), dim=-1)
+    got = recall_at_k(images, texts, torch.arange(N).repeat_interleave(per_image), (1, 5, 10), chunk_images=64)
+    for k in (1, 5, 10):  # rounding orders them at random: chance, give or take sampling noise (the old rule: 0.5)
+        for d, queries in (('image_to_text', N), ('text_to_image', N * per_image)):
+            assert got[d][k] <= k / N + 4 * math.sqrt(k / N / queries), (d, k, got[d][k])
+
+
 def test_recall_rejects_images_without_captions():
     with pytest.raises(ValueError, match='1 of 3 images have no caption'):
         recall_at_k(torch.eye(3), torch.eye(3)[:2], torch.tensor([0, 2]))
+
+
+def test_bootstrap_interval_matches_the_binomial_and_pairs_columns():
+    rng = np.random.default_rng(0)
+    a = (rng.random(4000) < 0.3).astype(float)
+    b = a.copy()
+    b[rng.choice(4000, 80, replace=False)] = 1 - b[:80]  # B differs from A on 2% of the units
+    lo_hi = bootstrap_ci(np.stack([a, b, b - a], 1), np.ones(4000), samples=1000, seed=0)
+    half = 1.96 * np.sqrt(a.mean() * (1 - a.mean()) / 4000)
+    assert lo_hi[0] == pytest.approx([a.mean() - half, a.mean() + half], abs=0.15 * half)
+    paired = lo_hi[2][1] - lo_hi[2][0]
+    assert paired < 0.35 * (lo_hi[0][1] - lo_hi[0][0])  # paired: the shared draws cancel, unlike A's own spread
+    assert lo_hi[2][0] <= (b - a).mean() <= lo_hi[2][1]
+    assert bootstrap_ci(a[:, None], np.ones(4000), 1000, 0) == [lo_hi[0]]  # seeded
+    assert bootstrap_ci(a[:, None], np.ones(4000), 1000, 1) != [lo_hi[0]]
+    # a ratio of sums: images with 1 and 3 captions; every draw of only 3-caption images averages 1.0
+    sums, counts = np.array([[0.0], [3.0]]), np.array([1.0, 3.0])
+    lo, hi = bootstrap_ci(sums, counts, 500, 0)[0]
+    assert lo == 0.0 and hi == 1.0
 
 
 def test_method_a_is_open_clip_avg_pooling(tiny_clip):
@@ -106,6 +232,20 @@ def test_method_a_is_open_clip_avg_pooling(tiny_clip):
     assert tokens.shape == (5, 16, 8)
     torch.testing.assert_close(a, expected, rtol=1e-5, atol=1e-6)
     assert not torch.allclose(a, F.normalize(cls, dim=-1), atol=1e-3)  # A is not the CLS embedding R
+
+
+def test_repeated_captions_get_identical_features(tiny_clip, tmp_path):
+    # encoded in different batches, one string could round differently; encoded once, its copies tie exactly
+    import open_clip
+    from eval import load_clip, text_features
+    model, tokenizer = load_clip(tiny_clip, '', 'cpu')
+    captions = ['a red circle', 'a blue square', 'two shapes', 'a red circle', 'a green triangle', 'a red circle']
+    feats = text_features(model, tokenizer, captions, str(tmp_path), tiny_clip, '', 2, 'cpu')
+    assert feats.shape == (6, 6) and np.array_equal(feats[0], feats[3]) and np.array_equal(feats[0], feats[5])
+    assert not np.array_equal(feats[0], feats[1])
+    with torch.no_grad():
+        alone = F.normalize(model.encode_text(open_clip.get_tokenizer(tiny_clip)(['a blue square'])), dim=-1)
+    np.testing.assert_allclose(feats[1], alone[0].numpy(), atol=1e-6)
 
 
 def run_eval(monkeypatch, *args):
@@ -136,41 +276,68 @@ def load_summaries(out):
 def test_end_to_end_writes_every_field(eval_setup, monkeypatch, capsys):
     data, out, args = eval_setup
     clip = np.load(os.path.join(data, 'clip.npy'))
+    train = make_data_folder(str(out.parent / 'train'), n=30, tokens=16, clip_dim=8, embed_dim=6, seed=1)
     os.makedirs(out)
     noisy = clip.astype(np.float32) + np.random.default_rng(0).normal(0, 0.5, clip.shape)
     write_generated(out / 'generated.npy', noisy)
-    run_eval(monkeypatch, *args, f'--generated={out / "generated.npy"}', '--save_detailed=True')
+    run_eval(monkeypatch, *args, f'--generated={out / "generated.npy"}', '--save_detailed=True', f'--train_data={train}')
     align, recall = load_summaries(out)
     for s in (align, recall):
         assert s['embedding_space'] == 6 and s['uses_visual_projection'] is True
         assert s['num_images'] == 24 and s['num_captions'] == 8 * 1 + 8 * 5 + 8 * 7
         assert s['captions_per_image'] == {'min': 1, 'max': 7, 'mean': 104 / 24}
-    for m in ('method_a', 'method_b', 'reference'):
+        assert s['bootstrap']['samples'] == 1000 and s['mean_tokens_source'].startswith(train)
+    assert recall['ties'].startswith('never for the query')
+    for m in ('method_a', 'method_b', 'reference', 'mean_tokens'):
         assert set(align[m]) == {'mean_cosine_similarity', 'std_cosine_similarity', 'min_cosine_similarity',
-                                 'max_cosine_similarity'}
+                                 'max_cosine_similarity', 'mean_cosine_similarity_ci95'}
         stats = [align[m][f'{s}_cosine_similarity'] for s in ('min', 'mean', 'max')]
         assert -1 <= stats[0] <= stats[1] <= stats[2] <= 1
+        lo, hi = align[m]['mean_cosine_similarity_ci95']
+        assert stats[0] <= lo < stats[1] < hi <= stats[2]
         for d in ('image_to_text', 'text_to_image'):
-            assert set(recall[m][d]) == {'recall@1', 'recall@5', 'recall@10'}
+            assert set(recall[m][d]) == {f'recall@{k}{s}' for k in (1, 5, 10) for s in ('', '_ci95')}
             assert 0 <= recall[m][d]['recall@1'] <= recall[m][d]['recall@5'] <= recall[m][d]['recall@10'] <= 1
+            for k in (1, 5, 10):
+                lo, hi = recall[m][d][f'recall@{k}_ci95']
+                assert 0 <= lo <= hi <= 1 and lo - 1e-12 <= recall[m][d][f"recall@{k}"] <= hi + 1e-12
     assert align['difference_mean'] == pytest.approx(align['method_b']['mean_cosine_similarity']
                                                      - align['method_a']['mean_cosine_similarity'], abs=1e-9)
+    lo, hi = align['difference_mean_ci95']
+    assert lo < align['difference_mean'] < hi
     assert align['difference_std'] > 0 and -1 <= align['correlation'] < 1
-    fid = align['token_fidelity']
-    assert set(fid) == {'token_cosine_mean', 'token_cosine_std', 'image_vector_cosine_mean',
-                        'image_vector_cosine_std', 'mse_standardized'}
+    fid, mean_fid = align['token_fidelity'], align['mean_tokens_fidelity']
+    keys = {f'{k}_{s}' for k in ('token_cosine', 'token_cosine_standardized', 'image_vector_cosine')
+            for s in ('mean', 'std')} | {'mse_standardized'}
+    assert set(fid) == keys and set(mean_fid) == keys
     assert 0 < fid['token_cosine_mean'] < 1 and 0 < fid['image_vector_cosine_mean'] < 1
+    assert 0 < fid['token_cosine_standardized_mean'] < fid['token_cosine_mean']  # offsets no longer help
     # the noise is 0.5 per channel, so the standardized MSE is 0.25 / std^2 averaged over channels
     meta = json.load(open(os.path.join(data, 'meta.json')))
     expected_mse = np.mean(0.25 / np.square(meta['clip_std']))
     assert fid['mse_standardized'] == pytest.approx(expected_mse, rel=0.1)
+    # the mean tokens: the train folder's per-position mean; a constant, so its recall is chance exactly
+    detailed = np.load(out / 'eval' / 'alignment_detailed.npz')
+    train_mean = np.load(os.path.join(train, 'clip.npy')).astype(np.float64).mean(0)
+    np.testing.assert_allclose(detailed['mean_tokens'], train_mean, rtol=1e-6, atol=1e-6)
+    assert abs(mean_fid['token_cosine_standardized_mean']) < 0.2 < fid['token_cosine_standardized_mean']
+    assert mean_fid['mse_standardized'] > 0.9 > fid['mse_standardized']
+    assert mean_fid['image_vector_cosine_std'] > 0
+    text_image = detailed['text_image']
+    best_captions = np.argsort(-detailed['similarity_m'], kind='stable')  # every image ranks them alike
+    for k in (1, 5, 10):
+        assert recall['mean_tokens']['text_to_image'][f'recall@{k}'] == pytest.approx(k / 24, rel=1e-12)
+        assert recall['mean_tokens']['text_to_image'][f'recall@{k}_ci95'] == pytest.approx([k / 24] * 2, rel=1e-12)
+        distinct = len(set(text_image[best_captions[:k]]))
+        assert recall['mean_tokens']['image_to_text'][f'recall@{k}'] == pytest.approx(distinct / 24, rel=1e-12)
     for d in ('image_to_text', 'text_to_image'):
         diff = recall['difference'][d]
         for k in (1, 5, 10):
             a, b = recall['method_a'][d][f'recall@{k}'], recall['method_b'][d][f'recall@{k}']
             assert diff[f'recall@{k}_difference'] == pytest.approx(b - a)
+            lo, hi = diff[f'recall@{k}_difference_ci95']
+            assert -1 <= lo <= b - a <= hi <= 1
             assert diff[f'recall@{k}_relative_change'] == (pytest.approx(100 * (b - a) / a) if a else None)
-    detailed = np.load(out / 'eval' / 'alignment_detailed.npz')
     assert detailed['similarity_a'].shape == (104,) and detailed['image_embedding_b'].shape == (24, 6)
     assert np.load(out / 'eval' / 'recall_detailed.npz')['rank_text_to_image_r'].shape == (104,)
     printed = capsys.readouterr().out
@@ -179,33 +346,52 @@ def test_end_to_end_writes_every_field(eval_setup, monkeypatch, capsys):
             assert os.path.getsize(out / 'eval' / png) > 1000
     else:
         assert 'plots: matplotlib not installed, skipped' in printed
-    assert 'image->text R@1' in printed and 'B generated' in printed
+    table = printed[printed.index('A real tokens'):]
+    assert 'image->text R@1' in table and 'B generated' in table and 'mean tokens' in table and 'B - A' in table
+    r5 = recall['method_b']['image_to_text']
+    assert f"{100 * r5['recall@5']:.1f}% [{100 * r5['recall@5_ci95'][0]:.1f}, {100 * r5['recall@5_ci95'][1]:.1f}]" \
+        in table
     cache = [f for f in os.listdir(data) if f.startswith('text_features_eval-test-tiny-clip_random_')]
     assert len(cache) == 2  # the .npy and its key .json
 
     # the real tokens fed as generated: B is A exactly; the cached text features are reused
     write_generated(out / 'generated.npy', clip)
-    run_eval(monkeypatch, *args, f'--generated={out / "generated.npy"}')
+    run_eval(monkeypatch, *args, f'--generated={out / "generated.npy"}', f'--train_data={train}', '--mean_tokens_rows=7',
+             '--save_detailed=True')
     align2, recall2 = load_summaries(out)
     assert 'text features: cached' in capsys.readouterr().out
     assert align2['method_b'] == align2['method_a'] and align2['method_a'] == align['method_a']
     assert align2['difference_mean'] == 0 and align2['difference_std'] == 0
+    assert align2['difference_mean_ci95'] == [0, 0]
     assert align2['correlation'] == pytest.approx(1.0, abs=1e-12)
     assert align2['token_fidelity']['token_cosine_mean'] == pytest.approx(1.0, abs=1e-6)
+    assert align2['token_fidelity']['token_cosine_standardized_mean'] == pytest.approx(1.0, abs=1e-6)
     assert align2['token_fidelity']['mse_standardized'] == 0
     assert recall2['method_b'] == recall2['method_a']
     assert all(v == 0 for d in recall2['difference'].values() for k, v in d.items() if k.endswith('_difference'))
+    assert all(v == [0, 0] for d in recall2['difference'].values() for k, v in d.items() if k.endswith('_ci95'))
+    assert '7 rows' in align2['mean_tokens_source']
+    rows = np.load(os.path.join(train, 'clip.npy'))[[0, 4, 8, 12, 17, 21, 25]]  # 7 evenly spaced rows of 30
+    np.testing.assert_allclose(np.load(out / 'eval' / 'alignment_detailed.npz')['mean_tokens'],
+                               rows.astype(np.float64).mean(0), rtol=1e-6, atol=1e-6)
 
 
-def test_without_generated_reports_the_clip_baseline(eval_setup, monkeypatch):
+def test_without_generated_reports_the_clip_baseline(eval_setup, monkeypatch, capsys):
     data, out, args = eval_setup
-    run_eval(monkeypatch, *args, '--tasks=recall,alignment', '--k_values=(1, 3)')
+    run_eval(monkeypatch, *args, '--tasks=recall,alignment', '--k_values=(1, 3)', '--bootstrap_samples=0')
     align, recall = load_summaries(out)
     assert align['method_b'] is None and align['difference_mean'] is None and align['token_fidelity'] is None
     assert recall['method_b'] is None and recall['difference'] is None
-    assert set(recall['method_a']['image_to_text']) == {'recall@1', 'recall@3'}
+    assert set(recall['method_a']['image_to_text']) == {'recall@1', 'recall@3', 'recall@1_ci95', 'recall@3_ci95'}
+    assert recall['method_a']['image_to_text']['recall@3_ci95'] is None and recall['bootstrap'] is None
     assert align['generated'] is None
     assert align['method_a']['mean_cosine_similarity'] != align['reference']['mean_cosine_similarity']
+    # no train folder: the mean tokens fall back to the evaluated folder's per-channel mean, still at chance
+    assert 'meta.json clip_mean' in align['mean_tokens_source']
+    assert recall['mean_tokens']['text_to_image'] == {'recall@1': pytest.approx(1 / 24), 'recall@1_ci95': None,
+                                                      'recall@3': pytest.approx(3 / 24), 'recall@3_ci95': None}
+    table = capsys.readouterr().out.split('A real tokens')[1]
+    assert 'mean tokens' in table and 'B - A' not in table and '[' not in table
 
 
 def test_bad_generated_shape_count_and_values(eval_setup, monkeypatch):

@@ -3,12 +3,14 @@
 Most runs execute extract.py in this process (runpy, same argv as the command line) so that torch and
 open_clip are imported once; the kill test runs it as a real subprocess.
 """
+import io
 import json
 import os
 import runpy
 import signal
 import subprocess
 import sys
+import tarfile
 import time
 
 import numpy as np
@@ -21,7 +23,7 @@ import data
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EXTRACT = os.path.join(ROOT, 'extract.py')
 TINY = ['--clip_model=tiny-clip', '--eva_model=tiny-eva', '--grid_size=4', '--extract_batch_size=4',
-        '--num_workers=1', '--device=cpu', '--dtype=float32']
+        '--num_workers=1', '--device=cpu']
 
 
 def run_extract(*args):
@@ -34,7 +36,8 @@ def run_extract(*args):
 def load_folder(path):
     """Arrays, meta and captions of a complete data folder, through data.py's own checks."""
     meta = data.open_folder(str(path), arrays=tuple(data.ARRAYS))
-    arrays = {name: np.load(p, mmap_mode='r') for name, p in meta['paths'].items()}
+    arrays = {name: np.load(p, mmap_mode='r') for name, p in meta.pop('paths').items()}
+    del meta['shapes']  # what open_folder adds: meta is now meta.json as written
     return arrays, meta, data.read_json(os.path.join(path, 'captions.json'))
 
 
@@ -70,6 +73,16 @@ def weights(tmp_path_factory):
         paths[name] = str(d / f'{name}.pt')
         torch.save(model.state_dict(), paths[name])
     return paths
+
+
+@pytest.fixture(scope='module')
+def huge_eva(tmp_path_factory, weights):
+    """tiny-eva weights whose ln_post scales 3 of 96 channels by 1e6: most of their values beyond float16."""
+    model, _ = open_clip_model('tiny-eva', weights['tiny-eva'])
+    model.visual.ln_post.weight.data[:3] = 1e6
+    path = str(tmp_path_factory.mktemp('huge') / 'huge-eva.pt')
+    torch.save(model.state_dict(), path)
+    return path
 
 
 @pytest.fixture(scope='module')
@@ -134,6 +147,7 @@ def test_synthetic_shapes_dtypes_meta_captions(tmp_path):
     assert meta['clip'] == {'model': 'tiny-clip', 'pretrained': '', 'tokens': 16, 'dim': 64, 'embed_dim': 32}
     assert meta['eva'] == {'model': 'tiny-eva', 'pretrained': '', 'tokens': 16, 'dim': 96}
     assert meta['dtype'] == 'float16' and meta['skipped'] == []
+    assert meta['eva_clamped_values'] == 0 and meta['eva_clamped_files'] == []
     flat = np.asarray(train['clip'], dtype=np.float64).reshape(-1, 64)
     np.testing.assert_allclose(meta['clip_mean'], flat.mean(0), rtol=1e-9, atol=1e-12)
     np.testing.assert_allclose(meta['clip_std'], flat.std(0), rtol=1e-9, atol=1e-12)
@@ -179,6 +193,39 @@ def test_float16_overflow_stops_naming_the_image(tmp_path, image_folder, weights
     with pytest.raises(SystemExit, match=r'CLIP features of a\.jpg are .*beyond float16'):
         run_extract(*TINY, '--source=folder', f'--image_folder={image_folder}', "--splits=('set',)",
                     f"--clip_pretrained={tmp_path / 'huge.pt'}", f'--data_dir={tmp_path / "out"}')
+    model, _ = open_clip_model('tiny-eva', weights['tiny-eva'])
+    model.visual.ln_post.bias.data[5] = float('nan')  # the encoder itself fails: EVA stops too
+    torch.save(model.state_dict(), tmp_path / 'nan.pt')
+    with pytest.raises(SystemExit, match=r'EVA features of a\.jpg are non-finite; stopping'):
+        run_extract(*TINY, '--source=folder', f'--image_folder={image_folder}', "--splits=('set',)",
+                    f"--clip_pretrained={weights['tiny-clip']}", f"--eva_pretrained={tmp_path / 'nan.pt'}",
+                    f'--data_dir={tmp_path / "out2"}')
+
+
+def test_eva_beyond_float16_is_clamped_counted_and_named(tmp_path, image_folder, weights, huge_eva, capsys):
+    run_extract(*TINY, '--source=folder', f'--image_folder={image_folder}', "--splits=('set',)",
+                f"--clip_pretrained={weights['tiny-clip']}", f'--eva_pretrained={huge_eva}', f'--data_dir={tmp_path}')
+    arrays, meta, _ = load_folder(tmp_path / 'set')
+    images = [Image.open(os.path.join(image_folder, 'set', f)).convert('RGB') for f in meta['files']]
+    _, reference = reference_tokens(*open_clip_model('tiny-eva', huge_eva), images)
+    beyond = np.abs(reference) > 65504
+    assert beyond[:, :, :3].mean() > 0.5 and not beyond[:, :, 3:].any()
+    assert meta['eva_clamped_values'] == beyond.sum()
+    assert meta['eva_clamped_files'] == meta['files']  # every image has some
+    np.testing.assert_array_equal(arrays['eva'][beyond], np.sign(reference[beyond]) * 65504)
+    np.testing.assert_allclose(arrays['eva'][~beyond], reference[~beyond], rtol=2e-3, atol=2e-3)
+    out = capsys.readouterr().out
+    assert f"warning: {beyond[0].sum()} EVA values of a.jpg (up to " in out
+    assert f"warning: {beyond.sum()} EVA values beyond float16 are stored as +-65504" in out
+    assert meta['compute_dtype'] == {'clip': 'float32', 'eva': 'float32'}  # the CPU: float32 whatever is set
+
+
+def test_dtype_setting_is_now_clip_dtype_and_eva_dtype(tmp_path):
+    args = ['--source=synthetic', "--splits=('val',)", "--synthetic_counts={'val': 2}", f'--data_dir={tmp_path}']
+    with pytest.raises(SystemExit, match='--dtype is now --clip_dtype and --eva_dtype'):
+        run_extract(*TINY, *args, '--dtype=float32')
+    with pytest.raises(SystemExit, match="eva_dtype must be 'float32', 'bfloat16' or 'float16', got 'fp8'"):
+        run_extract(*TINY, *args, '--eva_dtype=fp8')
 
 
 def write_coco(root, split, images, captions):
@@ -214,9 +261,109 @@ def test_coco_source(tmp_path):
         run_extract(*TINY, *coco, "--splits=('train2017','val2017')")
 
 
-def test_killed_run_resumes_to_identical_arrays(tmp_path):
-    args = [*TINY, '--extract_batch_size=2', '--source=synthetic', "--splits=('train',)", "--synthetic_counts={'train': 120}",
-            '--synthetic_image_size=128', '--clip_pretrained=']
+def write_shard(path, members):
+    """An uncompressed tar of (name, bytes) members in order, as img2dataset writes its shards."""
+    with tarfile.open(path, 'w') as tar:
+        for name, raw in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(raw)
+            tar.addfile(info, io.BytesIO(raw))
+
+
+def json_caption(text):
+    return json.dumps({'caption': text, 'url': 'http://example.com/x.jpg', 'status': 'success'}).encode()
+
+
+@pytest.fixture(scope='module')
+def shards(tmp_path_factory, image_folder):
+    """Shards 00000..00002 of image_folder's readable images in its order, a corrupt image, a sample with a
+    .json caption only, one without an image, a metadata member."""
+    d = tmp_path_factory.mktemp('shards')
+    raw = lambda f: open(os.path.join(image_folder, 'set', f), 'rb').read()
+    write_shard(d / '00000.tar', [
+        ('000000000.jpg', raw('a.jpg')), ('000000000.txt', b'a noisy picture\n'),
+        ('000000000.json', json_caption('the .txt wins')),
+        ('000000001.png', raw('b.png')), ('000000001.json', json_caption('a caption from the json')),
+        ('000000002.jpg', raw('corrupt.jpg')), ('000000002.txt', b'corrupt'),
+        ('000000003.png', raw('c_gray.png'))])
+    write_shard(d / '00001.tar', [
+        ('__meta__.json', b'{}'), ('000000004.png', raw('d_rgba.png')),
+        ('000000005.jpg', raw(os.path.join('sub', 'e.jpg'))), ('000000005.txt', b'e'),
+        ('000000006.txt', b'an image that is missing'), ('000000006.json', json_caption('missing'))])
+    write_shard(d / '00002.tar', [('000000007.jpg', raw('a.jpg'))])
+    return str(d)
+
+
+def test_webdataset_tokens_equal_folder_tokens(tmp_path, shards, folder_run, weights):
+    pattern = os.path.join(shards, '{00000..00002}.tar')
+    run_extract(*TINY, '--source=webdataset', f'--webdataset_shards={{"set": {pattern!r}}}', '--max_shards=2',
+                "--splits=('set',)", f'--data_dir={tmp_path}', f"--clip_pretrained={weights['tiny-clip']}",
+                f"--eva_pretrained={weights['tiny-eva']}")
+    arrays, meta, captions = load_folder(tmp_path / 'set')
+    folder, _, _ = load_folder(folder_run)  # the same images from image files: the same rows
+    for name in folder:
+        assert np.array_equal(arrays[name], folder[name]), name
+    assert meta['image_ids'] == ['000000000', '000000001', '000000003', '000000004', '000000005']
+    assert meta['files'] == ['00000.tar/000000000.jpg', '00000.tar/000000001.png', '00000.tar/000000003.png',
+                             '00001.tar/000000004.png', '00001.tar/000000005.jpg']
+    assert [(s['image_id'], s['file']) for s in meta['skipped']] == [('000000002', '00000.tar/000000002.jpg'),
+                                                                      ('000000006', '00001.tar/000000006')]
+    assert 'no image file' in meta['skipped'][1]['reason']
+    assert captions == {'000000000': ['a noisy picture'], '000000001': ['a caption from the json'],
+                        '000000005': ['e']}
+    assert meta['source']['kind'] == 'webdataset' and meta['source']['shards'] == pattern
+    assert meta['source']['max_shards'] == 2 and meta['source']['root'] == shards and meta['source']['listed'] == 7
+
+
+def test_webdataset_listing_brace_expansion_shard_limit_bad_shards(shards, image_folder, tmp_path):
+    import extract
+    listed = lambda pattern, **kw: extract.list_split('set', 'webdataset', webdataset_shards={'set': pattern}, **kw)
+    pattern = os.path.join(shards, '{00000..00002}.tar')
+    assert listed(pattern)['ids'] == [f'{i:09d}' for i in range(8)]
+    assert len(listed(pattern, max_shards=2)['ids']) == 7 and len(listed(pattern, max_shards=1)['ids']) == 4
+    assert len(listed(pattern, limit=5)['ids']) == 5
+    both = listed(os.path.join(shards, '00002.tar') + '::' + os.path.join(shards, '00000.tar'))  # webdataset's '::'
+    assert both['ids'] == ['000000007', '000000000', '000000001', '000000002', '000000003']
+    a = np.asarray(Image.open(os.path.join(image_folder, 'set', 'a.jpg')).convert('RGB'))
+    assert all(np.array_equal(np.asarray(extract.load_member(both['keys'][k])), a) for k in (0, 1))  # one seek, read
+    with pytest.raises(SystemExit, match=r"webdataset shard not found: .*00003\.tar \(webdataset_shards\['set'\]="):
+        listed(os.path.join(shards, '{00000..00003}.tar'))
+    with pytest.raises(SystemExit, match=r"sample key '000000000' is in .*00000\.tar and .*00000\.tar"):
+        listed(os.path.join(shards, '00000.tar::') + os.path.join(shards, '00000.tar'))
+    (tmp_path / 'bad.tar').write_bytes(b'not a tar file' * 100)
+    with pytest.raises(SystemExit, match=r'bad\.tar is not a readable uncompressed tar file'):
+        listed(str(tmp_path / 'bad.tar'))
+    with pytest.raises(SystemExit, match=r"split 'set' has no shard pattern in webdataset_shards=\{'val'"):
+        extract.list_split('set', 'webdataset', webdataset_shards={'val': pattern})
+    splits = {'a': os.path.join(shards, '00000.tar'), 'b': os.path.join(shards, '{00000..00001}.tar')}
+    with pytest.raises(SystemExit, match="'a' and 'b' share 4 images"):
+        run_extract(*TINY, '--source=webdataset', f'--webdataset_shards={splits!r}', "--splits=('a','b')",
+                    f'--data_dir={tmp_path}')
+
+
+def synthetic_shards(folder, count, per_shard, image_size):
+    """The synthetic images 0..count-1 of split 'train' as JPEG samples with .txt captions, per_shard a shard."""
+    import extract
+    os.makedirs(folder)
+    for first in range(0, count, per_shard):
+        members = []
+        for i in range(first, min(first + per_shard, count)):
+            buffer = io.BytesIO()
+            extract.synthetic_image(0, 'train', image_size, i).save(buffer, format='JPEG', quality=95)
+            caption = extract.synthetic_captions(*extract.synthetic_scene(0, 'train', i))[0]
+            members += [(f'{i:09d}.jpg', buffer.getvalue()), (f'{i:09d}.txt', caption.encode())]
+        write_shard(os.path.join(folder, f'{first // per_shard:05d}.tar'), members)
+    return os.path.join(folder, f'{{00000..{(count - 1) // per_shard:05d}}}.tar')
+
+
+@pytest.mark.parametrize('source', ['synthetic', 'webdataset'])
+def test_killed_run_resumes_to_identical_arrays(tmp_path, source, huge_eva):
+    args = [*TINY, '--extract_batch_size=2', "--splits=('train',)", '--clip_pretrained=']
+    if source == 'synthetic':
+        args += ['--source=synthetic', "--synthetic_counts={'train': 120}", '--synthetic_image_size=128']
+    else:  # EVA values clamped too: their count must resume as exactly as the rows
+        pattern = synthetic_shards(str(tmp_path / 'shards'), 120, 40, 128)
+        args += ['--source=webdataset', f'--webdataset_shards={{"train": {pattern!r}}}', f'--eva_pretrained={huge_eva}']
     run_extract(*args, f'--data_dir={tmp_path / "whole"}')
 
     state = tmp_path / 'killed' / 'train' / '.extract_state.rank0.json'
@@ -243,6 +390,7 @@ def test_killed_run_resumes_to_identical_arrays(tmp_path):
     for name in whole:
         assert np.array_equal(whole[name], resumed[name]), name
     assert whole_meta == resumed_meta and whole_caps == resumed_caps
+    assert whole_meta['count'] == 120 and (whole_meta['eva_clamped_values'] > 0) == (source == 'webdataset')
 
 
 def test_hf_vision_model_path(tmp_path):

@@ -28,7 +28,7 @@ TINY = ['--dim=32', '--n_layers=2', '--n_heads=2', '--in_dim=8', '--cond_dim=12'
         '--eval_interval=10', '--eval_iters=2', '--eval_gen_items=2', '--eval_gen_steps=2', '--log_interval=1',
         '--learning_rate=3e-3', '--warmup_iters=5', '--lr_decay_iters=100', '--ema_decay=0.9']
 EXTRACT = ['--clip_model=tiny-clip', '--eva_model=tiny-eva', '--clip_pretrained=', '--grid_size=4',
-           '--extract_batch_size=4', '--num_workers=0', '--device=cpu', '--dtype=float32']
+           '--extract_batch_size=4', '--num_workers=0', '--device=cpu']
 
 # train.py, except that its second checkpoint write dies (SIGKILL) half-way through the bytes
 DIES_IN_SECOND_SAVE = """
