@@ -254,7 +254,8 @@ class DiT(nn.Module):
         kv = self.cond_proj(self.cond_norm(cond))
         c = self.t_embed(t) + self.pool_embed(kv.mean(dim=1))
         h = self.x_embed(x)
-        rope = (self.rope_cos[:, None], self.rope_sin[:, None])  # [L, 1, head_dim]: broadcast over heads
+        # [L, 1, head_dim] in the compute dtype, cast once for all blocks: broadcast over heads
+        rope = (self.rope_cos[:, None].to(h.dtype), self.rope_sin[:, None].to(h.dtype))
         cross_rope = rope if self.cfg.cross_rope else None
         for block in self.blocks:
             if self.cfg.grad_checkpointing and self.training:
