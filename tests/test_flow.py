@@ -157,7 +157,8 @@ def test_tiny_dit_learns_a_conditional_task():
     model = DiT(DiTConfig(dim=64, n_layers=2, n_heads=4, in_dim=in_dim, cond_dim=cond_dim, grid_size=4))
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.0)
     losses = []
-    for step in range(400):
+    # 800 steps: at 400 the sample cosine ranged 0.8-0.99 over seeds, so any change of rounding flipped the check
+    for step in range(800):
         idx = torch.randint(0, n, (32,), generator=g)
         loss = flow.flow_loss(model, x1[idx], cond[idx], cond_drop_prob=0.0, generator=g)
         opt.zero_grad()

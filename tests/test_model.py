@@ -97,7 +97,7 @@ def test_rope_score_depends_only_on_grid_offset():
 
 def test_rope_three_axes():
     cos, sin = rope_tables(grid_positions(3, n_axes=3), head_dim=12)
-    assert cos.shape == (27, 6)
+    assert cos.shape == sin.shape == (27, 12)
     with pytest.raises(ValueError, match='divisible'):
         rope_tables(grid_positions(3, n_axes=3), head_dim=8)
 
