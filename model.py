@@ -81,7 +81,10 @@ def rope_tables(positions, head_dim, theta=10000.0):
 
 
 def swap_pairs(x):
-    """(x0, x1, x2, x3, ...) -> (x1, x0, x3, x2, ...) along the last dim: each channel's RoPE partner (2x faster than flip)."""
+    """(x0, x1, x2, x3, ...) -> (x1, x0, x3, x2, ...) along the last dim: each channel's RoPE partner.
+
+    A stack of the two strided halves: twice as fast as flip on the CPU.
+    """
     x = x.unflatten(-1, (-1, 2))
     return torch.stack([x[..., 1], x[..., 0]], dim=-1).flatten(-2)
 
@@ -151,7 +154,7 @@ class Attention(nn.Module):
         q = self.wq(x).view(B, L, self.n_heads, self.head_dim)
         k, v = self.wkv(kv).view(B, kv.shape[1], 2, self.kv_heads, self.head_dim).unbind(2)
         q, k = self.q_norm(q), self.k_norm(k)
-        if rope is not None:  # in the [B, L, H, D] layout of the projections: strided passes cost 2-3x
+        if rope is not None:  # before the transpose, on the projections' own [B, L, H, D] layout
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
         out = F.scaled_dot_product_attention(q, k, v, enable_gqa=self.kv_heads != self.n_heads)
@@ -267,6 +270,17 @@ class DiT(nn.Module):
                 h = block(h, kv, c, rope, cross_rope)
         scale = self.final_adaLN(c).unsqueeze(1)
         return self.final_proj(self.final_norm(h) * (1 + scale))
+
+    def compile_blocks(self, **compile_kwargs):
+        """Regional compilation: torch.compile each Block in place, the rest stays eager; returns self.
+
+        The blocks are one code object with the same shapes, so dynamo compiles the first and reuses that graph
+        for the others (their parameters are graph inputs): compile time does not grow with depth as it does
+        for torch.compile(model), and the state dict keeps its keys (no `_orig_mod.` prefix).
+        """
+        for block in self.blocks:
+            block.compile(**compile_kwargs)
+        return self
 
     def num_params(self):
         return sum(p.numel() for p in self.parameters())

@@ -174,7 +174,7 @@ if checkpoint:
     if checkpoint['scaler']:  # empty when saved by a disabled (non-float16) scaler
         scaler.load_state_dict(checkpoint['scaler'])
     iter_num, best_val_loss = checkpoint['iter_num'], checkpoint['best_val_loss']
-model = torch.compile(raw_model) if compile else raw_model  # compile the raw model, then wrap it
+model = raw_model.compile_blocks() if compile else raw_model  # regional: compile time flat in depth; then wrap
 if ddp:
     model = DDP(model, device_ids=[local_rank] if device_type == 'cuda' else None)
 ema_params, model_params = list(ema_model.parameters()), list(raw_model.parameters())

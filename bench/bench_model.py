@@ -1,6 +1,13 @@
 """Forward + backward throughput of the DiT alone: params, samples/s, tokens/s, FLOP/s, MFU (one JSON line).
 
+With compile: `compile_mode='regional'` compiles each block (DiT.compile_blocks(), one graph shared by all blocks),
+'full' compiles the whole model (torch.compile(model)); `first_step_s` is the wall time of the first step, which
+holds the compilation (inductor's caches off unless `compile_cache`, so it is a cold compile), `first_step_cpu_s`
+its CPU time, this process's and its C++ compilers' (steadier than wall time on a busy machine; inductor compiles in
+this process, one thread).
+
 python bench/bench_model.py [config/file.py] [--key=value]   e.g. bench/bench_model.py config/dit_large.py --batch_size=64
+python bench/bench_model.py config/demo.py --compile=True --compile_mode=full
 """
 import dataclasses
 import json
@@ -18,6 +25,8 @@ from model import DiT, DiTConfig  # noqa: E402
 batch_size = 8
 dtype = 'bfloat16'  # 'bfloat16' | 'float16' | 'float32' (autocast; weights stay fp32 as in training)
 compile = False
+compile_mode = 'regional'  # 'regional': DiT.compile_blocks() | 'full': torch.compile(model)
+compile_cache = False      # reuse inductor's on-disk caches (then first_step_s is no longer a cold compile)
 device = 'auto'
 warmup_steps = 3
 steps = 10
@@ -47,21 +56,37 @@ if __name__ == '__main__':
     torch.manual_seed(0)
     model = DiT(cfg).to(device)
     flops_per_sample = model.flops_per_sample()
-    step_model = torch.compile(model) if compile else model
+    if compile_mode not in ('regional', 'full'):
+        raise ValueError(f"compile_mode should be 'regional' or 'full', got {compile_mode!r}")
+    torch.compiler.config.force_disable_caches = not compile_cache
+    torch._inductor.config.compile_threads = 1  # compile in this process: first_step_cpu_s then counts all of it
+    step_model = model
+    if compile:
+        step_model = model.compile_blocks() if compile_mode == 'regional' else torch.compile(model)
     L = cfg.grid_size ** 2
     x = torch.randn(batch_size, L, cfg.in_dim, device=device)
     cond = torch.randn(batch_size, L, cfg.cond_dim, device=device)
     t = torch.rand(batch_size, device=device)
     autocast = torch.autocast(device.split(':')[0], dtype=ptdtype, enabled=ptdtype != torch.float32)
     sync = torch.cuda.synchronize if device.startswith('cuda') else (lambda: None)
-    for i in range(warmup_steps + steps):
-        if i == warmup_steps:
-            sync()
-            start = time.perf_counter()
+
+    def step():
         with autocast:
             loss = step_model(x, t, cond).float().square().mean()
         loss.backward()
         model.zero_grad(set_to_none=True)
+
+    start, cpu_start = time.perf_counter(), os.times()
+    step()  # holds the compilation, if any
+    sync()
+    first_step, cpu_end = time.perf_counter() - start, os.times()
+    first_step_cpu = sum(cpu_end[:4]) - sum(cpu_start[:4])  # user + system, this process and its compilers
+    for _ in range(warmup_steps):
+        step()
+    sync()
+    start = time.perf_counter()
+    for _ in range(steps):
+        step()
     sync()
     seconds = (time.perf_counter() - start) / steps
     if device.startswith('cuda'):
@@ -76,6 +101,8 @@ if __name__ == '__main__':
     print(json.dumps({
         'bench': 'model', 'device': name, 'dim': cfg.dim, 'n_layers': cfg.n_layers, 'n_heads': cfg.n_heads,
         'params': model.num_params(), 'batch_size': batch_size, 'dtype': dtype, 'compile': compile,
+        'compile_mode': compile_mode if compile else None, 'first_step_s': round(first_step, 2),
+        'first_step_cpu_s': round(first_step_cpu, 2),
         'ms_per_step': round(1000 * seconds, 2), 'samples_per_s': round(batch_size / seconds, 2),
         'tokens_per_s': round(batch_size * L / seconds, 1), 'train_flops_per_sample': 3 * flops_per_sample,
         'achieved_tflops': round(achieved / 1e12, 4), 'peak_tflops': peak and round(peak / 1e12, 4),
