@@ -12,11 +12,14 @@ EVA patch tokens cond [B, M, cond_dim]. Output: velocity [B, L, in_dim] (see flo
   out  = Linear(dim -> in_dim)(LayerNorm(h) * (1 + s))              adaLN-Zero: the untrained model outputs 0
 """
 import math
+import os
 from contextlib import nullcontext
+from datetime import timedelta
 from dataclasses import dataclass
 from typing import Optional
 
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
@@ -317,3 +320,22 @@ def autocast(device, dtype):
     if dtype == 'float32':
         return nullcontext()
     return torch.autocast(torch.device(device).type, dtype=getattr(torch, dtype))
+
+
+def init_device(device, dtype):
+    """A stage's device and place among the ranks: (device, rank, local_rank, world_size). device 'auto' is cuda
+    when available, else cpu; under torchrun (RANK set) this process joins the group and takes cuda:LOCAL_RANK."""
+    if dtype not in ('float32', 'bfloat16', 'float16'):
+        raise SystemExit(f"config error: dtype should be 'float32', 'bfloat16' or 'float16', got {dtype!r}")
+    device = ('cuda' if torch.cuda.is_available() else 'cpu') if device == 'auto' else device
+    if 'RANK' not in os.environ:
+        return device, 0, 0, 1
+    rank, local_rank, world_size = (int(os.environ[k]) for k in ('RANK', 'LOCAL_RANK', 'WORLD_SIZE'))
+    cuda = torch.device(device).type == 'cuda'
+    if cuda:
+        device = f'cuda:{local_rank}'
+        torch.cuda.set_device(device)
+    # ranks finish torch.compile (or a partial sampling run) at different times: a generous timeout
+    dist.init_process_group(backend='nccl' if cuda else 'gloo', timeout=timedelta(minutes=30),
+                            device_id=torch.device(device) if cuda else None)
+    return device, rank, local_rank, world_size

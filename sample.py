@@ -13,7 +13,6 @@ finished array is renamed to generated.npy, so that name only ever holds a compl
 """
 import os
 import time
-from datetime import timedelta
 
 import numpy as np
 import torch
@@ -22,7 +21,7 @@ from tqdm import tqdm
 
 import data
 import flow
-from model import DiT, DiTConfig, autocast
+from model import DiT, DiTConfig, autocast, init_device
 
 # -----------------------------------------------------------------------------
 out_dir = 'out'                # writes out_dir/samples/<name>/generated.npy and generated.json
@@ -50,19 +49,8 @@ if sample_method not in flow.SAMPLERS or sample_steps < 1 or sample_batch_size <
     raise SystemExit(f"config error: sample_method should be one of {', '.join(map(repr, flow.SAMPLERS))} (got "
                      f"{sample_method!r}), sample_steps, sample_batch_size and sample_shift positive (got "
                      f"{sample_steps}, {sample_batch_size}, {sample_shift})")
-if dtype not in ('float32', 'bfloat16', 'float16'):
-    raise SystemExit(f"config error: dtype should be 'float32', 'bfloat16' or 'float16', got {dtype!r}")
-ddp = int(os.environ.get('RANK', -1)) != -1
-device = ('cuda' if torch.cuda.is_available() else 'cpu') if device == 'auto' else device
-device_type = 'cuda' if device.startswith('cuda') else 'cpu'
-if ddp:
-    rank, world_size = int(os.environ['RANK']), int(os.environ['WORLD_SIZE'])
-    if device_type == 'cuda':
-        device = f"cuda:{os.environ['LOCAL_RANK']}"
-        torch.cuda.set_device(device)
-    dist.init_process_group(backend='nccl' if device_type == 'cuda' else 'gloo', timeout=timedelta(minutes=30))
-else:
-    rank, world_size = 0, 1
+device, rank, _, world_size = init_device(device, dtype)
+ddp = dist.is_initialized()
 master_process = rank == 0
 ctx = autocast(device, dtype)
 

@@ -16,7 +16,6 @@ import math
 import os
 import sys
 import time
-from datetime import timedelta
 
 import numpy as np
 import torch
@@ -26,7 +25,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 import data
 import flow
-from model import DiT, DiTConfig, autocast, peak_flops
+from model import DiT, DiTConfig, autocast, init_device, peak_flops
 
 # -----------------------------------------------------------------------------
 # I/O
@@ -97,21 +96,9 @@ val_data = val_data or os.path.join(data_dir, splits[1])
 
 if init_from not in ('scratch', 'resume', 'auto'):
     raise SystemExit(f"config error: init_from should be 'scratch', 'resume' or 'auto', got {init_from!r}")
-if dtype not in ('float32', 'bfloat16', 'float16'):
-    raise SystemExit(f"config error: dtype should be 'float32', 'bfloat16' or 'float16', got {dtype!r}")
-ddp = int(os.environ.get('RANK', -1)) != -1
-device = ('cuda' if torch.cuda.is_available() else 'cpu') if device == 'auto' else device
-device_type = 'cuda' if device.startswith('cuda') else 'cpu'
-if ddp:
-    rank, local_rank, world_size = int(os.environ['RANK']), int(os.environ['LOCAL_RANK']), int(os.environ['WORLD_SIZE'])
-    if device_type == 'cuda':
-        device = f'cuda:{local_rank}'
-        torch.cuda.set_device(device)
-    # ranks finish torch.compile at different times: a generous timeout keeps the watchdog quiet
-    dist.init_process_group(backend='nccl' if device_type == 'cuda' else 'gloo', timeout=timedelta(minutes=30),
-                            device_id=torch.device(device) if device_type == 'cuda' else None)
-else:
-    rank, local_rank, world_size = 0, 0, 1
+device, rank, local_rank, world_size = init_device(device, dtype)
+ddp = dist.is_initialized()
+device_type = torch.device(device).type
 master_process = rank == 0
 if gradient_accumulation_steps % world_size:
     raise SystemExit(f"config error: gradient_accumulation_steps={gradient_accumulation_steps} (global) must be "

@@ -8,17 +8,18 @@ python bench/bench_compile.py config/demo.py
 python bench/bench_compile.py config/demo.py --rounds=20 --batch_size=32
 """
 import dataclasses
+import functools
 import json
 import os
 import statistics
 import sys
-import time
 
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from bench_model import backward_step, random_inputs, seconds_per_call  # noqa: E402
 from configurator import configure  # noqa: E402
-from model import DiT, DiTConfig  # noqa: E402
+from model import DiT, DiTConfig, autocast  # noqa: E402
 
 # bench settings, then every DiTConfig field as a setting
 batch_size = 8
@@ -31,45 +32,28 @@ globals().update(dataclasses.asdict(DiTConfig()))
 config = configure(globals())
 
 if __name__ == '__main__':
+    cfg = DiTConfig(**{f.name: config[f.name] for f in dataclasses.fields(DiTConfig)})
     if threads:
         torch.set_num_threads(threads)
-    ptdtype = {'bfloat16': torch.bfloat16, 'float16': torch.float16, 'float32': torch.float32}[dtype]
-    autocast = torch.autocast(device.split(':')[0], dtype=ptdtype, enabled=ptdtype != torch.float32)
-    sync = torch.cuda.synchronize if device.startswith('cuda') else (lambda: None)
-    cfg = DiTConfig(**{f.name: config[f.name] for f in dataclasses.fields(DiTConfig)})
-    L = cfg.grid_size ** 2
-    x = torch.randn(batch_size, L, cfg.in_dim, device=device)
-    cond = torch.randn(batch_size, L, cfg.cond_dim, device=device)
-    t = torch.rand(batch_size, device=device)
-    models = {}  # mode -> (model, what a step calls)
+    ctx = autocast(device, dtype)
+    x, t, cond = random_inputs(cfg, batch_size, device)
+    steps = {}  # mode -> one training step
     for mode, wrap in (('eager', lambda m: m), ('regional', DiT.compile_blocks), ('full', torch.compile)):
         torch.manual_seed(0)
         model = DiT(cfg).to(device)
-        models[mode] = (model, wrap(model))
-
-    def step(mode):
-        model, step_model = models[mode]
-        with autocast:
-            loss = step_model(x, t, cond).float().square().mean()
-        loss.backward()
-        model.zero_grad(set_to_none=True)
-
-    for mode in models:
-        for _ in range(warmup_steps):
-            step(mode)
-    times = {mode: [] for mode in models}
+        forward = functools.partial(wrap(model), x, t, cond)
+        steps[mode] = functools.partial(backward_step, model, forward, ctx)
+    for step in steps.values():
+        seconds_per_call(step, warmup_steps, device)  # the first compiles
+    times = {mode: [] for mode in steps}
     for _ in range(rounds):
-        for mode in models:
-            sync()
-            start = time.perf_counter()
-            step(mode)
-            sync()
-            times[mode].append(time.perf_counter() - start)
+        for mode, step in steps.items():
+            times[mode].append(seconds_per_call(step, 1, device))
     seconds = {mode: statistics.median(ts) for mode, ts in times.items()}
     print(json.dumps({
         'bench': 'compile', 'device': f'cpu ({torch.get_num_threads()} threads)' if device == 'cpu' else device,
-        'dim': cfg.dim, 'n_layers': cfg.n_layers, 'n_heads': cfg.n_heads, 'tokens': L, 'batch_size': batch_size,
+        'dim': cfg.dim, 'n_layers': cfg.n_layers, 'n_heads': cfg.n_heads, 'tokens': cfg.grid_size ** 2, 'batch_size': batch_size,
         'dtype': dtype, 'timed_steps': rounds,
         'modes': {mode: {'ms_per_step': round(1000 * seconds[mode], 2),
-                         'tokens_per_s': round(batch_size * L / seconds[mode], 1)} for mode in models},
+                         'tokens_per_s': round(batch_size * cfg.grid_size ** 2 / seconds[mode], 1)} for mode in steps},
         'regional_over_full_step_time': round(seconds['regional'] / seconds['full'], 3)}))

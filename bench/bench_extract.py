@@ -25,6 +25,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import extract  # noqa: E402
+from bench_model import seconds_per_call  # noqa: E402
 
 # -----------------------------------------------------------------------------
 gpu = torch.cuda.is_available()  # the GPU setting below; else the tiny CPU one
@@ -52,11 +53,6 @@ if source not in ('synthetic', 'webdataset'):
 device = torch.device(setting['device'])
 if not gpu:  # as extract.py does: the DataLoader workers have their cores
     torch.set_num_threads(max(1, (os.cpu_count() or 1) - num_workers))
-
-
-def sync():
-    if device.type == 'cuda':
-        torch.cuda.synchronize()
 
 
 t0 = time.time()
@@ -93,15 +89,8 @@ def write_shards(folder):
     return os.path.join(folder, f'{{00000..{(images - 1) // shard_size:05d}}}.tar')
 
 
-with torch.no_grad():
-    for _ in range(2):  # warm-up: kernel selection, allocator
-        forward()
-    sync()
-    t0 = time.time()
-    for _ in range(iters):
-        forward()
-    sync()
-encode = iters * setting['batch_size'] / (time.time() - t0)
+with torch.no_grad():  # two untimed batches: kernel selection, allocator
+    encode = setting['batch_size'] / seconds_per_call(forward, iters, device, warmup=2)
 
 tmp = tempfile.mkdtemp(prefix='bench_extract_')
 try:

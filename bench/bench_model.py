@@ -10,6 +10,7 @@ python bench/bench_model.py [config/file.py] [--key=value]   e.g. bench/bench_mo
 python bench/bench_model.py config/demo.py --compile=True --compile_mode=full
 """
 import dataclasses
+import functools
 import json
 import os
 import sys
@@ -19,7 +20,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from configurator import configure  # noqa: E402
-from model import DiT, DiTConfig  # noqa: E402
+from model import DiT, DiTConfig, autocast, peak_flops  # noqa: E402
 
 # bench settings, then every DiTConfig field as a setting
 batch_size = 8
@@ -31,10 +32,46 @@ device = 'auto'
 warmup_steps = 3
 steps = 10
 globals().update(dataclasses.asdict(DiTConfig()))
-config = configure(globals())
+# -----------------------------------------------------------------------------
+# the other benches time their steps with these
 
-# dense bf16 peak FLOP/s by device name (no sparsity)
-PEAK_FLOPS = {'H100': 989e12, 'H200': 989e12, 'A100': 312e12}
+
+def synchronize(device):
+    """Wait for the device's queued work, so that a timer reads finished work (nothing to wait for on the CPU)."""
+    if torch.device(device).type == 'cuda':
+        torch.cuda.synchronize()
+
+
+def seconds_per_call(fn, calls, device, warmup=0):
+    """Mean wall seconds of fn() over `calls` timed calls, after `warmup` untimed ones."""
+    for _ in range(warmup):
+        fn()
+    synchronize(device)
+    start = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    synchronize(device)
+    return (time.perf_counter() - start) / calls
+
+
+def random_inputs(cfg, batch_size, device):
+    """(x, t, cond) for the DiT of cfg, seeded: noisy CLIP tokens, times, EVA tokens."""
+    g = torch.Generator().manual_seed(0)
+    tokens = cfg.grid_size ** 2
+    return (torch.randn(batch_size, tokens, cfg.in_dim, generator=g).to(device),
+            torch.rand(batch_size, generator=g).to(device),
+            torch.randn(batch_size, tokens, cfg.cond_dim, generator=g).to(device))
+
+
+def backward_step(model, forward, ctx, optimizer=None):
+    """A training step on a stand-in loss (mean square of the output): forward under ctx, backward, the
+    optimizer's step when given, gradients cleared."""
+    with ctx:
+        loss = forward().float().square().mean()
+    loss.backward()
+    if optimizer is not None:
+        optimizer.step()
+    model.zero_grad(set_to_none=True)
 
 
 def cpu_matmul_peak(dim, dtype):
@@ -49,8 +86,9 @@ def cpu_matmul_peak(dim, dtype):
 
 
 if __name__ == '__main__':
+    config = configure(globals())
     device = ('cuda' if torch.cuda.is_available() else 'cpu') if device == 'auto' else device
-    ptdtype = {'bfloat16': torch.bfloat16, 'float16': torch.float16, 'float32': torch.float32}[dtype]
+    ptdtype = getattr(torch, dtype)
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     cfg = DiTConfig(**{f.name: config[f.name] for f in dataclasses.fields(DiTConfig)})
     torch.manual_seed(0)
@@ -63,35 +101,18 @@ if __name__ == '__main__':
     step_model = model
     if compile:
         step_model = model.compile_blocks() if compile_mode == 'regional' else torch.compile(model)
-    L = cfg.grid_size ** 2
-    x = torch.randn(batch_size, L, cfg.in_dim, device=device)
-    cond = torch.randn(batch_size, L, cfg.cond_dim, device=device)
-    t = torch.rand(batch_size, device=device)
-    autocast = torch.autocast(device.split(':')[0], dtype=ptdtype, enabled=ptdtype != torch.float32)
-    sync = torch.cuda.synchronize if device.startswith('cuda') else (lambda: None)
+    x, t, cond = random_inputs(cfg, batch_size, device)
+    ctx = autocast(device, dtype)
 
-    def step():
-        with autocast:
-            loss = step_model(x, t, cond).float().square().mean()
-        loss.backward()
-        model.zero_grad(set_to_none=True)
-
-    start, cpu_start = time.perf_counter(), os.times()
-    step()  # holds the compilation, if any
-    sync()
-    first_step, cpu_end = time.perf_counter() - start, os.times()
+    step = functools.partial(backward_step, model, functools.partial(step_model, x, t, cond), ctx)
+    cpu_start = os.times()
+    first_step = seconds_per_call(step, 1, device)  # holds the compilation, if any
+    cpu_end = os.times()
     first_step_cpu = sum(cpu_end[:4]) - sum(cpu_start[:4])  # user + system, this process and its compilers
-    for _ in range(warmup_steps):
-        step()
-    sync()
-    start = time.perf_counter()
-    for _ in range(steps):
-        step()
-    sync()
-    seconds = (time.perf_counter() - start) / steps
+    seconds = seconds_per_call(step, steps, device, warmup=warmup_steps)
     if device.startswith('cuda'):
         name = torch.cuda.get_device_name()
-        peak = next((v for k, v in PEAK_FLOPS.items() if k in name), None)
+        peak = peak_flops(name, ptdtype)
         memory = torch.cuda.max_memory_allocated() / 2 ** 30
     else:
         name = f'cpu ({torch.get_num_threads()} threads)'
@@ -104,6 +125,6 @@ if __name__ == '__main__':
         'compile_mode': compile_mode if compile else None, 'first_step_s': round(first_step, 2),
         'first_step_cpu_s': round(first_step_cpu, 2),
         'ms_per_step': round(1000 * seconds, 2), 'samples_per_s': round(batch_size / seconds, 2),
-        'tokens_per_s': round(batch_size * L / seconds, 1), 'train_flops_per_sample': 3 * flops_per_sample,
+        'tokens_per_s': round(batch_size * cfg.grid_size ** 2 / seconds, 1), 'train_flops_per_sample': 3 * flops_per_sample,
         'achieved_tflops': round(achieved / 1e12, 4), 'peak_tflops': peak and round(peak / 1e12, 4),
         'mfu': peak and round(achieved / peak, 4), 'peak_memory_gib': memory and round(memory, 2)}))

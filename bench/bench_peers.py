@@ -23,9 +23,11 @@ import types
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from model import DiT, DiTConfig  # noqa: E402
+from bench_model import backward_step, random_inputs, seconds_per_call  # noqa: E402
+from model import DiT, DiTConfig, autocast  # noqa: E402
 
 # -----------------------------------------------------------------------------
+# every model gets this width, depth, heads, token grid and token widths
 dim = 256
 n_layers = 4
 n_heads = 4
@@ -93,14 +95,6 @@ def build(name, fn, x, t, cond):
     return model, forward, torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
 
 
-def train_step(model, forward, optimizer, autocast):
-    with autocast:
-        loss = forward().float().square().mean()
-    loss.backward()
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
-
-
 def loadavg():
     with contextlib.suppress(OSError), open('/proc/loadavg') as f:
         return float(f.read().split()[0])
@@ -109,32 +103,22 @@ def loadavg():
 if __name__ == '__main__':
     if threads:
         torch.set_num_threads(threads)
-    ptdtype = {'bfloat16': torch.bfloat16, 'float16': torch.float16, 'float32': torch.float32}[dtype]
-    autocast = torch.autocast(device.split(':')[0], dtype=ptdtype, enabled=ptdtype != torch.float32)
-    sync = torch.cuda.synchronize if device.startswith('cuda') else (lambda: None)
-    g = torch.Generator().manual_seed(0)
-    x = torch.randn(batch_size, L, in_dim, generator=g).to(device)
-    cond = torch.randn(batch_size, L, cond_dim, generator=g).to(device)
-    t = torch.rand(batch_size, generator=g).to(device)
+    ctx = autocast(device, dtype)
+    x, t, cond = random_inputs(DiTConfig(in_dim=in_dim, cond_dim=cond_dim, grid_size=grid_size), batch_size, device)
     models, skipped = {}, {}
     for name, fn in (('ours', ours), ('diffusers', diffusers_lumina), ('seed', seed_blip3o)):
         built = build(name, fn, x, t, cond)
         if isinstance(built, str):
             skipped[name] = built
         else:
-            models[name] = built
-            for _ in range(warmup_steps):
-                train_step(*built, autocast)
+            model, forward, optimizer = models[name] = built
+            seconds_per_call(lambda: backward_step(model, forward, ctx, optimizer), warmup_steps, device)
     load_start, times, cpu_times = loadavg(), {name: [] for name in models}, {name: [] for name in models}
     for _ in range(rounds):
-        for name, built in models.items():
-            for _ in range(steps):
-                sync()
-                start, cpu_start = time.perf_counter(), time.process_time()
-                train_step(*built, autocast)
-                sync()
-                times[name].append(time.perf_counter() - start)
-                cpu_times[name].append(time.process_time() - cpu_start)
+        for name, (model, forward, optimizer) in models.items():
+            cpu_start = time.process_time()
+            times[name].append(seconds_per_call(lambda: backward_step(model, forward, ctx, optimizer), steps, device))
+            cpu_times[name].append((time.process_time() - cpu_start) / steps)
     seconds = {name: statistics.median(ts) for name, ts in times.items()}
     cpu_seconds = {name: statistics.median(ts) for name, ts in cpu_times.items()}
     print(json.dumps({

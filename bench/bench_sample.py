@@ -16,7 +16,6 @@ import json
 import os
 import platform
 import sys
-import time
 
 import numpy as np
 import torch
@@ -24,15 +23,14 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import flow  # noqa: E402
+from bench_model import seconds_per_call  # noqa: E402
 from model import DiT, DiTConfig, autocast  # noqa: E402
 
 # -----------------------------------------------------------------------------
 # throughput: the DiT of these settings (DiTConfig fields; defaults = dit_large)
 globals().update({f.name: f.default for f in dataclasses.fields(DiTConfig)})
-sample_method = 'midpoint'
-sample_steps = 10
-sample_shift = 1.0
-cfg_scale = 1.0
+sample_method, sample_steps = 'midpoint', 10  # sample.py's default sampler
+sample_shift, cfg_scale = 1.0, 1.0
 sample_batch_size = 64
 throughput_batches = 3
 # quality: a trained run
@@ -61,11 +59,6 @@ device_type = 'cuda' if device.startswith('cuda') else 'cpu'
 ctx = autocast(device, dtype)
 
 
-def sync():
-    if device_type == 'cuda':
-        torch.cuda.synchronize()
-
-
 @torch.no_grad()
 def generate(model, cond, x0, steps, method, shift=1.0):
     with ctx:
@@ -80,13 +73,8 @@ L = cfg.grid_size ** 2
 cond = torch.randn(sample_batch_size, L, cfg.cond_dim, generator=g).to(device)
 x0 = torch.randn(sample_batch_size, L, cfg.in_dim, generator=g).to(device)
 generate(model, cond, x0, 1, sample_method, sample_shift)  # warm-up: kernels, allocator
-times = []
-for _ in range(throughput_batches):
-    sync()
-    t0 = time.perf_counter()
-    generate(model, cond, x0, sample_steps, sample_method, sample_shift)
-    sync()
-    times.append(time.perf_counter() - t0)
+times = [seconds_per_call(lambda: generate(model, cond, x0, sample_steps, sample_method, sample_shift), 1, device)
+         for _ in range(throughput_batches)]
 calls = flow.model_calls(sample_method, sample_steps, cfg_scale)
 result = {'bench': 'sample', 'device': device,
           'machine': (torch.cuda.get_device_name() if device_type == 'cuda'
