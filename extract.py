@@ -57,6 +57,8 @@ clip_model = 'ViT-L-14-quickgelu'  # target: patch tokens after ln_post, before 
 clip_pretrained = 'openai'  # open_clip tag or local weight file; '' = random init under torch.manual_seed(0)
 eva_model = 'hf:BAAI/EVA-CLIP-8B'  # condition: last hidden state, CLS dropped
 eva_pretrained = ''  # for an open_clip eva_model, as clip_pretrained
+train_encoder_steps = 0  # 'synthetic' only: an open_clip encoder whose *_pretrained names a file that is missing
+                         # is first trained on the first split for this many steps into it (demo_clip.py: the demo)
 grid_size = 16  # both encoders must give grid_size**2 patch tokens
 # run
 extract_batch_size = 64
@@ -718,6 +720,14 @@ if __name__ == '__main__':
     if device.type == 'cpu':  # the DataLoader workers have their cores; oversubscribed threads crawl
         torch.set_num_threads(max(1, (os.cpu_count() or 1) - num_workers))
 
+    import open_clip
+    untrained = {role: (name, pretrained) for role, name, pretrained in (('clip', clip_model, clip_pretrained),
+                                                                         ('eva', eva_model, eva_pretrained))
+                 if train_encoder_steps and pretrained and not os.path.exists(pretrained) and
+                 not name.startswith('hf:') and pretrained not in open_clip.list_pretrained_tags_by_model(name)}
+    if untrained and source != 'synthetic':
+        raise SystemExit(f"train_encoder_steps={train_encoder_steps} trains encoders on synthetic images, got "
+                         f"source={source!r}: the files {', '.join(p for _, p in untrained.values())} do not exist")
     listings = {split: list_split(split, source, limit, coco_root, image_folder, synthetic_counts, synthetic_seed,
                                   synthetic_image_size, webdataset_shards, max_shards) for split in splits}
     if source != 'synthetic':  # train on one split, evaluate on another: never the same image twice
@@ -729,6 +739,23 @@ if __name__ == '__main__':
                 if seen[a] & seen[b]:
                     raise SystemExit(f"splits {a!r} and {b!r} share {len(seen[a] & seen[b])} images "
                                      f"(e.g. {min(seen[a] & seen[b])}): train and evaluation images must differ")
+    if untrained and rank == 0:  # both towers at once, a process and a core each
+        from demo_clip import train_demo_clip
+        split, count = splits[0], len(listings[splits[0]]['ids'])
+        jobs = {}
+        for role, (name, pretrained) in untrained.items():
+            print(f"{role}: training {name} on the {count} images of split {split} for {train_encoder_steps} steps "
+                  f"-> {pretrained}")
+            jobs[role] = torch.multiprocessing.get_context('spawn').Process(target=train_demo_clip, args=(
+                name, pretrained, split, count, synthetic_image_size, synthetic_seed),
+                kwargs=dict(steps=train_encoder_steps, seed={'clip': 0, 'eva': 1}[role]))  # independent towers
+            jobs[role].start()
+        for role, job in jobs.items():
+            job.join()
+            if job.exitcode:
+                raise SystemExit(f"training the {role} encoder {untrained[role][0]} into {untrained[role][1]} "
+                                 f"failed (exit code {job.exitcode}; its error is printed above)")
+    barrier()
     clip = build_encoder('clip', clip_model, clip_pretrained, device, ptdtypes['clip'], grid_size)
     eva = build_encoder('eva', eva_model, eva_pretrained, device, ptdtypes['eva'], grid_size)
     # stop now, not hours later, on a data_dir that cannot take the arrays (less what a killed run already wrote)

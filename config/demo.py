@@ -18,9 +18,12 @@ source = 'synthetic'  # coloured shapes with captions, drawn from a seed: no dow
 synthetic_counts = {'train': 2000, 'val': 250}
 synthetic_image_size = 64
 clip_model = 'tiny-clip'  # config/encoders/tiny-clip.json: 64 wide (in_dim), 32-d embedding
-clip_pretrained = ''  # random init under torch.manual_seed(0); eval.py rebuilds the same CLIP
 eva_model = 'tiny-eva'  # config/encoders/tiny-eva.json: 96 wide (cond_dim)
-eva_pretrained = ''
+# the first extract.py run trains both stand-ins contrastively on the train split (demo_clip.py) into these files;
+# every stage then loads them as it would load real weights
+clip_pretrained = 'data/demo/tiny-clip.pt'
+eva_pretrained = 'data/demo/tiny-eva.pt'
+train_encoder_steps = 600
 num_workers = 1
 
 # --- train.py ---
@@ -46,5 +49,6 @@ log_interval = 50
 # generate for data/demo/val from out_dir/ckpt.pt, then evaluate A, B and R there
 sample_method = 'midpoint'  # 2 model calls a step, error O(1/steps^2), never calls the model at t = 1
 sample_steps = 5  # 10 calls: token cosine 0.99970 to a 200-step Heun solution (bench/RESULTS.md)
+cfg_scale = 2.0  # guidance: B's recall rose from 0.84x A's at 1.0 to within 0.99x (README)
 sample_batch_size = 125  # 250 val images: two batches
 eval_batch_size = 250
