@@ -138,7 +138,7 @@ class RMSNorm(nn.RMSNorm):
 
 
 class Attention(nn.Module):
-    """Multi-head attention with QK-norm; self-attention (with RoPE) when kv is x, cross-attention otherwise."""
+    """Multi-head attention with QK-norm; self-attention (with RoPE) when kv is None, cross-attention to kv otherwise."""
 
     def __init__(self, cfg):
         super().__init__()
@@ -149,15 +149,20 @@ class Attention(nn.Module):
         norm = (lambda: RMSNorm(cfg.head_dim, eps=cfg.norm_eps)) if cfg.qk_norm else nn.Identity
         self.q_norm, self.k_norm = norm(), norm()
 
-    def forward(self, x, kv, rope=None):
+    def forward(self, x, kv=None, rope=None):
         B, L, _ = x.shape
-        q = self.wq(x).view(B, L, self.n_heads, self.head_dim)
-        k, v = self.wkv(kv).view(B, kv.shape[1], 2, self.kv_heads, self.head_dim).unbind(2)
+        H, KV, D = self.n_heads, self.kv_heads, self.head_dim
+        if kv is None:  # self-attention: q, k and v from one matmul
+            qkv = F.linear(x, torch.cat([self.wq.weight, self.wkv.weight]).to(x.dtype))
+            q, k, v = qkv.unflatten(-1, (-1, D)).split([H, KV, KV], dim=2)
+        else:
+            q = self.wq(x).view(B, L, H, D)
+            k, v = self.wkv(kv).view(B, kv.shape[1], 2, KV, D).unbind(2)
         q, k = self.q_norm(q), self.k_norm(k)
         if rope is not None:  # before the transpose, on the projections' own [B, L, H, D] layout
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
-        out = F.scaled_dot_product_attention(q, k, v, enable_gqa=self.kv_heads != self.n_heads)
+        out = F.scaled_dot_product_attention(q, k, v, enable_gqa=KV != H)
         return self.wo(out.transpose(1, 2).reshape(B, L, -1))
 
 
@@ -186,7 +191,7 @@ class Block(nn.Module):
     def forward(self, x, kv, c, rope, cross_rope):
         s1, g1, s2, g2, s3, g3 = self.adaLN(c).unsqueeze(1).chunk(6, dim=-1)
         h = self.norm1(x, s1)
-        x = torch.addcmul(x, g1.tanh(), self.self_attn(h, h, rope))  # x + tanh(g1) * attn in one pass
+        x = torch.addcmul(x, g1.tanh(), self.self_attn(h, rope=rope))  # x + tanh(g1) * attn in one pass
         x = torch.addcmul(x, g2.tanh(), self.cross_attn(self.norm2(x, s2), kv, cross_rope))
         return torch.addcmul(x, g3.tanh(), self.ffn(self.norm3(x, s3)))
 
