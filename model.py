@@ -156,8 +156,10 @@ class Attention(nn.Module):
             qkv = F.linear(x, torch.cat([self.wq.weight, self.wkv.weight]).to(x.dtype))
             q, k, v = qkv.unflatten(-1, (-1, D)).split([H, KV, KV], dim=2)
         else:
+            # k and v from the two halves of the weight: contiguous outputs, no stack of their gradients
+            wk, wv = self.wkv.weight.to(kv.dtype).chunk(2)
             q = self.wq(x).view(B, L, H, D)
-            k, v = self.wkv(kv).view(B, kv.shape[1], 2, KV, D).unbind(2)
+            k, v = F.linear(kv, wk).view(B, -1, KV, D), F.linear(kv, wv).view(B, -1, KV, D)
         q, k = self.q_norm(q), self.k_norm(k)
         if rope is not None:  # before the transpose, on the projections' own [B, L, H, D] layout
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
