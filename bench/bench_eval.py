@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from bench_model import synchronize  # noqa: E402
 from eval import bootstrap_ci, cosine_stats, duplicate_groups, hit_rates, retrieval_counts  # noqa: E402
 
 # -----------------------------------------------------------------------------
@@ -36,11 +37,6 @@ seed = 0
 from configurator import configure  # noqa: E402
 config = configure(globals())
 # -----------------------------------------------------------------------------
-
-
-def sync():
-    if device.startswith('cuda'):
-        torch.cuda.synchronize()
 
 
 def both_tasks(images, texts, text_image):
@@ -91,10 +87,10 @@ cpu = {'eval': [], 'naive': [], 'floor': []}  # process CPU seconds: steadier th
 results = {}
 for _ in range(repeats):
     for name, fn in (('floor', floor), ('eval', both_tasks), ('naive', naive)):
-        sync()
+        synchronize(device)
         t0, c0 = time.perf_counter(), time.process_time()
         out = fn(images, texts, text_image)
-        sync()
+        synchronize(device)
         times[name].append(time.perf_counter() - t0)
         cpu[name].append(time.process_time() - c0)
         if name != 'floor':  # the floor's 500 MB matrix is dropped at once
