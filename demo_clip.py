@@ -22,12 +22,12 @@ import data
 import extract
 
 
-def synthetic_split(split, count, image_size, seed, preprocess, tokenizer):
-    """The synthetic images of a split, preprocessed as extraction does [count, 3, S, S]; their captions, tokenized
-    [C, 77]; and the image row of every caption [C]."""
-    images = torch.stack([preprocess(extract.synthetic_image(seed, split, image_size, i)) for i in range(count)])
-    captions = [extract.synthetic_captions(*extract.synthetic_scene(seed, split, i)) for i in range(count)]
-    owner = torch.repeat_interleave(torch.arange(count), torch.tensor([len(c) for c in captions]))
+def listed_split(listing, preprocess, tokenizer):
+    """The images of an extract.list_split listing, preprocessed as extraction does [count, 3, S, S]; their
+    captions, tokenized [C, 77]; and the image row of every caption [C]."""
+    images = torch.stack([preprocess(listing['load'](key)) for key in listing['keys']])
+    captions = [listing['captions'][str(i)] for i in listing['ids']]
+    owner = torch.repeat_interleave(torch.arange(len(images)), torch.tensor([len(c) for c in captions]))
     return images, tokenizer([c for cs in captions for c in cs]), owner
 
 
@@ -56,8 +56,9 @@ def train_demo_clip(model_name, out_path, split, count, image_size, synthetic_se
     from open_clip.loss import ClipLoss
     torch.set_num_threads(threads)
     model, _, preprocess = data.open_clip_model(model_name, '')
-    images, text, owner = synthetic_split(split, count, image_size, synthetic_seed, preprocess,
-                                          open_clip.get_tokenizer(model_name))
+    listing = extract.list_split(split, 'synthetic', synthetic_counts={split: count}, synthetic_seed=synthetic_seed,
+                                 synthetic_image_size=image_size)  # the images and captions extraction lists
+    images, text, owner = listed_split(listing, preprocess, open_clip.get_tokenizer(model_name))
     first_caption = torch.searchsorted(owner, torch.arange(count))
     captions_per_image = torch.bincount(owner, minlength=count)
     # the captions use a few dozen of the 49,408 token ids: train only those rows, then write them back
