@@ -35,6 +35,8 @@ in_dim = 64        # CLIP token width
 cond_dim = 128     # EVA token width
 grid_size = 16     # 16 x 16 = 256 CLIP tokens and 256 EVA tokens
 batch_size = 8
+qk_norm = True     # ours as configured; False with cross_rope=False is the seed's feature set (it has neither)
+cross_rope = True
 dtype = 'bfloat16'  # autocast dtype; weights stay fp32 as in training
 seed_repo = ''      # local checkout of Hafeezmhk7/eva-clip-v6 (commit 3cc389b); '' skips the seed
 rounds = 10         # each round runs `steps` timed steps of every model in turn
@@ -51,7 +53,7 @@ L = grid_size ** 2
 
 def ours(x, t, cond):
     model = DiT(DiTConfig(dim=dim, n_layers=n_layers, n_heads=n_heads, in_dim=in_dim, cond_dim=cond_dim,
-                          grid_size=grid_size))
+                          grid_size=grid_size, qk_norm=qk_norm, cross_rope=cross_rope))
     return model, lambda: model(x, t, cond)
 
 
@@ -125,6 +127,7 @@ if __name__ == '__main__':
         'bench': 'peers', 'device': f'cpu ({torch.get_num_threads()} threads)' if device == 'cpu' else device,
         'load_start': load_start, 'load_end': loadavg(), 'dim': dim, 'n_layers': n_layers, 'n_heads': n_heads,
         'clip_tokens': [L, in_dim], 'eva_tokens': [L, cond_dim], 'batch_size': batch_size, 'dtype': dtype,
+        'ours_qk_norm': qk_norm, 'ours_cross_rope': cross_rope,
         'timed_steps': rounds * steps,
         'models': {name: {'params': sum(p.numel() for p in built[0].parameters()),
                           'ms_per_step': round(1000 * seconds[name], 2),
