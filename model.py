@@ -341,15 +341,30 @@ def autocast(device, dtype):
 
 def init_device(device, dtype):
     """A stage's device and place among the ranks: (device, rank, local_rank, world_size). device 'auto' is cuda
-    when available, else cpu; under torchrun (RANK set) this process joins the group and takes cuda:LOCAL_RANK."""
+    when available, else cpu; under torchrun (RANK set) this process joins the group and takes cuda:LOCAL_RANK.
+    SystemExit for an unknown device string or a CUDA device this machine does not have."""
     if dtype not in ('float32', 'bfloat16', 'float16'):
         raise SystemExit(f"config error: dtype should be 'float32', 'bfloat16' or 'float16', got {dtype!r}")
     device = ('cuda' if torch.cuda.is_available() else 'cpu') if device == 'auto' else device
+    try:
+        parsed = torch.device(device)
+    except RuntimeError:
+        raise SystemExit(f"config error: device should be 'auto', 'cpu', 'cuda' or 'cuda:N', got {device!r}") from None
+    # fail here, naming the setting, rather than at the first tensor moved to a device that is not there
+    if parsed.type == 'cuda' and not torch.cuda.is_available():
+        raise SystemExit(f"config error: device={device!r} but torch.cuda.is_available() is False on this machine: "
+                         "use --device=cpu or --device=auto")
+    if parsed.type == 'cuda' and (parsed.index or 0) >= torch.cuda.device_count():
+        raise SystemExit(f"config error: device={device!r} but this machine has {torch.cuda.device_count()} CUDA "
+                         f"device(s), cuda:0 to cuda:{torch.cuda.device_count() - 1}")
     if 'RANK' not in os.environ:
         return device, 0, 0, 1
     rank, local_rank, world_size = (int(os.environ[k]) for k in ('RANK', 'LOCAL_RANK', 'WORLD_SIZE'))
-    cuda = torch.device(device).type == 'cuda'
+    cuda = parsed.type == 'cuda'
     if cuda:
+        if local_rank >= torch.cuda.device_count():
+            raise SystemExit(f"config error: LOCAL_RANK={local_rank} takes cuda:{local_rank}, but this machine has "
+                             f"{torch.cuda.device_count()} CUDA device(s): start at most that many processes a node")
         device = f'cuda:{local_rank}'
         torch.cuda.set_device(device)
     # ranks finish torch.compile (or a partial sampling run) at different times: a generous timeout
