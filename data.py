@@ -33,12 +33,51 @@ meta.json:
   eva_clamped_files    the first (up to 10) files with clamped EVA values
   complete             false while extract.py is writing, true once every row and statistic is written:
                        readers refuse an incomplete folder, and extract.py continues one
+  extraction_id        made when extract.py starts a folder: the folder's identity (`open_folder` sets meta['id'] to
+                       it; a folder without one is identified by the sha1 of its meta.json)
+
+The held-out slice of a training folder is its last round(count * val_fraction) rows (`holdout_range`): train.py
+validates on it and never trains on it, so checkpoints, samplers, guidance and baselines are chosen there, never
+on the reported split. Stages name the rows they read with `target`: {folder, id, start, count}.
+
+The checkpoint (train.py writes out_dir/ckpt.pt and the kept ckpt_iterNNNNNN.pt; `save_checkpoint`,
+`load_checkpoint`): a torch.save zip file of
+  ema, model_args        the EMA weights and the DiTConfig fields (model.py); kept copies hold no more than these
+  iter_num, config       the iteration it was saved before, and train.py's settings
+  data_stats             clip_mean, clip_std of the training folder: the DiT's target standardization
+  run                    {id, started}: made when training starts from scratch, kept by every resume
+  data                   {train, holdout}: the targets it was trained and validated on (holdout None: val_data)
+  model, optimizer, scaler, best_val_loss, data_position, rng    (ckpt.pt only) what a resume needs
+The zip records carry CRC32s (torch writes them): `load_checkpoint` verifies every record, so a flipped or cut
+byte is refused with the intact alternatives named. Its identity is {path, run_id, iter_num, weights, objective},
+weights = a digest of the records' CRCs and sizes: another run, iteration or content is another identity.
+Older checkpoints lack keys that later versions added; CHECKPOINT_DEFAULTS gives them their old meaning.
+
+The samples folder (sample.py writes out_dir/samples/<samples_name>/; ridge.py too): generated.npy float16
+[N, T, D], the target's rows in order, de-standardized; generated.json {depends_on: {settings, checkpoint
+identity, data target, shape}, method, label, data, data_stats, model_calls, ...}. Rows go into
+generated.partial.npy and are marked in generated.done.npy once on disk (generated.partial.json holds
+depends_on); the finished array is renamed to generated.npy, so that name only ever holds a complete result, and it
+is reused only while depends_on is equal.
+
+One writer at a time: train.py locks out_dir, sample.py its samples folder, extract.py each data folder (`lock`:
+an flock on <folder>/.lock, which the kernel drops when the holder dies, so a killed run never blocks the next).
 """
+import errno
+import fcntl
 import functools
+import glob
+import hashlib
 import json
 import math
 import os
 import shutil
+import socket
+import sys
+import time
+import uuid
+import zipfile
+import zlib
 
 import numpy as np
 
@@ -102,7 +141,13 @@ def open_folder(folder, arrays=('clip', 'eva'), setting='val_data', remedy='run 
         what = (f"{meta_path} is missing: {folder!r} is not a data folder written by extract.py"
                 if os.path.isdir(folder) else f"data folder {folder!r} not found (no {meta_path})")
         raise SystemExit(f"{setting}: {what}; {remedy} (it writes data_dir/<split>), or point --{setting} at one")
-    meta = read_json(meta_path)
+    with open(meta_path, 'rb') as f:
+        raw = f.read()
+    try:
+        meta = json.loads(raw)
+    except ValueError as e:
+        raise SystemExit(f"{meta_path} is not valid JSON ({e}); {remedy}")
+    meta['id'] = meta.get('extraction_id') or hashlib.sha1(raw).hexdigest()
     if not meta.get('complete'):
         raise SystemExit(f"{meta_path}: the extraction is incomplete ('complete' is not true); finish it: {remedy}")
     meta['paths'] = {name: os.path.join(folder, f'{name}.npy') for name in arrays}
@@ -178,6 +223,262 @@ def check_writable(folder, needed, setting, what):
     if free < needed:
         raise SystemExit(f"{setting}={folder!r}: {what} about {needed:,} bytes, its disk has {free:,} free: "
                          f"free some space or pick another --{setting}")
+
+
+def target(meta, folder, start=0, count=None):
+    """The rows a stage reads or writes: {folder (absolute), id (the folder's identity), start, count}."""
+    return {'folder': os.path.abspath(folder), 'id': meta['id'], 'start': start,
+            'count': meta['count'] - start if count is None else count}
+
+
+def holdout_range(count, val_fraction, folder):
+    """(start, count) of a training folder's held-out slice: its last round(count * val_fraction) rows."""
+    n = round(count * val_fraction)
+    if not 0 < n < count:
+        raise SystemExit(f"config error: val_fraction={val_fraction} of the {count} rows of {folder} holds out {n}; "
+                         f"the held-out slice needs at least one row, and training one")
+    return count - n, n
+
+
+def open_target(holdout, train_data, val_data, val_fraction, arrays, remedy='run extract.py'):
+    """(meta, target) of the rows to sample or evaluate: val_data's, or train_data's held-out slice if holdout."""
+    folder, setting = (train_data, 'train_data') if holdout else (val_data, 'val_data')
+    meta = open_folder(folder, arrays, setting, remedy)
+    return meta, target(meta, folder, *(holdout_range(meta['count'], val_fraction, folder) if holdout else (0,)))
+
+
+def check_fits(meta, cfg, arrays=('clip', 'eva')):
+    """SystemExit unless a data folder's tokens fit a DiTConfig: grid, CLIP width, EVA width (and grid, with
+    cross_rope)."""
+    L = cfg.grid_size ** 2
+    (T, D), (M, C) = [meta['clip']['tokens'], meta['clip']['dim']], meta['shapes']['eva'][1:]
+    problems = [(T != L, 'clip', f"{T} tokens per row, but the model's grid_size={cfg.grid_size} needs {L}"),
+                (D != cfg.in_dim, 'clip', f"token width {D}, but the model has in_dim={cfg.in_dim}"),
+                (C != cfg.cond_dim, 'eva', f"token width {C}, but the model has cond_dim={cfg.cond_dim}"),
+                (cfg.cross_rope and M != L, 'eva', f"{M} tokens per row, but cross_rope=True needs the EVA tokens "
+                                                   f"on the model's grid ({L} tokens)")]
+    for bad, name, message in problems:
+        if bad:
+            path = meta['paths'].get(name) or os.path.join(os.path.dirname(meta['paths']['eva']), f'{name}.npy')
+            raise SystemExit(f"{path}: {message}")
+
+
+# --- the checkpoint ---------------------------------------------------------------------------------------------
+CHECKPOINT_DEFAULTS = {'t_scale': 1000.0}  # model_args added after the first checkpoints: their value before
+CHECKPOINT_KEYS = ('ema', 'model_args', 'iter_num', 'data_stats')  # every checkpoint, kept copies included
+
+
+def checkpoint_bytes(n_params, full=True):
+    """A checkpoint's size: fp32 weights, EMA and two AdamW moments; a kept one holds the EMA weights only."""
+    return 4 * n_params * (4 if full else 1) + (1 << 20)
+
+
+def save_checkpoint(path, ckpt):
+    """torch.save atomically: a crash, a kill or a full disk leaves the previous file whole and no temporary one."""
+    import torch
+    try:
+        write_atomic(path, lambda f: torch.save(ckpt, f), 'wb')
+    except (OSError, RuntimeError) as e:  # a full disk surfaces as either, depending on where torch's writer was
+        if os.path.exists(path + '.tmp'):
+            os.remove(path + '.tmp')
+        free = shutil.disk_usage(os.path.dirname(path) or '.').free
+        full = getattr(e, 'errno', None) == errno.ENOSPC or free < (1 << 26)
+        raise SystemExit(f"{path}: writing the checkpoint failed ({'disk full: ' if full else ''}{e}; {free:,} bytes "
+                         f"free); the temporary file is removed and {path} is as it was") from None
+
+
+def checkpoint_fault(path):
+    """Why the file is not an intact checkpoint (a flipped or missing byte: every zip record's CRC32 is checked),
+    or None."""
+    try:
+        with zipfile.ZipFile(path) as z:
+            bad = z.testzip()
+        return None if bad is None else f"record {bad} fails its CRC32 check (its bytes changed after writing)"
+    except (zipfile.BadZipFile, zlib.error, OSError, EOFError, ValueError) as e:
+        size = os.path.getsize(path) if os.path.exists(path) else 0
+        return f"not a whole checkpoint ({size:,} bytes: truncated, empty or not a torch.save zip file; {e})"
+
+
+def checkpoint_weights(path):
+    """A digest of the checkpoint's contents from its zip directory (each record's CRC32 and size): cheap."""
+    with zipfile.ZipFile(path) as z:
+        records = sorted((i.filename.split('/', 1)[-1], i.CRC, i.file_size) for i in z.infolist()
+                         if not i.filename.endswith('serialization_id'))  # torch's random id of each save
+    return hashlib.sha1(json.dumps(records).encode()).hexdigest()[:16]
+
+
+def checkpoint_identity(path, ckpt):
+    """What a result made from this checkpoint depends on: the file, the run, the iteration, the contents."""
+    return {'path': os.path.abspath(path), 'run_id': ckpt['run']['id'], 'iter_num': ckpt['iter_num'],
+            'weights': checkpoint_weights(path), 'objective': ckpt['model_args'].get('objective', 'flow')}
+
+
+def load_checkpoint(path, setting='ckpt_path', keys=CHECKPOINT_KEYS):
+    """A verified checkpoint (memory-mapped), old-format defaults applied and ckpt['identity'] set; SystemExit
+    naming the file, what is wrong and the intact checkpoints beside it."""
+    import torch
+    if not os.path.isfile(path):
+        raise SystemExit(f"{setting}: checkpoint {path} not found: train first (python train.py ...) or point "
+                         f"--{setting} at one")
+    fault = checkpoint_fault(path)
+    ckpt = None
+    if fault is None:
+        try:
+            ckpt = torch.load(path, map_location='cpu', mmap=True, weights_only=True)
+        except Exception as e:  # torch's reader raises several kinds; every one means this file cannot be used
+            fault = f"torch.load failed: {type(e).__name__}: {e}"
+    if fault is None and (not isinstance(ckpt, dict) or set(keys) - set(ckpt)):
+        fault = f"expected the keys {list(keys)}, found {sorted(ckpt) if isinstance(ckpt, dict) else type(ckpt)}"
+    if fault:
+        folder = os.path.dirname(path) or '.'
+        others = sorted(os.path.join(folder, f) for f in os.listdir(folder) if f.startswith('ckpt') and
+                        f.endswith('.pt') and os.path.join(folder, f) != path)
+        intact = [p for p in others if checkpoint_fault(p) is None]
+        raise SystemExit(f"{path}: {fault}. Intact checkpoints beside it: {', '.join(intact) or 'none'}")
+    ckpt['model_args'] = {**CHECKPOINT_DEFAULTS, **ckpt['model_args']}
+    ckpt.setdefault('run', {'id': 'unrecorded', 'started': None})  # written before runs had an id
+    ckpt.setdefault('data', None)
+    ckpt['identity'] = checkpoint_identity(path, ckpt)
+    return ckpt
+
+
+def model_from_checkpoint(ckpt, weights='ema', path='the checkpoint'):
+    """The DiT that ckpt['model_args'] describes, holding its `weights` ('ema' or 'model'), on the CPU."""
+    from model import DiT, DiTConfig
+    if weights not in ckpt:
+        raise SystemExit(f"{path} has no {weights!r} weights (keys {sorted(ckpt)}): kept checkpoints hold the EMA "
+                         f"weights only")
+    try:
+        model = DiT(DiTConfig(**ckpt['model_args']))
+        model.load_state_dict(ckpt[weights])
+    except (TypeError, ValueError, RuntimeError) as e:  # e.g. written by another version of model.py
+        raise SystemExit(f"{path}: its {weights!r} weights do not fit the DiT its model_args describe: {e}")
+    return model
+
+
+def truncate_metrics(path, iter_num):
+    """Drop metrics.jsonl records past a checkpoint saved before iteration iter_num's step: a resume logs them
+    again (its train records from iter_num on, its evals after iter_num)."""
+    if not os.path.exists(path):
+        return
+    with open(path) as f:
+        records = [json.loads(line) for line in f if line.strip()]
+    keep = [r for r in records if r['iter'] < iter_num or r['iter'] == iter_num and r.get('kind') != 'train']
+    write_atomic(path, lambda f: f.writelines(json.dumps(r) + '\n' for r in keep))
+
+
+# --- one writer at a time ---------------------------------------------------------------------------------------
+def lock(folder, what):
+    """Hold <folder>/.lock for this process's life (keep the returned file); SystemExit naming the holder if
+    another process has it. The kernel drops an flock with its holder, so a killed run leaves no stale lock."""
+    os.makedirs(folder, exist_ok=True)
+    path = os.path.join(folder, '.lock')
+    f = open(path, 'a+')
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.seek(0)
+        holder = f.read().strip() or 'unknown'
+        f.close()
+        raise SystemExit(f"{folder} is in use by another {what} ({holder}): wait for it to finish or stop it, "
+                         f"or pick another folder") from None
+    f.seek(0)
+    f.truncate()
+    f.write(f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}: "
+            f"{' '.join(sys.argv)}")
+    f.flush()
+    return f
+
+
+# --- the samples folder -----------------------------------------------------------------------------------------
+def samples_name(ckpt_path, method, steps, cfg_scale, seed, shift=1.0, use_ema=True, objective='flow',
+                 holdout=False):
+    """The folder of one sampling run under out_dir/samples/: <checkpoint file stem>-<method><steps>[-shift<s>]
+    -cfg<scale>[-raw]-seed<seed>[-holdout] (a regression checkpoint: <stem>-regression[-raw][-holdout]),
+    e.g. ckpt-midpoint5-cfg2-seed1337."""
+    stem = os.path.splitext(os.path.basename(ckpt_path))[0]
+    raw, held = '' if use_ema else '-raw', '-holdout' if holdout else ''
+    if objective == 'regression':  # one deterministic forward: no sampler, guidance or seed
+        return f"{stem}-regression{raw}{held}"
+    shift_part = '' if shift == 1.0 else f'-shift{shift:g}'
+    return f"{stem}-{method}{steps}{shift_part}-cfg{cfg_scale:g}{raw}-seed{seed}{held}"
+
+
+def last_samples(out_dir, holdout):
+    """The samples folder most recently finished in out_dir/samples for this kind of target, or None."""
+    done = [f for f in (os.path.dirname(p) for p in glob.glob(os.path.join(out_dir, 'samples', '*', 'generated.json')))
+            if f.endswith('-holdout') == holdout]
+    return max(done, key=lambda f: os.path.getmtime(os.path.join(f, 'generated.json')), default=None)
+
+
+def differences(before, now, prefix=''):
+    """{dotted key: (before, now)} of the leaves where two nested dicts differ."""
+    out = {}
+    for key in dict.fromkeys([*before, *now]):
+        a, b = before.get(key), now.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            out.update(differences(a, b, f'{prefix}{key}.'))
+        elif a != b:
+            out[prefix + key] = (a, b)
+    return out
+
+
+def start_samples(run_dir, depends_on, shape, master=True):
+    """Prepare run_dir for rows of a [N, T, D] float16 result that depends on `depends_on`: None when
+    generated.npy already holds exactly it (nothing to do); else a partial run of the same to continue, or a new
+    one. SystemExit naming what changed when the folder holds another result."""
+    out_path, info_path = os.path.join(run_dir, 'generated.npy'), os.path.join(run_dir, 'generated.json')
+    partial, done, partial_info = (os.path.join(run_dir, f) for f in ('generated.partial.npy', 'generated.done.npy',
+                                                                      'generated.partial.json'))
+    if os.path.exists(out_path) and os.path.exists(info_path):
+        before = read_json(info_path).get('depends_on', {})
+        if before == depends_on:
+            return None
+        raise SystemExit(f"{out_path} holds another result (what changed: (then, now)): "
+                         f"{differences(before, depends_on)}; it is kept: "
+                         f"delete {run_dir} to replace it, or write into another out_dir")
+    if master:
+        if all(map(os.path.exists, (partial_info, partial, done))) and read_json(partial_info) == depends_on:
+            print(f"resuming {partial}: {int(np.load(done).sum())} of {shape[0]} rows done")
+        else:
+            for path, dt, s in [(partial, np.float16, tuple(shape)), (done, np.bool_, tuple(shape[:1]))]:
+                np.lib.format.open_memmap(path, mode='w+', dtype=dt, shape=s).flush()  # a new file reads as zeros
+            write_json(partial_info, depends_on, indent=2)
+    return done
+
+
+def samples_todo(run_dir, rows):
+    """Those of `rows` that are not written yet."""
+    return rows[~np.load(os.path.join(run_dir, 'generated.done.npy'))[rows]]
+
+
+def write_samples(run_dir, rows, values):
+    """Rows of the partial result, on disk before they are marked done; memmaps opened afresh each time (a long-
+    lived mapping keeps growing resident memory, nanoGPT #287)."""
+    for name, value in (('generated.partial.npy', values.astype(np.float16)), ('generated.done.npy', True)):
+        array = np.load(os.path.join(run_dir, name), mmap_mode='r+')
+        array[rows] = value
+        array.flush()
+        del array
+
+
+def finish_samples(run_dir, info):
+    """Rename the complete partial result to generated.npy and write generated.json (info + depends_on);
+    SystemExit if rows are missing."""
+    partial = os.path.join(run_dir, 'generated.partial.npy')
+    missing = int((~np.load(os.path.join(run_dir, 'generated.done.npy'))).sum())
+    if missing:
+        raise SystemExit(f"{missing} rows of {partial} are still missing; run again to finish them")
+    depends_on = read_json(os.path.join(run_dir, 'generated.partial.json'))
+    os.replace(partial, os.path.join(run_dir, 'generated.npy'))
+    write_json(os.path.join(run_dir, 'generated.json'), {'depends_on': depends_on, **info}, indent=2)
+    for name in ('generated.done.npy', 'generated.partial.json'):
+        os.remove(os.path.join(run_dir, name))
+
+
+def new_run_id():
+    """A run's identity, made when training starts from scratch."""
+    return uuid.uuid4().hex[:12]
 
 
 def write_random_folder(path, n=16, tokens=16, clip_dim=8, eva_dim=12, embed_dim=6, seed=0,

@@ -6,8 +6,6 @@ other way, never mix them): t in [0, 1], t = 0 is noise x0 ~ N(0, I), t = 1 is d
     v   = d x_t / dt = x1 - (1 - sigma_min) * x0
 Sampling integrates dx/dt = v(x, t) from t = 0 (x = x0 ~ N(0, I)) to t = 1.
 """
-import os
-
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -48,6 +46,26 @@ def flow_loss(model, x1, cond, cond_drop_prob=0.1, t_sampling='logit_normal', si
     return F.mse_loss(pred.float(), velocity_target(x0, x1, sigma_min).float())
 
 
+def validation_loss(model, x0, x1, cond, sigma_min=1e-4, points=8):
+    """Per-sample flow loss [B] on a fixed grid of `points` times (midpoints of equal bins): no sampling noise."""
+    loss = 0
+    for k in range(points):
+        t = torch.full((x1.shape[0],), (k + 0.5) / points, device=x1.device)
+        pred = model(interpolate(x0, x1, t, sigma_min), t, cond)
+        loss = loss + F.mse_loss(pred.float(), velocity_target(x0, x1, sigma_min), reduction='none').mean((1, 2))
+    return loss / points
+
+
+def regress(model, cond, shape):
+    """The regression baseline's prediction: one forward from the EVA tokens alone (input zeros, t = 0)."""
+    return model(torch.zeros(shape, device=cond.device), torch.zeros(shape[0], device=cond.device), cond)
+
+
+def regression_loss(model, x1, cond):
+    """Plain MSE to the target x1 of that one forward: the same network as the flow model, without the flow."""
+    return F.mse_loss(regress(model, cond, x1.shape).float(), x1.float())
+
+
 def seed_for(*key):
     """A well-mixed 64-bit generator seed for a tuple of integers, e.g. (seed, iteration, micro-batch)."""
     return int(np.random.SeedSequence([int(k) for k in key]).generate_state(1, np.uint64)[0])
@@ -63,9 +81,10 @@ def seeded_noise(seed, rows, shape, device=None):
 SAMPLERS = {'euler': 1, 'heun': 2, 'midpoint': 2}  # model calls a step
 
 
-def model_calls(method, steps, cfg_scale=1.0):
-    """Model forwards per sample: calls a step x steps, twice under guidance (one batched forward of 2B)."""
-    return SAMPLERS[method] * steps * (1 if cfg_scale == 1.0 else 2)
+def model_calls(method, steps, cfg_scale=1.0, objective='flow'):
+    """Model forwards per sample: calls a step x steps, twice under guidance (one batched forward of 2B); one for
+    the regression baseline."""
+    return 1 if objective == 'regression' else SAMPLERS[method] * steps * (1 if cfg_scale == 1.0 else 2)
 
 
 def time_grid(steps, shift=1.0):
@@ -113,10 +132,9 @@ def guided(model, cond, scale=1.0):
     return velocity_fn
 
 
-def samples_name(ckpt_path, method, steps, cfg_scale, seed, shift=1.0, use_ema=True):
-    """The folder of one sampling run under out_dir/samples/, from the checkpoint and the sampler settings:
-    <checkpoint file stem>-<method><steps>[-shift<s>]-cfg<scale>[-raw]-seed<seed>, e.g. ckpt-heun5-cfg1-seed1337.
-    sample.py writes there and eval.py finds it from the same settings."""
-    stem = os.path.splitext(os.path.basename(ckpt_path))[0]
-    shift_part = '' if shift == 1.0 else f'-shift{shift:g}'
-    return f"{stem}-{method}{steps}{shift_part}-cfg{cfg_scale:g}{'' if use_ema else '-raw'}-seed{seed}"
+@torch.no_grad()
+def generate(model, cond, x0, objective='flow', steps=10, method='midpoint', shift=1.0, cfg_scale=1.0):
+    """Tokens for the EVA tokens cond: sample() from x0 with guidance, or the regression baseline's one forward."""
+    if objective == 'regression':
+        return regress(model, cond, x0.shape)
+    return sample(guided(model, cond, cfg_scale), x0, steps, method, shift)

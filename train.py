@@ -25,6 +25,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 import data
 import flow
+from configurator import require_positive
 from model import DiT, DiTConfig, autocast, init_device, peak_flops
 
 # -----------------------------------------------------------------------------
@@ -61,7 +62,9 @@ warmup_iters = 1000
 lr_decay_iters = 100000
 min_lr = 1e-5
 ema_decay = 0.9999  # warmed up as min(ema_decay, (1 + step) / (10 + step))
-# flow matching (flow.py)
+# objective (flow.py): 'flow' = flow matching; 'regression' = the same DiT trained by plain MSE on the target in one
+# forward from the EVA tokens, the equal-architecture baseline beside B
+objective = 'flow'
 t_sampling = 'logit_normal'
 sigma_min = 1e-4
 cond_drop_prob = 0.1
@@ -94,8 +97,11 @@ train_data = train_data or os.path.join(data_dir, splits[0])
 val_data = val_data or os.path.join(data_dir, splits[1])
 # -----------------------------------------------------------------------------
 
-if init_from not in ('scratch', 'resume', 'auto'):
-    raise SystemExit(f"config error: init_from should be 'scratch', 'resume' or 'auto', got {init_from!r}")
+if init_from not in ('scratch', 'resume', 'auto') or objective not in ('flow', 'regression'):
+    raise SystemExit(f"config error: init_from should be 'scratch', 'resume' or 'auto' (got {init_from!r}), objective "
+                     f"'flow' or 'regression' (got {objective!r})")
+require_positive(config, 'batch_size', 'gradient_accumulation_steps', 'max_iters', 'eval_interval', 'eval_iters',
+                 'log_interval')
 device, rank, local_rank, world_size = init_device(device, dtype)
 ddp = dist.is_initialized()
 device_type = torch.device(device).type
@@ -106,6 +112,7 @@ if gradient_accumulation_steps % world_size:
 micro_steps = gradient_accumulation_steps // world_size  # per rank
 global_batch = batch_size * gradient_accumulation_steps
 ckpt_path, metrics_path = os.path.join(out_dir, 'ckpt.pt'), os.path.join(out_dir, 'metrics.jsonl')
+out_lock = data.lock(out_dir, 'train.py') if master_process else None  # one run per out_dir, held to the end
 if init_from == 'auto':  # every rank decides alike: rank 0 writes a checkpoint only after all ranks have started
     init_from = 'resume' if os.path.exists(ckpt_path) else 'scratch'
     restart = int(os.environ.get('TORCHELASTIC_RESTART_COUNT', 0))  # > 0: torchrun re-launched this command
@@ -116,39 +123,32 @@ if init_from == 'auto':  # every rank decides alike: rank 0 writes a checkpoint 
 if init_from == 'scratch' and os.path.exists(ckpt_path) and not overwrite:
     raise SystemExit(f"{ckpt_path} already exists: continue it with --init_from=resume, start over with "
                      f"--overwrite=True (replaces it), or pick another --out_dir")
-if init_from == 'resume' and not os.path.exists(ckpt_path):
-    raise SystemExit(f"init_from='resume' but {ckpt_path} does not exist: train with --init_from=scratch first")
 if device_type == 'cuda':
     torch.set_float32_matmul_precision('high')  # TF32 matmuls (CUDA only: on CPU it could change float32 results)
 ptdtype, ctx = getattr(torch, dtype), autocast(device, dtype)
 
-# model, EMA, optimizer; on resume the model config is the checkpoint's (grad_checkpointing stays a runtime choice;
-# model_args without t_scale were written before it existed, with DiT's 1000)
-checkpoint = None
+# model, EMA, optimizer; on resume the model config and objective are the checkpoint's (grad_checkpointing stays a
+# runtime choice)
+checkpoint = data.load_checkpoint(ckpt_path, 'init_from=resume: out_dir') if init_from == 'resume' else None
 model_args = {f.name: globals()[f.name] for f in dataclasses.fields(DiTConfig)}
-if init_from == 'resume':
-    # mmap: every rank reads the same file without holding a private copy in RAM
-    checkpoint = torch.load(ckpt_path, map_location='cpu', mmap=True, weights_only=True)
-    saved = {'t_scale': 1000.0, **checkpoint['model_args']}
-    changed = {k: v for k, v in saved.items() if k != 'grad_checkpointing' and model_args.get(k) != v}
+run = {'id': data.new_run_id(), 'started': time.strftime('%Y-%m-%dT%H:%M:%S')}
+if checkpoint:
+    saved = {k: v for k, v in checkpoint['model_args'].items() if k != 'grad_checkpointing'}
+    changed = {k: v for k, v in saved.items() if model_args.get(k) != v}
+    if checkpoint.get('objective', 'flow') != objective:
+        changed['objective'] = objective = checkpoint.get('objective', 'flow')
     if changed and master_process:
         print(f"resume: model settings come from {ckpt_path}: {changed}")
-    model_args = {**saved, 'grad_checkpointing': grad_checkpointing}
+    model_args, run = {**saved, 'grad_checkpointing': grad_checkpointing}, checkpoint['run']
 model_cfg = DiTConfig(**model_args)
 n_tokens = model_cfg.grid_size ** 2
-# a checkpoint (fp32 weights, EMA, two AdamW moments) is written beside the previous one; 'meta' counts for free
-with torch.device('meta'):
-    data.check_writable(out_dir, 4 * 4 * DiT(model_cfg).num_params(), 'out_dir', 'a checkpoint needs')
 torch.manual_seed(seed)
 with torch.device(device):
     raw_model = DiT(model_cfg)
 ema_model = copy.deepcopy(raw_model).float().requires_grad_(False).eval()  # fp32, outside DDP
 if checkpoint:
-    try:
-        raw_model.load_state_dict(checkpoint['model'])
-        ema_model.load_state_dict(checkpoint['ema'])
-    except RuntimeError as e:  # e.g. written by another version of model.py
-        raise SystemExit(f"{ckpt_path}: its weights do not fit the DiT its model_args describe: {e}")
+    raw_model.load_state_dict(data.model_from_checkpoint(checkpoint, 'model', ckpt_path).state_dict())
+    ema_model.load_state_dict(checkpoint['ema'])
 params = [p for p in raw_model.parameters() if p.requires_grad]
 optimizer = torch.optim.AdamW(
     [{'params': [p for p in params if p.dim() >= 2], 'weight_decay': weight_decay},  # matrices decay,
@@ -161,6 +161,12 @@ if checkpoint:
     if checkpoint['scaler']:  # empty when saved by a disabled (non-float16) scaler
         scaler.load_state_dict(checkpoint['scaler'])
     iter_num, best_val_loss = checkpoint['iter_num'], checkpoint['best_val_loss']
+# stop now, not at a save: ckpt.pt's temporary copy is written beside it (twice its size while there is none yet),
+# and every kept copy still to come (EMA only) stays
+kept = (max_iters // keep_interval - iter_num // keep_interval) if keep_interval else 0
+data.check_writable(out_dir, data.checkpoint_bytes(raw_model.num_params()) * (1 if os.path.exists(ckpt_path) else 2)
+                    + kept * data.checkpoint_bytes(raw_model.num_params(), full=False), 'out_dir',
+                    f'ckpt.pt (and {kept} kept copies) need')
 model = raw_model.compile_blocks() if compile else raw_model  # regional: compile time flat in depth; then wrap
 if ddp:
     model = DDP(model, device_ids=[local_rank] if device_type == 'cuda' else None)
@@ -168,40 +174,25 @@ ema_params, model_params = list(ema_model.parameters()), list(raw_model.paramete
 
 
 def open_split(setting, folder):
-    """A data folder that fits the model: {clip, eva, meta, start, count, eva_tokens}; SystemExit otherwise."""
+    """A data folder that fits the model, checked for inf/NaN: its target rows with the arrays' paths, and meta."""
     meta = data.open_folder(folder, setting=setting, remedy=f"run `python extract.py {config_files}`")
-    paths, (T, D), (M, C) = meta['paths'], meta['shapes']['clip'][1:], meta['shapes']['eva'][1:]
-    for bad, message in [
-            (T != n_tokens, f"{paths['clip']}: {T} tokens per row, but the model's grid_size={model_cfg.grid_size} "
-                            f"needs {n_tokens}"),
-            (D != model_cfg.in_dim, f"{paths['clip']}: token width {D}, but the model has in_dim={model_cfg.in_dim}"),
-            (C != model_cfg.cond_dim, f"{paths['eva']}: token width {C}, but the model has "
-                                      f"cond_dim={model_cfg.cond_dim}"),
-            (model_cfg.cross_rope and M != n_tokens, f"{paths['eva']}: {M} tokens per row, but cross_rope=True needs "
-                                                     f"the EVA tokens on the model's grid ({n_tokens} tokens)")]:
-        if bad:
-            raise SystemExit(message)
-    for path in paths.values():
+    data.check_fits(meta, model_cfg)
+    for path in meta['paths'].values():
         data.check_finite(path)
-    return {'clip': paths['clip'], 'eva': paths['eva'], 'meta': meta, 'start': 0, 'count': meta['count'],
-            'eva_tokens': M}
+    return {**data.target(meta, folder), **meta['paths']}, meta
 
 
-train_split = open_split('train_data', train_data)
+train_split, train_meta = open_split('train_data', train_data)
 if val_fraction > 0:
-    n_val = round(train_split['count'] * val_fraction)
-    if not 0 < n_val < train_split['count']:
-        raise SystemExit(f"config error: val_fraction={val_fraction} of {train_split['count']} rows leaves "
-                         f"{n_val} validation rows; it needs at least one, and one training row")
-    val_split = {**train_split, 'start': train_split['count'] - n_val, 'count': n_val}
-    train_split['count'] -= n_val
+    start, n_val = data.holdout_range(train_split['count'], val_fraction, train_data)
+    val_split, train_split['count'] = {**train_split, 'start': start, 'count': n_val}, start
 else:
-    val_split = open_split('val_data', val_data)
-    if val_split['eva_tokens'] != train_split['eva_tokens']:
-        raise SystemExit(f"{val_split['eva']} has {val_split['eva_tokens']} tokens per row, "
-                         f"{train_split['eva']} has {train_split['eva_tokens']}: the splits must agree")
+    val_split, val_meta = open_split('val_data', val_data)
+    if val_meta['shapes']['eva'][1:] != train_meta['shapes']['eva'][1:]:
+        raise SystemExit(f"{val_split['eva']} holds {list(val_meta['shapes']['eva'])}, {train_split['eva']} "
+                         f"{list(train_meta['shapes']['eva'])}: the splits must agree")
 n_train = train_split['count']
-data_stats = checkpoint['data_stats'] if checkpoint else {k: train_split['meta'][k] for k in ('clip_mean', 'clip_std')}
+data_stats = checkpoint['data_stats'] if checkpoint else {k: train_meta[k] for k in ('clip_mean', 'clip_std')}
 clip_mean, clip_std = (torch.tensor(data_stats[k], device=device).float() for k in ('clip_mean', 'clip_std'))
 if checkpoint:
     samples_seen = checkpoint['data_position']['samples_seen']
@@ -213,7 +204,9 @@ if checkpoint:
                   f"{checkpoint['data_position']['train_rows']}: starting a new epoch")
     del checkpoint  # drop the mapped file before training
 resumed_at = iter_num if init_from == 'resume' else None
-flops_per_iter = raw_model.flops_per_sample(train_split['eva_tokens']) * 3 * global_batch
+flops_per_iter = raw_model.flops_per_sample(train_meta['shapes']['eva'][1]) * 3 * global_batch
+trained_on = {name: {k: split[k] for k in ('folder', 'id', 'start', 'count')} if split else None
+              for name, split in (('train', train_split), ('holdout', val_split if val_fraction > 0 else None))}
 
 
 def read_rows(split, rows):
@@ -262,30 +255,26 @@ def update_ema(step):
 
 @torch.no_grad()
 def evaluate():
-    """Validation flow loss (raw and EMA weights) on a fixed t grid; EMA generation check. Row i's noise is
+    """Validation loss (raw and EMA weights; flow: on a fixed t grid); EMA generation check. Row i's noise is
     flow.seeded_noise(seed, i), as in sample.py. Batches go round-robin to the ranks and the sums are
     all-reduced, so the numbers do not depend on the number of ranks."""
     raw_model.eval()
-    t_grid = (torch.arange(8, device=device) + 0.5) / 8
     n_loss, n_gen = min(val_split['count'], eval_iters * batch_size), min(val_split['count'], eval_gen_items)
     sums = torch.zeros(4, dtype=torch.float64, device=device)  # loss raw, loss EMA, token cos, pooled cos
     for first in range(rank * batch_size, n_loss, world_size * batch_size):
         rows = np.arange(first, min(first + batch_size, n_loss))
         x1, cond = read_rows(val_split, rows)
         x0 = flow.seeded_noise(seed, rows, x1.shape[1:], device)
-        v = flow.velocity_target(x0, x1, sigma_min)
-        for t in t_grid.repeat_interleave(len(rows)).view(len(t_grid), -1):
-            xt = flow.interpolate(x0, x1, t, sigma_min)
-            for k, m in enumerate((raw_model, ema_model)):
-                with ctx:
-                    pred = m(xt, t, cond)
-                sums[k] += F.mse_loss(pred.float(), v, reduction='none').mean(dim=(1, 2)).sum() / len(t_grid)
+        for k, m in enumerate((raw_model, ema_model)):
+            with ctx:
+                sums[k] += (F.mse_loss(flow.regress(m, cond, x1.shape).float(), x1, reduction='none').mean((1, 2))
+                            if objective == 'regression' else flow.validation_loss(m, x0, x1, cond, sigma_min)).sum()
     for first in range(rank * batch_size, n_gen, world_size * batch_size):
         rows = np.arange(first, min(first + batch_size, n_gen))
         x1, cond = read_rows(val_split, rows)
         with ctx:
-            x = flow.sample(flow.guided(ema_model, cond), flow.seeded_noise(seed, rows, x1.shape[1:], device),
-                            steps=eval_gen_steps, method='euler')
+            x = flow.generate(ema_model, cond, flow.seeded_noise(seed, rows, x1.shape[1:], device), objective,
+                              steps=eval_gen_steps, method='euler')
         generated, real = x.float() * clip_std + clip_mean, x1 * clip_std + clip_mean
         sums[2] += F.cosine_similarity(generated, real, dim=-1).mean(dim=1).sum()
         sums[3] += F.cosine_similarity(generated.mean(dim=1), real.mean(dim=1), dim=-1).sum()
@@ -298,16 +287,16 @@ def evaluate():
 
 
 def save_checkpoint(path=ckpt_path, keep=False):
-    """Write a checkpoint atomically (a crash leaves the previous one whole); keep=True: the EMA weights only."""
+    """Write a checkpoint (format: data.py) atomically; keep=True: the EMA weights only, for sampling."""
     ckpt = {'ema': ema_model.state_dict(), 'model_args': dataclasses.asdict(model_cfg), 'iter_num': iter_num,
-            'config': config, 'data_stats': data_stats}
+            'config': config, 'data_stats': data_stats, 'run': run, 'data': trained_on, 'objective': objective}
     if not keep:
         ckpt.update(model=raw_model.state_dict(), optimizer=optimizer.state_dict(), scaler=scaler.state_dict(),
                     best_val_loss=best_val_loss, data_position={'samples_seen': samples_seen, 'train_rows': n_train,
                     'epoch': samples_seen // n_train, 'index': samples_seen % n_train},
                     # training draws come from generators seeded by (seed, iter, micro-batch): the seed is the RNG state
                     rng={'seed': seed, 'scheme': 'torch.Generator seeded per (seed, iter_num, global micro-batch)'})
-    data.write_atomic(path, lambda f: torch.save(ckpt, f), 'wb')
+    data.save_checkpoint(path, ckpt)
 
 
 def stop(reason):
@@ -336,18 +325,20 @@ def read_losses():
 
 
 if master_process:
-    os.makedirs(out_dir, exist_ok=True)
     if init_from == 'scratch':
         open(metrics_path, 'w').close()  # a fresh run starts a fresh log
+    else:  # records past the checkpoint (a killed run's last iterations) are logged again from here
+        data.truncate_metrics(metrics_path, iter_num)
     if wandb_log:
         import wandb
         wandb.init(project=wandb_project, name=wandb_run_name, config=config)
     if init_from == 'resume':
-        log_record({'kind': 'resume', 'iter': iter_num}, f"resuming {ckpt_path} at iteration {iter_num}")
+        log_record({'kind': 'resume', 'iter': iter_num, 'run_id': run['id']},
+                   f"resuming {ckpt_path} (run {run['id']}) at iteration {iter_num}")
     print(f"DiT: {raw_model.num_params() / 1e6:.2f}M parameters, {flops_per_iter / global_batch / 3 / 1e9:.3f} GFLOPs "
           f"per sample forward; {world_size} rank(s) x {micro_steps} micro-step(s) x {batch_size} = "
           f"{global_batch} samples per iteration; {n_train} train rows, {val_split['count']} val rows; "
-          f"{device} {dtype}{' compiled' if compile else ''}")
+          f"{device} {dtype}{' compiled' if compile else ''}; objective {objective}, run {run['id']}")
 
 # training loop
 saved_iter = resumed_at
@@ -395,8 +386,9 @@ while True:
             model.require_backward_grad_sync = micro_step == micro_steps - 1  # all-reduce on the last only
         flow_generator.manual_seed(flow.seed_for(seed, iter_num, j))
         with ctx:
-            loss = flow.flow_loss(model, x1, cond, cond_drop_prob=cond_drop_prob, t_sampling=t_sampling,
-                                  sigma_min=sigma_min, generator=flow_generator)
+            loss = (flow.regression_loss(model, x1, cond) if objective == 'regression' else
+                    flow.flow_loss(model, x1, cond, cond_drop_prob=cond_drop_prob, t_sampling=t_sampling,
+                                   sigma_min=sigma_min, generator=flow_generator))
         scaler.scale(loss / micro_steps).backward()
         loss_sum += loss.detach()
         # read the next micro-batch (of this iteration or the next) while the device works through this one

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 
+import data
 import flow
 from conftest import ROOT, make_data_folder
 from model import DiT, DiTConfig
@@ -62,8 +63,8 @@ def out_dir_with(ckpt, path):
 
 
 def samples(out, method='midpoint', steps=10, cfg=1.0, seed=1337, ckpt='ckpt.pt'):
-    """The folder sample.py writes for these settings (flow.samples_name)."""
-    return os.path.join(out, 'samples', flow.samples_name(ckpt, method, steps, cfg, seed))
+    """The folder sample.py writes for these settings (data.samples_name)."""
+    return os.path.join(out, 'samples', data.samples_name(ckpt, method, steps, cfg, seed))
 
 
 def run_sample(monkeypatch, *args):
@@ -81,12 +82,13 @@ def test_shapes_settings_and_batch_size_independence(trained, tmp_path, monkeypa
         outs[bs] = np.load(os.path.join(samples(out, steps=8, seed=3), 'generated.npy'))
         assert sorted(os.listdir(out)) == ['ckpt.pt', 'samples']
         assert os.listdir(os.path.join(out, 'samples')) == ['ckpt-midpoint8-cfg1-seed3']
-        assert sorted(os.listdir(samples(out, steps=8, seed=3))) == ['generated.json', 'generated.npy']  # no partials
+        assert sorted(f for f in os.listdir(samples(out, steps=8, seed=3)) if f != '.lock') == ['generated.json',
+                                                                                       'generated.npy']  # no partials
     assert outs[5].shape == (N, 16, 8) and outs[5].dtype == np.float16
     np.testing.assert_allclose(outs[5].astype(np.float32), outs[12].astype(np.float32), atol=2e-3, rtol=2e-3)
     info = json.load(open(os.path.join(samples(tmp_path / 'bs5', steps=8, seed=3), 'generated.json')))
     assert (info['settings']['sample_steps'], info['settings']['seed'], info['settings']['use_ema']) == (8, 3, True)
-    assert info['settings']['shape'] == [N, 16, 8] and info['samples_per_second'] > 0 and info['model_calls'] == 16
+    assert info['depends_on']['shape'] == [N, 16, 8] and info['samples_per_second'] > 0 and info['model_calls'] == 16
     assert info['settings']['checkpoint'] == str(tmp_path / 'bs5' / 'ckpt.pt') and info['settings']['iter_num'] == 150
     # de-standardized with the checkpoint's stats, the samples match their own images (the untrained model gives ~0)
     meta = json.load(open(os.path.join(data, 'meta.json')))
@@ -167,10 +169,10 @@ def test_bad_input_named(trained, tmp_path, monkeypatch):
         run_sample(monkeypatch, f'--out_dir={tmp_path / "nothing"}', f'--val_data={data}')
     out = out_dir_with(ckpt, tmp_path / 'run')
     wide = make_data_folder(str(tmp_path / 'wide'), n=4, tokens=16, clip_dim=8, eva_dim=10)
-    with pytest.raises(SystemExit, match=r'eva.npy has EVA width 10, but .*ckpt.pt was trained with cond_dim 12'):
+    with pytest.raises(SystemExit, match=r'wide/eva.npy: token width 10, but the model has cond_dim=12'):
         run_sample(monkeypatch, f'--out_dir={out}', f'--val_data={wide}')
     other = make_data_folder(str(tmp_path / 'other'), n=4, tokens=16, clip_dim=6, eva_dim=12)
-    with pytest.raises(SystemExit, match=r'generates \[16, 8\] tokens .* CLIP tokens \[16, 6\]'):
+    with pytest.raises(SystemExit, match=r'other/clip.npy: token width 6, but the model has in_dim=8'):
         run_sample(monkeypatch, f'--out_dir={out}', f'--val_data={other}')
     with pytest.raises(SystemExit, match=r"sample_method should be one of 'euler', 'heun', 'midpoint' \(got 'rk4'\)"):
         run_sample(monkeypatch, f'--out_dir={out}', f'--val_data={data}', '--sample_method=rk4')
@@ -194,7 +196,7 @@ def test_kept_checkpoint_and_a_changed_one(trained, tmp_path, monkeypatch):
     torch.save({**torch.load(kept, weights_only=True), 'iter_num': 300}, kept)
     with open(os.path.join(folder, 'generated.npy'), 'rb') as f:
         before = f.read()
-    with pytest.raises(SystemExit, match=r"holds samples made with other settings .*'iter_num': \(150, 300\).*delete"):
+    with pytest.raises(SystemExit, match=r"holds another result .*'checkpoint.iter_num': \(150, 300\).*delete"):
         run_sample(monkeypatch, f'--out_dir={out}', f'--val_data={data}', f'--ckpt_path={kept}', '--sample_steps=4',
                    '--sample_method=midpoint', '--sample_shift=2.0')
     with open(os.path.join(folder, 'generated.npy'), 'rb') as f:

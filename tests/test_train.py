@@ -88,7 +88,7 @@ def test_keep_interval_keeps_small_sampling_checkpoints(run):
     assert kept == ['ckpt_iter000010.pt', 'ckpt_iter000020.pt', 'ckpt_iter000030.pt']
     full = torch.load(os.path.join(run, 'ckpt.pt'), weights_only=True)
     first, last = (torch.load(os.path.join(run, name), weights_only=True) for name in (kept[0], kept[-1]))
-    assert set(last) == {'ema', 'model_args', 'config', 'data_stats', 'iter_num'}
+    assert set(last) == {'ema', 'model_args', 'config', 'data_stats', 'iter_num', 'run', 'data', 'objective'}
     assert (first['iter_num'], last['iter_num']) == (10, ITERS)
     assert all(torch.equal(last['ema'][k], v) for k, v in full['ema'].items())  # the EMA weights ckpt.pt holds
     assert not all(torch.equal(first['ema'][k], v) for k, v in full['ema'].items())
