@@ -61,7 +61,7 @@ depends_on); the finished array is renamed to generated.npy, so that name only e
 is reused only while depends_on is equal.
 
 One writer at a time: train.py locks out_dir, sample.py its samples folder, extract.py each data folder (`lock`:
-an flock on <folder>/.lock, which the kernel drops when the holder dies, so a killed run never blocks the next).
+a lock on <folder>/.lock, which the kernel drops when the holder dies, so a killed run never blocks the next).
 """
 import errno
 import fcntl
@@ -173,6 +173,19 @@ def open_folder(folder, arrays=('clip', 'eva'), setting='val_data', remedy='run 
     if not all(s > 0 and math.isfinite(s) for s in meta['clip_std']):
         raise SystemExit(f"{meta_path}: clip_std must be positive and finite in every channel")
     return meta
+
+
+def check_captions(captions, path):
+    """SystemExit naming the file, the image and the value unless every entry is a non-empty list of non-blank
+    strings (a bare string would be read as a list of letters)."""
+    for image_id, value in captions.items():
+        if not isinstance(value, list) or not value:
+            raise SystemExit(f"{path}: image {image_id}: expected a non-empty list of caption strings, got "
+                             f"{type(value).__name__} {value!r:.80}")
+        bad = next((c for c in value if not isinstance(c, str) or not c.strip()), None)
+        if bad is not None:
+            raise SystemExit(f"{path}: image {image_id}: expected non-blank caption strings, got "
+                             f"{type(bad).__name__} {bad!r:.80}")
 
 
 def check_finite(path, samples=32):
@@ -369,14 +382,14 @@ def truncate_metrics(path, iter_num):
 
 # --- one writer at a time ---------------------------------------------------------------------------------------
 def lock(folder, what):
-    """Hold <folder>/.lock for this process's life (keep the returned file); SystemExit naming the holder if
-    another process has it. The kernel drops an flock with its holder, so a killed run leaves no stale lock."""
+    """Hold <folder>/.lock for this process's life (keep the returned file open); SystemExit naming the holder if
+    another process has it. The kernel drops the lock with its holder, so a killed run leaves no stale lock."""
     os.makedirs(folder, exist_ok=True)
     path = os.path.join(folder, '.lock')
     f = open(path, 'a+')
-    try:
-        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
+    try:  # a POSIX lock: owned by this process alone, not by the workers it forks (a DataLoader's)
+        fcntl.lockf(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
         f.seek(0)
         holder = f.read().strip() or 'unknown'
         f.close()
@@ -476,8 +489,8 @@ def finish_samples(run_dir, info):
         os.remove(os.path.join(run_dir, name))
 
 
-def new_run_id():
-    """A run's identity, made when training starts from scratch."""
+def new_id():
+    """A fresh identity: of a training run (made at its start from scratch), of an extraction."""
     return uuid.uuid4().hex[:12]
 
 

@@ -14,6 +14,7 @@ again with the same command continues where it stopped and ends with the arrays 
 run. meta.json is written first with "complete": false and last with "complete": true.
 """
 import collections
+import contextlib
 import hashlib
 import io
 import json
@@ -135,10 +136,20 @@ def synthetic_captions(background, shapes):
 # --- sources --------------------------------------------------------------------------------------
 
 
+def to_rgb(image):
+    """An 8-bit RGB image of any PIL mode. 16- and 32-bit integer images are scaled from 16 bits (PIL's own convert
+    clips them at 255: nearly white), float images from [0, 1]."""
+    if image.mode.startswith('I'):  # 'I;16', 'I;16B', ... and 'I': the 16-bit PNG / TIFF grayscale modes
+        image = Image.fromarray((np.asarray(image, dtype=np.float64) / 257).round().clip(0, 255).astype(np.uint8))
+    elif image.mode == 'F':
+        image = Image.fromarray((np.asarray(image, dtype=np.float64) * 255).round().clip(0, 255).astype(np.uint8))
+    return image.convert('RGB')
+
+
 def load_file(path):
     """A file as an RGB image; raises on a missing, unreadable or truncated file."""
     with Image.open(path) as image:
-        return image.convert('RGB')
+        return to_rgb(image)
 
 
 def load_member(key):
@@ -150,7 +161,7 @@ def load_member(key):
         f.seek(offset)
         raw = f.read(size)
     with Image.open(io.BytesIO(raw)) as image:
-        return image.convert('RGB')
+        return to_rgb(image)
 
 
 def sample_captions(text, meta):
@@ -266,7 +277,8 @@ def list_split(split, source, limit=0, coco_root=None, image_folder=None, synthe
             raise SystemExit(f"{annotations} is not a COCO captions file: {type(e).__name__}: {e}")
         ids = sorted(coco.getImgIds())[:limit or None]
         files = [coco.imgs[i]['file_name'] for i in ids]
-        captions = {str(i): [a['caption'].strip() for a in coco.imgToAnns[i]] for i in ids}
+        captions = {str(i): [a['caption'].strip() if isinstance(a['caption'], str) else a['caption']
+                             for a in coco.imgToAnns[i]] for i in ids if coco.imgToAnns[i]}
         root, kind = images, {'kind': 'coco', 'split': split, 'annotations': annotations}
     elif source == 'folder':
         root = os.path.join(image_folder, split)
@@ -282,7 +294,8 @@ def list_split(split, source, limit=0, coco_root=None, image_folder=None, synthe
             text = os.path.join(root, os.path.splitext(f)[0] + '.txt')
             if os.path.isfile(text):
                 with open(text) as fh:
-                    captions[f] = [line.strip() for line in fh if line.strip()]
+                    lines = [line.strip() for line in fh if line.strip()]
+                captions.update({f: lines} if lines else {})
         kind = {'kind': 'folder', 'split': split}
     else:
         raise SystemExit(f"source must be 'coco', 'folder', 'webdataset' or 'synthetic', got {source!r}")
@@ -545,7 +558,7 @@ def prepare_folder(out, spec, overwrite):
         for f in os.listdir(out):
             if f in (*ARRAYS, 'meta.json', 'captions.json') or f.startswith('.extract_state.'):
                 os.remove(os.path.join(out, f))
-        data.write_json(os.path.join(out, 'meta.json'), {**spec, 'complete': False})
+        data.write_json(os.path.join(out, 'meta.json'), {**spec, 'extraction_id': data.new_id(), 'complete': False})
     barrier()
     return plan
 
@@ -662,7 +675,8 @@ def finish_folder(listing, out, spec, count, tokens):
     var = sum(np.array(s['clip_sumsq']) for s in states) / n_tokens - mean ** 2
     captions = {str(ids[i]): listing['captions'][str(ids[i])] for i in rows if str(ids[i]) in listing['captions']}
     data.write_json(os.path.join(out, 'captions.json'), captions)
-    meta = {**spec, 'count': count, 'image_ids': [ids[i] for i in rows], 'files': [files[i] for i in rows],
+    started = data.read_json(os.path.join(out, 'meta.json')).get('extraction_id')  # a folder's identity from its start
+    meta = {**spec, **({'extraction_id': started} if started else {}), 'count': count, 'image_ids': [ids[i] for i in rows], 'files': [files[i] for i in rows],
             'grid_size': math.isqrt(tokens), 'clip_mean': mean.tolist(),
             'clip_std': np.sqrt(np.maximum(var, 0)).tolist(),
             'skipped': [{'image_id': ids[s['index']], 'file': s['file'], 'reason': s['reason']} for s in skipped],
@@ -701,9 +715,10 @@ def extract_split(listing, out, clip, eva, device, batch_size=64, num_workers=0,
 
 
 if __name__ == '__main__':
-    from configurator import configure
+    from configurator import configure, require_positive
     config = configure(globals(), renamed={'batch_size': 'extract_batch_size', 'overwrite': 'extract_overwrite',
                                            'dtype': 'clip_dtype and --eva_dtype'})
+    require_positive(config, 'extract_batch_size')
     if int(os.environ.get('RANK', -1)) != -1:  # torchrun: gloo carries only small objects; ranks may finish far apart
         dist.init_process_group('gloo', timeout=timedelta(hours=12))
     rank, world = rank_world()
@@ -730,6 +745,8 @@ if __name__ == '__main__':
                          f"source={source!r}: the files {', '.join(p for _, p in untrained.values())} do not exist")
     listings = {split: list_split(split, source, limit, coco_root, image_folder, synthetic_counts, synthetic_seed,
                                   synthetic_image_size, webdataset_shards, max_shards) for split in splits}
+    for split, listing in listings.items():  # refused before any work: eval.py would refuse them later
+        data.check_captions(listing['captions'], f"the captions of split {split!r} ({listing['source']['kind']})")
     if source != 'synthetic':  # train on one split, evaluate on another: never the same image twice
         seen = {s: set(listings[s]['ids']) if source == 'coco' else
                 {os.path.realpath(os.path.join(listings[s]['source']['root'], f)) for f in listings[s]['files']}
@@ -766,7 +783,8 @@ if __name__ == '__main__':
     for split in splits:
         if rank == 0:
             print(f"split {split}: {len(listings[split]['ids'])} images -> {os.path.join(data_dir, split)}")
-        extract_split(listings[split], os.path.join(data_dir, split), clip, eva, device, extract_batch_size,
-                      num_workers, extract_overwrite)
+        out = os.path.join(data_dir, split)
+        with data.lock(out, 'extract.py') if rank == 0 else contextlib.nullcontext():  # one writer a folder
+            extract_split(listings[split], out, clip, eva, device, extract_batch_size, num_workers, extract_overwrite)
     if dist.is_initialized():
         dist.destroy_process_group()

@@ -1,24 +1,32 @@
-"""Sweep the sampler over checkpoints: sample.py and eval.py per cell, one table (CSV and JSON) and a plot.
+"""Sweep the sampler over checkpoints on held-out rows, then report the chosen cell on the reported split.
 
 python sweep.py config/demo.py --ckpts="('out/demo/ckpt_iter*.pt',)" --methods="('euler', 'midpoint')" \
-    --steps="(5, 10, 20)" --cfg_scales="(1.0,)"
+    --steps="(5, 10)" --cfg_scales="(1.0, 2.0)" --seeds="(1337, 1338)"
 
-The grid is ckpts x methods x steps x cfg_scales x shifts. Each cell runs sample.py (it writes
-out_dir/samples/<name>/generated.npy, name = flow.samples_name) and then eval.py on that array (it writes
+The grid is ckpts x methods x steps x cfg_scales x shifts x seeds. Each cell runs sample.py (it writes
+out_dir/samples/<name>/generated.npy, name = data.samples_name) and then eval.py on that array (it writes
 <that folder>/eval/*.json) as subprocesses, with this command's config files: the stages talk only through files.
-A cell whose eval summaries already describe its array is read, not rerun, and sample.py skips a finished array and
-continues a partial one, so a killed sweep started again continues where it stopped. The table goes to
-out_dir/<sweep_name>.csv and .json, one row per cell: checkpoint, iteration, sampler, model calls per sample,
-B's recall@K in both directions, alignment and token fidelity (and any confidence-interval fields the summaries
-carry); with matplotlib, out_dir/<sweep_name>.png plots recall and token cosine against model calls.
+With holdout=True (the default) the grid runs on train_data's held-out slice (its last val_fraction rows, which
+train.py never trains on); the cells are ranked there by select_metric (the mean over seeds), and only the
+select_top best are sampled and evaluated on val_data, the reported split, which so chooses nothing.
+holdout=False runs the grid on val_data itself: a look at the reported split, marked as such, that selects nothing.
+sample.py reuses a finished array only while its checkpoint (run, iteration, contents), data rows and settings are
+the same, and stops naming what changed otherwise; a cell whose eval summaries describe that same array is read,
+not rerun. So a killed sweep started again continues where it stopped. Tables: out_dir/<sweep_name>.csv and .json
+(the grid on the selection split, its ranking, and the chosen cells on the reported split, each seed a row and
+the mean and spread over seeds per cell); with matplotlib, out_dir/<sweep_name>.png (recall with its intervals
+and token cosine against model calls).
 """
 import csv
 import glob
 import io
 import os
+import statistics
 import subprocess
 import sys
 import time
+
+import torch
 
 import data
 import flow
@@ -27,12 +35,18 @@ import flow
 out_dir = 'out'                # samples go to out_dir/samples/<name>/, the table to out_dir/<sweep_name>.*
 data_dir = 'data'              # extract.py's output: data_dir/<split>
 splits = ('train2017', 'val2017')
-val_data = ''                  # the data folder to generate for and evaluate on; '' = data_dir/splits[1]
+train_data = ''                # its held-out slice is the selection split; '' = data_dir/splits[0]
+val_data = ''                  # the reported split; '' = data_dir/splits[1]
+val_fraction = 0.0             # the held-out slice: train_data's last val_fraction rows, as train.py's (> 0 to select)
+holdout = True                 # run the grid on the held-out slice and select; False: on val_data, no selection
 ckpts = ('',)                  # checkpoint files or glob patterns ('out/demo/ckpt_iter*.pt'); '' = out_dir/ckpt.pt
 methods = ('euler', 'midpoint')  # flow.SAMPLERS
 steps = (5, 10, 20)
 cfg_scales = (1.0,)
 shifts = (1.0,)                # time grids (flow.time_grid)
+seeds = ()                     # sampling seeds per cell, for the generator's own spread; () = (seed,)
+select_metric = 'i2t_recall@5'  # a table column, higher is better: i2t/t2i_recall@K, token_cosine_mean, ...
+select_top = 1                 # cells evaluated on val_data after the selection
 use_ema = True
 seed = 1337
 device = 'auto'
@@ -71,15 +85,12 @@ def check_grid(methods, steps, cfg_scales, shifts):
             raise SystemExit(f"sweep.py: {key} should be a non-empty tuple of {expected}, got {values!r}")
 
 
-def cell_is_done(folder, ckpt):
-    """Both eval summaries describe the generated array now in folder, and the checkpoint is not newer than it."""
-    info_path = os.path.join(folder, 'generated.json')
+def cell_is_done(folder):
+    """Both eval summaries describe the generated array now in folder (what it depends on, as generated.json says)."""
     summaries = [os.path.join(folder, 'eval', f'{task}_summary.json') for task in ('alignment', 'recall')]
-    if not all(map(os.path.exists, [info_path, *summaries])):
+    if not all(map(os.path.exists, [os.path.join(folder, 'generated.json'), *summaries])):
         return False
-    if os.path.getmtime(ckpt) > os.path.getmtime(info_path):
-        return False  # sample.py decides: a checkpoint trained further refuses, naming the folder to delete
-    sampling = data.read_json(info_path)
+    sampling = data.read_json(os.path.join(folder, 'generated.json'))
     return all(data.read_json(path).get('sampling') == sampling for path in summaries)
 
 
@@ -112,8 +123,9 @@ def read_cell(folder):
     align = data.read_json(os.path.join(folder, 'eval', 'alignment_summary.json'))
     recall = data.read_json(os.path.join(folder, 'eval', 'recall_summary.json'))
     s = info['settings']
-    row = {'checkpoint': s['checkpoint'], 'iter_num': s['iter_num'], 'method': s['sample_method'],
-           'steps': s['sample_steps'], 'shift': s['sample_shift'], 'cfg_scale': s['cfg_scale'], 'seed': s['seed'],
+    row = {'split': 'holdout' if folder.endswith('-holdout') else 'val', 'checkpoint': s['checkpoint'],
+           'iter_num': s['iter_num'], 'method': s.get('sample_method', 'regression'), 'steps': s.get('sample_steps', 1),
+           'shift': s.get('sample_shift', 1.0), 'cfg_scale': s.get('cfg_scale', 1.0), 'seed': s.get('seed'),
            'model_calls': info['model_calls']}
     for short, direction in DIRECTIONS.items():
         row.update(flatten(f'{short}_', recall['method_b'][direction]))
@@ -125,9 +137,62 @@ def read_cell(folder):
     return row, recall['method_a']
 
 
-def write_table(path, rows, baseline, grid):
-    """out_dir/<sweep_name>.json (grid, A's recall, rows) and .csv (the rows), each written atomically."""
-    data.write_json(path + '.json', {'grid': grid, 'method_a': baseline, 'cells': rows}, indent=2)
+def run_cells(cells, seed_list, on_holdout, shared, config_files, objectives):
+    """sample.py and eval.py for every cell and seed (or read back): the table rows, A's recall on that split, and
+    the cell of each row's settings (CELL)."""
+    rows, baseline, folders, cell_of = [], None, set(), {}
+    grid = [(cell, s) for cell in cells for s in seed_list]
+    where = 'held-out slice of train_data' if on_holdout else 'val_data'
+    for i, ((ckpt, method, n_steps, scale, shift), s) in enumerate(grid):
+        name = data.samples_name(ckpt, method, n_steps, scale, s, shift, use_ema, objectives[ckpt], on_holdout)
+        folder = os.path.join(out_dir, 'samples', name)
+        if folder in folders:  # a regression checkpoint has no sampler: one folder for all its cells
+            continue
+        folders.add(folder)
+        t0 = time.time()
+        stage = shared + [f'--holdout={on_holdout}', f'--seed={s}']
+        run_stage('sample.py', config_files, stage + [f'--ckpt_path={ckpt}', f'--sample_method={method}',
+                  f'--sample_steps={n_steps}', f'--cfg_scale={scale}', f'--sample_shift={shift}'])
+        done = cell_is_done(folder)  # sample.py reused the array (or made it again): are its summaries current?
+        if not done:
+            run_stage('eval.py', config_files, stage + [f'--generated={os.path.join(folder, "generated.npy")}'])
+        row, baseline = read_cell(folder)
+        rows.append(row)
+        cell_of[tuple(row[k] for k in CELL)] = (ckpt, method, n_steps, scale, shift)
+        print(f"[{i + 1}/{len(grid)}] {name} on the {where}: " + ('reused' if done else f'sampled and evaluated in '
+              f'{time.time() - t0:.1f} s') + f", image->text R@5 {100 * row['i2t_recall@5']:.1f}%, token cosine "
+              f"{row['token_cosine_mean']:.4f}")
+    return rows, baseline, cell_of
+
+
+CELL = ('checkpoint', 'iter_num', 'method', 'steps', 'shift', 'cfg_scale', 'model_calls')
+SUMMARIZED = ('i2t_recall@1', 'i2t_recall@5', 'i2t_recall@10', 't2i_recall@1', 't2i_recall@5', 't2i_recall@10',
+              'alignment_mean_cosine_similarity', 'token_cosine_mean')
+
+
+def over_seeds(rows, metric):
+    """One entry per cell: its settings, and per metric the mean over its seeds with the spread (min, max, std);
+    best first by `metric`'s mean."""
+    cells = {}
+    for row in rows:
+        cells.setdefault(tuple(row[k] for k in CELL), []).append(row)
+    if metric not in rows[0]:
+        raise SystemExit(f"sweep.py: select_metric={metric!r} is not a column of the table; columns: "
+                         f"{', '.join(k for k, v in rows[0].items() if isinstance(v, float))}")
+    out = []
+    for key, group in cells.items():
+        entry = {**dict(zip(CELL, key)), 'seeds': [r['seed'] for r in group]}
+        for m in dict.fromkeys((metric, *SUMMARIZED)):
+            values = [r[m] for r in group]
+            entry[m] = {'mean': statistics.fmean(values), 'min': min(values), 'max': max(values),
+                        'std': statistics.stdev(values) if len(values) > 1 else 0.0}
+        out.append(entry)
+    return sorted(out, key=lambda e: -e[metric]['mean'])
+
+
+def write_table(path, table, rows):
+    """out_dir/<sweep_name>.json (the whole table) and .csv (one row per cell, seed and split), atomically."""
+    data.write_json(path + '.json', table, indent=2)
     columns = list(dict.fromkeys(k for row in rows for k in row))
     text = io.StringIO()
     writer = csv.DictWriter(text, fieldnames=columns)
@@ -136,9 +201,9 @@ def write_table(path, rows, baseline, grid):
     data.write_atomic(path + '.csv', lambda f: f.write(text.getvalue()))
 
 
-def plot(path, rows, baseline):
-    """<path>.png: B's R@5 in both directions and the token cosine against model calls, a line per sampler;
-    False where matplotlib is not installed (it is optional)."""
+def plot(path, rows, baseline, title):
+    """<path>.png: B's R@5 in both directions (95% intervals) and the token cosine against model calls, a line per
+    sampler and seed; False where matplotlib is not installed (it is optional)."""
     try:
         import matplotlib
         matplotlib.use('Agg')
@@ -148,73 +213,103 @@ def plot(path, rows, baseline):
         return False
     panels = [('i2t_recall@5', 'image->text R@5 (%)', 100), ('t2i_recall@5', 'text->image R@5 (%)', 100),
               ('token_cosine_mean', 'token cosine to the real tokens', 1)]
-    fig, axes = plt.subplots(1, 3, figsize=(14, 4))
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
     calls = sorted({r['model_calls'] for r in rows})
     lines = {}
     for row in rows:
         label = (f"{os.path.splitext(os.path.basename(row['checkpoint']))[0]} {row['method']}"
-                 + (f" shift {row['shift']:g}" if row['shift'] != 1 else '') + f" cfg {row['cfg_scale']:g}")
+                 + (f" shift {row['shift']:g}" if row['shift'] != 1 else '') + f" cfg {row['cfg_scale']:g}"
+                 + f" seed {row['seed']}")
         lines.setdefault(label, []).append(row)
-    for ax, (key, title, scale) in zip(axes, panels):
+    for ax, (key, name, scale) in zip(axes, panels):
         for label, points in lines.items():
             points = sorted(points, key=lambda r: r['model_calls'])
-            ax.plot([r['model_calls'] for r in points], [scale * r[key] for r in points], 'o-', label=label)
+            x, y = [r['model_calls'] for r in points], [scale * r[key] for r in points]
+            if f'{key}_ci95_lo' in points[0]:
+                err = [[v - scale * r[f'{key}_ci95_lo'] for v, r in zip(y, points)],
+                       [scale * r[f'{key}_ci95_hi'] - v for v, r in zip(y, points)]]
+                ax.errorbar(x, y, yerr=err, fmt='o-', capsize=3, label=label)
+            else:
+                ax.plot(x, y, 'o-', label=label)
         if key != 'token_cosine_mean':
             ax.axhline(100 * baseline[DIRECTIONS[key[:3]]]['recall@5'], color='k', ls='--', lw=0.8,
                        label='A: real tokens')
-        ax.set(xscale='log', xlabel='model calls per sample', title=title)
+            ax.set_ylim(0, 100)
+        ax.set(xscale='log', xlabel='model calls per sample', title=name)
         ax.set_xticks(calls, [str(c) for c in calls])  # the grid's own call counts, not powers of ten
         ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
-    axes[0].legend(fontsize=7)
-    fig.tight_layout()
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc='lower center', ncol=min(4, len(labels)), fontsize=7, frameon=False)
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout(rect=(0, 0.06 + 0.03 * (len(labels) // 4), 1, 1))
     fig.savefig(path + '.png', dpi=120)
     plt.close(fig)
     return True
 
 
-def print_table(rows, baseline):
-    """The table on the terminal: one line per cell, recall in percent."""
-    print("A (real tokens): image->text R@1/5/10 " + '/'.join(
+def print_table(rows, baseline, where):
+    """The table on the terminal: one line per cell and seed, recall in percent."""
+    print(f"{where}: A (real tokens) image->text R@1/5/10 " + '/'.join(
         f"{100 * baseline['image_to_text'][f'recall@{k}']:.1f}" for k in (1, 5, 10)) + ", text->image " + '/'.join(
         f"{100 * baseline['text_to_image'][f'recall@{k}']:.1f}" for k in (1, 5, 10)))
-    print(f"{'checkpoint':>18s} {'iter':>6s} {'method':>8s} {'steps':>5s} {'shift':>5s} {'cfg':>4s} {'calls':>5s} "
-          f"{'i2t R@1/5/10 (%)':>17s} {'t2i R@1/5/10 (%)':>17s} {'tok cos':>7s} {'align':>7s}")
+    print(f"{'checkpoint':>18s} {'iter':>6s} {'method':>10s} {'steps':>5s} {'shift':>5s} {'cfg':>4s} {'seed':>6s} "
+          f"{'calls':>5s} {'i2t R@1/5/10 (%)':>17s} {'t2i R@1/5/10 (%)':>17s} {'tok cos':>7s} {'align':>7s}")
     for r in rows:
         recall = {d: '/'.join(f"{100 * r[f'{d}_recall@{k}']:.1f}" for k in (1, 5, 10)) for d in DIRECTIONS}
-        print(f"{os.path.splitext(os.path.basename(r['checkpoint']))[0]:>18s} {r['iter_num']:>6d} {r['method']:>8s} "
-              f"{r['steps']:>5d} {r['shift']:>5g} {r['cfg_scale']:>4g} {r['model_calls']:>5d} {recall['i2t']:>17s} "
-              f"{recall['t2i']:>17s} {r['token_cosine_mean']:>7.4f} {r['alignment_mean_cosine_similarity']:>7.4f}")
+        print(f"{os.path.splitext(os.path.basename(r['checkpoint']))[0]:>18s} {r['iter_num']:>6d} {r['method']:>10s} "
+              f"{r['steps']:>5d} {r['shift']:>5g} {r['cfg_scale']:>4g} {str(r['seed']):>6s} {r['model_calls']:>5d} "
+              f"{recall['i2t']:>17s} {recall['t2i']:>17s} {r['token_cosine_mean']:>7.4f} "
+              f"{r['alignment_mean_cosine_similarity']:>7.4f}")
 
 
 if __name__ == '__main__':
-    from configurator import configure
+    from configurator import configure, require_positive
     config = configure(globals())
     config_files = [a for a in sys.argv[1:] if not a.startswith('--')]
-    val_data = val_data or os.path.join(data_dir, splits[1])
+    train_data, val_data = train_data or os.path.join(data_dir, splits[0]), val_data or os.path.join(data_dir, splits[1])
     check_grid(methods, steps, cfg_scales, shifts)
+    require_positive(config, 'select_top')
+    seed_list = tuple(seeds) or (seed,)
+    if holdout and not val_fraction > 0:
+        raise SystemExit(f"sweep.py: holdout=True selects on train_data's held-out slice, but val_fraction is "
+                         f"{val_fraction}: set it as train.py had it (> 0), or --holdout=False to look at val_data "
+                         f"without selecting")
     checkpoints = find_checkpoints(ckpts, out_dir)
-    shared = [f'--out_dir={out_dir}', f'--val_data={val_data}', f'--seed={seed}', f'--device={device}',
-              f'--use_ema={use_ema}']
-    grid = [(c, m, n, g, s) for c in checkpoints for m in methods for n in steps for g in cfg_scales for s in shifts]
+    objectives = {c: torch.load(c, map_location='cpu', mmap=True, weights_only=True).get('objective', 'flow')
+                  for c in checkpoints}
+    shared = [f'--out_dir={out_dir}', f'--train_data={train_data}', f'--val_data={val_data}',
+              f'--val_fraction={val_fraction}', f'--device={device}', f'--use_ema={use_ema}']
+    cells = [(c, m, n, g, s) for c in checkpoints for m in methods for n in steps for g in cfg_scales for s in shifts]
+    where = 'held-out slice of train_data' if holdout else 'val_data (no selection)'
     print(f"sweep: {len(checkpoints)} checkpoint(s) x {len(methods)} method(s) x {len(steps)} step count(s) x "
-          f"{len(cfg_scales)} cfg scale(s) x {len(shifts)} shift(s) = {len(grid)} cells, on {val_data}")
-    rows, baseline = [], None
-    for i, (ckpt, method, n_steps, scale, shift) in enumerate(grid):
-        folder = os.path.join(out_dir, 'samples', flow.samples_name(ckpt, method, n_steps, scale, seed, shift, use_ema))
-        t0, done = time.time(), cell_is_done(folder, ckpt)
-        if not done:
-            run_stage('sample.py', config_files, shared + [f'--ckpt_path={ckpt}', f'--sample_method={method}',
-                      f'--sample_steps={n_steps}', f'--cfg_scale={scale}', f'--sample_shift={shift}'])
-            run_stage('eval.py', config_files, shared + [f'--generated={os.path.join(folder, "generated.npy")}'])
-        row, baseline = read_cell(folder)
-        rows.append(row)
-        print(f"[{i + 1}/{len(grid)}] {os.path.basename(folder)}: "
-              + ('reused' if done else f'sampled and evaluated in {time.time() - t0:.1f} s')
-              + f", image->text R@5 {100 * row['i2t_recall@5']:.1f}%, token cosine {row['token_cosine_mean']:.4f}")
+          f"{len(cfg_scales)} cfg scale(s) x {len(shifts)} shift(s) x {len(seed_list)} seed(s) on the {where}")
+    rows, baseline, cell_of = run_cells(cells, seed_list, holdout, shared, config_files, objectives)
+    ranking = over_seeds(rows, select_metric)
+    table = {'grid': {'ckpts': checkpoints, 'methods': methods, 'steps': steps, 'cfg_scales': cfg_scales,
+                      'shifts': shifts, 'seeds': seed_list, 'use_ema': use_ema, 'train_data': train_data,
+                      'val_data': val_data, 'val_fraction': val_fraction},
+             'grid_split': 'holdout' if holdout else 'val', 'method_a': baseline, 'cells': rows,
+             'select_metric': select_metric, 'ranking': ranking, 'chosen': None, 'reported': None,
+             'reported_over_seeds': None, 'method_a_reported': None}
+    all_rows = rows
+    if holdout:
+        chosen = ranking[:select_top]
+        table['chosen'] = chosen
+        picked = [cell_of[tuple(e[k] for k in CELL)] for e in chosen]
+        print(f"sweep: chose {len(chosen)} cell(s) by the held-out {select_metric}; evaluating on val_data")
+        reported, table['method_a_reported'], _ = run_cells(picked, seed_list, False, shared, config_files,
+                                                            objectives)
+        table['reported'], table['reported_over_seeds'] = reported, over_seeds(reported, select_metric)
+        all_rows = rows + reported
     path = os.path.join(out_dir, sweep_name)
-    write_table(path, rows, baseline, {'ckpts': checkpoints, 'methods': methods, 'steps': steps,
-                                       'cfg_scales': cfg_scales, 'shifts': shifts, 'seed': seed,
-                                       'use_ema': use_ema, 'val_data': val_data})
-    plotted = plot(path, rows, baseline)
-    print_table(rows, baseline)
+    write_table(path, table, all_rows)
+    plotted = plot(path, rows, baseline, f"sweep on the {where}: {val_data if not holdout else train_data}")
+    print_table(rows, baseline, f"grid on the {where}")
+    if holdout:
+        print_table(table['reported'], table['method_a_reported'], "chosen on the held-out slice, on val_data")
+    for entry in table['reported_over_seeds'] or ranking[:select_top]:
+        m = entry[select_metric]
+        print(f"{'val_data' if holdout else 'grid'}: {os.path.basename(entry['checkpoint'])} {entry['method']} "
+              f"{entry['steps']} cfg {entry['cfg_scale']:g}: {select_metric} {m['mean']:.4f} over seeds "
+              f"{entry['seeds']} (min {m['min']:.4f}, max {m['max']:.4f}, std {m['std']:.4f})")
     print(f"sweep: wrote {path}.csv, {path}.json" + (f", {path}.png" if plotted else ''))

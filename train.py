@@ -131,7 +131,7 @@ ptdtype, ctx = getattr(torch, dtype), autocast(device, dtype)
 # runtime choice)
 checkpoint = data.load_checkpoint(ckpt_path, 'init_from=resume: out_dir') if init_from == 'resume' else None
 model_args = {f.name: globals()[f.name] for f in dataclasses.fields(DiTConfig)}
-run = {'id': data.new_run_id(), 'started': time.strftime('%Y-%m-%dT%H:%M:%S')}
+run = {'id': data.new_id(), 'started': time.strftime('%Y-%m-%dT%H:%M:%S')}
 if checkpoint:
     saved = {k: v for k, v in checkpoint['model_args'].items() if k != 'grad_checkpointing'}
     changed = {k: v for k, v in saved.items() if model_args.get(k) != v}

@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import data  # noqa: E402
 import flow  # noqa: E402
 from bench_model import seconds_per_call  # noqa: E402
 from model import DiT, DiTConfig, autocast  # noqa: E402
@@ -95,11 +96,9 @@ if quality and not (os.path.exists(ckpt_path) and os.path.exists(eva_path)):
     result['quality_note'] = (f"skipped: needs a trained checkpoint {ckpt_path} and its data {eva_path} "
                               f"(run extract.py and train.py with the same config first)")
 elif quality:
-    checkpoint = torch.load(ckpt_path, map_location='cpu', weights_only=True)
-    qcfg = DiTConfig(**{'t_scale': 1000.0, **checkpoint['model_args']})  # no t_scale: written before it existed
-    model = DiT(qcfg)
-    model.load_state_dict(checkpoint['ema'])
-    model.to(device).eval()
+    checkpoint = data.load_checkpoint(ckpt_path)
+    model = data.model_from_checkpoint(checkpoint, 'ema', ckpt_path).to(device).eval()
+    qcfg = model.cfg
     eva = np.load(eva_path, mmap_mode='r')
     n = min(quality_samples, len(eva))
     cond = torch.from_numpy(np.asarray(eva[:n], dtype=np.float32)).to(device)

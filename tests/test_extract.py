@@ -37,7 +37,7 @@ def load_folder(path):
     """Arrays, meta and captions of a complete data folder, through data.py's own checks."""
     meta = data.open_folder(str(path), arrays=tuple(data.ARRAYS))
     arrays = {name: np.load(p, mmap_mode='r') for name, p in meta.pop('paths').items()}
-    del meta['shapes']  # what open_folder adds: meta is now meta.json as written
+    del meta['shapes'], meta['id']  # what open_folder adds: meta is now meta.json as written
     return arrays, meta, data.read_json(os.path.join(path, 'captions.json'))
 
 
@@ -382,13 +382,16 @@ def test_killed_run_resumes_to_identical_arrays(tmp_path, source, huge_eva):
         proc.wait()
     assert proc.returncode == -signal.SIGKILL and 20 <= rows < 120
     with open(tmp_path / 'killed' / 'train' / 'meta.json') as f:
-        assert json.load(f)['complete'] is False
+        started = json.load(f)
+    assert started['complete'] is False
 
     run_extract(*args, f'--data_dir={tmp_path / "killed"}')
     whole, whole_meta, whole_caps = load_folder(tmp_path / 'whole' / 'train')
     resumed, resumed_meta, resumed_caps = load_folder(tmp_path / 'killed' / 'train')
     for name in whole:
         assert np.array_equal(whole[name], resumed[name]), name
+    # the same contents; each extraction its own identity, kept by the resume
+    assert resumed_meta.pop('extraction_id') == started['extraction_id'] != whole_meta.pop('extraction_id')
     assert whole_meta == resumed_meta and whole_caps == resumed_caps
     assert whole_meta['count'] == 120 and (whole_meta['eva_clamped_values'] > 0) == (source == 'webdataset')
 
