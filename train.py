@@ -112,7 +112,9 @@ if gradient_accumulation_steps % world_size:
 micro_steps = gradient_accumulation_steps // world_size  # per rank
 global_batch = batch_size * gradient_accumulation_steps
 ckpt_path, metrics_path = os.path.join(out_dir, 'ckpt.pt'), os.path.join(out_dir, 'metrics.jsonl')
-out_lock = data.lock(out_dir, 'train.py') if master_process else None  # one run per out_dir, held to the end
+if master_process:  # one run per out_dir: the lock is held to the end
+    data.check_writable(out_dir, 0, 'out_dir', 'the run needs')
+    out_lock = data.lock(out_dir, 'train.py')
 if init_from == 'auto':  # every rank decides alike: rank 0 writes a checkpoint only after all ranks have started
     init_from = 'resume' if os.path.exists(ckpt_path) else 'scratch'
     restart = int(os.environ.get('TORCHELASTIC_RESTART_COUNT', 0))  # > 0: torchrun re-launched this command

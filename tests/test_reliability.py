@@ -200,11 +200,13 @@ def test_unwritable_out_dir_stops_before_any_work(data, tmp_path, monkeypatch):
 
 
 def test_full_disk_stops_each_stage_before_any_work(data, tmp_path, small_disk, monkeypatch):
-    free = f'its disk has {shutil.disk_usage(small_disk).free:,} free'
     message = stops(monkeypatch, 'train.py', *TINY, f'--train_data={data}', f'--val_data={data}',
                     f'--out_dir={small_disk}/out')
+    free = f'its disk has {shutil.disk_usage(small_disk).free:,} free'  # beside train.py's lock file
     params = DiT(DiTConfig(dim=32, n_layers=2, n_heads=2, in_dim=8, cond_dim=12, grid_size=4)).num_params()
-    assert f"out_dir='{small_disk}/out': a checkpoint needs about {16 * params:,} bytes, {free}" in message
+    # ckpt.pt's temporary copy beside it (twice its size while none exists yet), no kept copies
+    assert (f"out_dir='{small_disk}/out': ckpt.pt (and 0 kept copies) need about {2 * (16 * params + 2**20):,} "
+            f"bytes, {free}") in message
     message = stops(monkeypatch, 'extract.py', *EXTRACT, '--source=synthetic', "--splits=('val',)",
                     "--synthetic_counts={'val': 40}", '--synthetic_image_size=64', f'--data_dir={small_disk}')
     needed = 40 * (16 * (64 + 96) * 2 + 32 * 4)  # tiny-clip / tiny-eva widths, clip_cls in float32
@@ -217,7 +219,8 @@ def test_full_disk_stops_each_stage_before_any_work(data, tmp_path, small_disk, 
     message = stops(monkeypatch, 'sample.py', f'--out_dir={small_disk}', f'--val_data={big}', '--device=cpu')
     assert f"out_dir={small_disk!r} is not writable (Read-only file system" in message
     # nothing half-written left behind: train.py's empty out folder and the checkpoint link only
-    assert sorted(os.listdir(small_disk)) == ['ckpt.pt', 'out'] and not os.listdir(os.path.join(small_disk, 'out'))
+    assert sorted(os.listdir(small_disk)) == ['ckpt.pt', 'out'] and os.listdir(os.path.join(small_disk, 'out')) == [
+        '.lock']  # train.py's lock on its out_dir, taken before the checks
 
 
 # --- bad input ----------------------------------------------------------------------------------------------
@@ -274,7 +277,7 @@ def test_checkpoint_whose_weights_do_not_fit_its_model_config(data, tmp_path, mo
         before = f.read()
     message = stops(monkeypatch, 'train.py', *TINY, f'--train_data={data}', f'--val_data={data}',
                     f'--out_dir={tmp_path}/run', '--init_from=resume')
-    assert message.startswith(f'{ckpt}: its weights do not fit the DiT its model_args describe'), message
+    assert message.startswith(f"{ckpt}: its 'model' weights do not fit the DiT its model_args describe"), message
     assert 'copying a param with shape torch.Size([32, 8]) from checkpoint, the shape in current model is ' \
            'torch.Size([48, 8])' in message
     message = stops(monkeypatch, 'sample.py', f'--out_dir={tmp_path}/run', f'--val_data={data}', '--device=cpu')

@@ -127,6 +127,9 @@ def test_resume_after_sigkill_is_exact(run, data, tmp_path):
           '--init_from=resume')
     resumed, reference = losses(out), losses(run)
     assert [resumed[i] for i in range(saved, ITERS)] == [reference[i] for i in range(saved, ITERS)]
+    # metrics.jsonl holds each iteration once: the killed run's records past the checkpoint were dropped
+    assert [r['iter'] for r in records(out, 'train')] == list(range(ITERS))
+    assert [r['iter'] for r in records(out, 'eval')] == [0, 10, 20, 30]
     assert records(out, 'eval')[-1]['val_loss'] == records(run, 'eval')[-1]['val_loss']
 
 
