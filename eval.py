@@ -8,11 +8,11 @@ Image embeddings, all in CLIP's joint image-text space (embed_dim, 768 for ViT-L
   ignores EVA gets (recall at chance, alignment the floor)
   baselines = the same function of other generators' arrays (ridge.py's linear map; a DiT trained by plain regression),
   each compared with B on the same bootstrap draws
-Without a generated.npy only A, R and mean tokens are reported (the CLIP baseline). In recall, competitors tied
-with a query because their embeddings are equal stand in a random order (expected recall), other exact ties count
-against it; every recall and alignment mean carries a bootstrap 95% interval, resampling images with all their
-captions (the independent unit: an image's captions share its embedding). Token fidelity is standardized in the DiT's
-own units: generated.json's data_stats (the checkpoint's), else train_data's meta.json.
+Without a generated.npy only A, R, mean tokens and any baselines are reported (the CLIP baseline). In recall,
+competitors tied with a query because their embeddings are equal stand in a random order (expected recall), other
+exact ties count against it; every recall and alignment mean carries a bootstrap 95% interval, resampling images
+with all their captions (the independent unit: an image's captions share its embedding). Token fidelity is
+standardized in the DiT's own units: generated.json's data_stats (the checkpoint's), else train_data's meta.json.
 The summaries go next to the generated array (<its folder>/eval/; out_dir/eval/ without one) and name the
 checkpoint and sampler that made it.
 
