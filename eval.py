@@ -6,9 +6,13 @@ Image embeddings, all in CLIP's joint image-text space (embed_dim, 768 for ViT-L
   R = normalize(clip_cls.npy)                                 CLIP's own CLS embedding: what published numbers use
   mean tokens = the same function of train_data's mean tokens, one vector for every image: what a generator that
   ignores EVA gets (recall at chance, alignment the floor)
-Without a generated.npy only A, R and mean tokens are reported (the CLIP baseline). In recall, competitors tied
-with a query because their embeddings are equal stand in a random order (expected recall), other exact ties count
-against it; every recall and alignment mean carries a bootstrap 95% interval.
+  baselines = the same function of other generators' arrays (ridge.py's linear map; a DiT trained by plain regression),
+  each compared with B on the same bootstrap draws
+Without a generated.npy only A, R, mean tokens and any baselines are reported (the CLIP baseline). In recall,
+competitors tied with a query because their embeddings are equal stand in a random order (expected recall), other
+exact ties count against it; every recall and alignment mean carries a bootstrap 95% interval, resampling images
+with all their captions (the independent unit: an image's captions share its embedding). Token fidelity is
+standardized in the DiT's own units: generated.json's data_stats (the checkpoint's), else train_data's meta.json.
 The summaries go next to the generated array (<its folder>/eval/; out_dir/eval/ without one) and name the
 checkpoint and sampler that made it.
 
@@ -55,6 +59,9 @@ eval_batch_size = 256                  # images per token chunk, captions per te
 save_detailed = False                  # also write per-sample arrays (npz)
 bootstrap_samples = 1000               # resamples for the 95% intervals (0 = none)
 bootstrap_seed = 0
+baselines = ()                         # generated.npy arrays of baseline generators, each with its generated.json
+                                       # (ridge.py; a DiT trained by plain regression, sampled by sample.py): one more
+                                       # column each, B - baseline paired; one made for other rows is skipped
 device = 'auto'
 # -----------------------------------------------------------------------------
 SCORE_CHUNK_ELEMENTS = 1 << 24         # scores per image chunk (64 MB of float32; three such buffers exist at once)
@@ -255,15 +262,16 @@ def mean_tokens(clip_path, token_shape, max_rows, batch_size, device):
 
 
 @torch.no_grad()
-def embed_tokens(clip_path, gen_path, mean_tok, visual, clip_mean, clip_std, batch_size, device):
-    """A and B (None without gen_path) from clip.npy and generated.npy, a chunk at a time, and per image how close
-    B's tokens and the mean tokens come to the real ones: {'b': {...}, 'm': {...}} of [N] arrays."""
+def embed_tokens(clip_path, gen_paths, mean_tok, visual, clip_mean, clip_std, batch_size, device):
+    """A from clip.npy and the same function of every generated array {key: path} (B, the baselines), a chunk at a
+    time; and per image how close each one's tokens and the mean tokens come to the real ones, standardized with
+    clip_mean/clip_std: returns A, {key: [N, E]}, the mean tokens' vector, {key or 'm': {...} of [N] arrays}."""
     N = np.load(clip_path, mmap_mode='r').shape[0]
     A = np.empty((N, visual.proj.shape[1]), np.float32)
-    B = np.empty_like(A) if gen_path else None
+    gens = {key: np.empty_like(A) for key in gen_paths}
     mean, std = (torch.as_tensor(x, dtype=torch.float32, device=device) for x in (clip_mean, clip_std))
     fidelity = {m: {k: np.empty(N) for k in ('token_cosine', 'token_cosine_standardized', 'image_vector_cosine',
-                                             'mse_standardized')} for m in ('bm' if gen_path else 'm')}
+                                             'mse_standardized')} for m in [*gen_paths, 'm']}
     m_tokens = mean_tok.to(device)[None]
     m_vec = pool_project(m_tokens, visual)
 
@@ -283,19 +291,18 @@ def embed_tokens(clip_path, gen_path, mean_tok, visual, clip_mean, clip_std, bat
         A[s:e] = a.cpu().numpy()
         z_real = (real - mean) / std
         compare('m', m_tokens, m_vec, real, z_real, a, slice(s, e))
-        if gen_path is None:
-            continue
-        gen = torch.from_numpy(np.load(gen_path, mmap_mode='r')[s:e].astype(np.float32)).to(device)
-        bad = ~torch.isfinite(gen)
-        if bad.any():
-            per_row = bad.flatten(1).sum(1)
-            row = int(torch.nonzero(per_row)[0])
-            raise SystemExit(f"eval.py: {gen_path} row {s + row} has {int(per_row[row])} non-finite values "
-                             f"(NaN/inf), e.g. {gen[bad][:3].tolist()}; the sampler diverged: regenerate it")
-        b = pool_project(gen, visual)
-        B[s:e] = b.cpu().numpy()
-        compare('b', gen, b, real, z_real, a, slice(s, e))
-    return A, B, m_vec.cpu().numpy()[0], fidelity
+        for key, gen_path in gen_paths.items():
+            gen = torch.from_numpy(np.load(gen_path, mmap_mode='r')[s:e].astype(np.float32)).to(device)
+            bad = ~torch.isfinite(gen)
+            if bad.any():
+                per_row = bad.flatten(1).sum(1)
+                row = int(torch.nonzero(per_row)[0])
+                raise SystemExit(f"eval.py: {gen_path} row {s + row} has {int(per_row[row])} non-finite values "
+                                 f"(NaN/inf), e.g. {gen[bad][:3].tolist()}; the sampler diverged: regenerate it")
+            b = pool_project(gen, visual)
+            gens[key][s:e] = b.cpu().numpy()
+            compare(key, gen, b, real, z_real, a, slice(s, e))
+    return A, gens, m_vec.cpu().numpy()[0], fidelity
 
 
 def fidelity_summary(per_image):
@@ -307,8 +314,9 @@ def fidelity_summary(per_image):
 def bootstrap_ci(sums, counts, samples, seed, batch=100):
     """95% percentile intervals [M, 2] of sum(sums) / sum(counts) over units drawn with replacement, `samples` times.
 
-    Per unit (an image: its hit rates, or its captions' cosine sum and count; a caption: its hit rates and 1), sums
-    [U, M] and counts [U]. Every column sees the same draws, so a column of B - A gives a paired interval.
+    Per unit (an image: its image->text hit rates and 1, or its captions' cosine or text->image hit sums and their
+    count), sums [U, M] and counts [U]. Every column, and every call with the same seed and U, sees the same draws,
+    so a column of B - A gives a paired interval.
     """
     sums, counts = torch.as_tensor(sums, dtype=torch.float64), torch.as_tensor(counts, dtype=torch.float64)
     U, g = len(counts), torch.Generator().manual_seed(seed)
@@ -319,6 +327,22 @@ def bootstrap_ci(sums, counts, samples, seed, batch=100):
         weights = torch.zeros(b, U, dtype=torch.float64).scatter_add_(1, draws, ones[:b])  # times each unit is drawn
         estimates.append((weights @ sums) / (weights @ counts)[:, None])
     return torch.quantile(torch.cat(estimates), torch.tensor([0.025, 0.975], dtype=torch.float64), dim=0).T.tolist()
+
+
+def image_sums(values, text_image, N):
+    """Per-image sums [N, M] of per-caption values [T, M]: an image with all its captions is one bootstrap unit."""
+    values = torch.as_tensor(values, dtype=torch.float64)
+    return torch.zeros(N, values.shape[1], dtype=torch.float64).index_add_(0, torch.as_tensor(text_image), values)
+
+
+def recall_intervals(hits, text_image, samples, seed):
+    """{direction: [M, 2]} 95% intervals of recall columns from per-query hit rates {'image_to_text': [N, M],
+    'text_to_image': [T, M]}, both resampling images, each with all its captions: alignment's draws. A caption is not
+    independent of its image's other captions (they share its embedding), so resampling captions is too narrow."""
+    N = len(hits['image_to_text'])
+    units = {'image_to_text': (hits['image_to_text'], np.ones(N)),
+             'text_to_image': (image_sums(hits['text_to_image'], text_image, N), np.bincount(text_image, minlength=N))}
+    return {d: bootstrap_ci(sums, counts, samples, seed) for d, (sums, counts) in units.items()}
 
 
 def cosine_stats(sims):
@@ -341,6 +365,30 @@ def pearson(x, y):
     return float((x * y).sum() / denom) if denom > 0 else None
 
 
+def check_captions(path, captions_by_id, image_ids):
+    """SystemExit naming the file, the image id, the expected and the actual value unless every image has a
+    non-empty list of non-blank caption strings (a bare string would be split into letters)."""
+    if not isinstance(captions_by_id, dict):
+        raise SystemExit(f"eval.py: {path} should hold {{image_id: [caption, ...]}}, got "
+                         f"{type(captions_by_id).__name__}")
+    missing = [i for i in image_ids if captions_by_id.get(str(i)) in (None, [])]
+    if missing:
+        more = ' ...' if len(missing) > 5 else ''
+        raise SystemExit(f"eval.py: {path} has no captions for {len(missing)} of {len(image_ids)} images "
+                         f"(image ids {missing[:5]}{more}); every image needs at least one: expected a non-empty list "
+                         f"of caption strings, got {captions_by_id.get(str(missing[0]), 'no entry')!r} for "
+                         f"{missing[0]}")
+    for i in image_ids:
+        value = captions_by_id[str(i)]
+        if not isinstance(value, list):
+            raise SystemExit(f"eval.py: {path}: image id {i}: expected a list of caption strings, got "
+                             f"{type(value).__name__} {value!r:.200}")
+        bad = [c for c in value if not isinstance(c, str) or not c.strip()]
+        if bad:
+            raise SystemExit(f"eval.py: {path}: image id {i}: expected non-blank caption strings, got "
+                             f"{type(bad[0]).__name__} {bad[0]!r:.200} in {value!r:.300}")
+
+
 def load_data(folder):
     """meta (with paths), captions in row order, caption -> row index; every check names the file and the values."""
     meta = data.open_folder(folder, arrays=('clip', 'clip_cls'))
@@ -348,18 +396,86 @@ def load_data(folder):
     if not os.path.exists(captions_path):
         raise SystemExit(f"eval.py: {captions_path} not found: evaluation needs the captions extract.py writes")
     captions_by_id = data.read_json(captions_path)
-    missing = [i for i in meta['image_ids'] if not captions_by_id.get(str(i))]
-    if missing:
-        more = ' ...' if len(missing) > 5 else ''
-        raise SystemExit(f"eval.py: {captions_path} has no captions for {len(missing)} of {meta['count']} images "
-                         f"(image ids {missing[:5]}{more}); every image needs at least one")
+    check_captions(captions_path, captions_by_id, meta['image_ids'])
     captions = [c for i in meta['image_ids'] for c in captions_by_id[str(i)]]
     text_image = np.repeat(np.arange(meta['count']), [len(captions_by_id[str(i)]) for i in meta['image_ids']])
     return meta, captions, text_image
 
 
-def plot(eval_dir, sims, recalls, k_values):
-    """alignment_hist.png, alignment_scatter.png, recall.png; only where matplotlib is importable (optional)."""
+def folder_identity(meta):
+    """A data folder's identity (meta from data.open_folder): meta.json's extraction_id if present, else the sha1
+    hex digest of its meta.json bytes; generated.json's 'data' names it, so arrays of other rows are caught."""
+    if 'extraction_id' in meta:
+        return meta['extraction_id']
+    folder = os.path.dirname(next(iter(meta['paths'].values())))
+    with open(os.path.join(folder, 'meta.json'), 'rb') as f:
+        return hashlib.sha1(f.read()).hexdigest()
+
+
+def other_rows(made_for, identity, count):
+    """Why generated.json's 'data' ({folder, id, start, count}) is not the evaluated rows; None when it is."""
+    theirs = {k: made_for.get(k) for k in ('id', 'start', 'count')}
+    ours = {'id': identity, 'start': 0, 'count': count}
+    if theirs == ours:
+        return None
+    return (f"made for {made_for.get('folder')} (id {theirs['id']}, rows {theirs['start']} + {theirs['count']}), "
+            f"the evaluated data is id {identity}, rows 0 + {count}")
+
+
+def load_baseline(path, meta, val_data, identity):
+    """(label, generated.json) of a baseline array made for the evaluated rows; None, with a printed warning, for one
+    made for other rows (found for another split: not an error)."""
+    if not os.path.exists(path):
+        raise SystemExit(f"eval.py: baselines entry {path!r} not found")
+    shape = data.open_array(path, np.float16, remedy='regenerate it (ridge.py or sample.py)').shape
+    info_path = os.path.splitext(path)[0] + '.json'
+    info = data.read_json(info_path) if os.path.exists(info_path) else {}
+    label = str(info.get('label') or os.path.basename(os.path.dirname(os.path.abspath(path))))
+    expected = (meta['count'], meta['clip']['tokens'], meta['clip']['dim'])
+    if 'data' not in info:
+        print(f"eval: warning: baseline {label!r}: {info_path} has no 'data' (the rows it was made for): "
+              f"checking its shape only")
+    else:
+        why = other_rows(info['data'], identity, meta['count'])
+        if why:
+            print(f"eval: warning: baseline {label!r} ({path}) skipped: {why} ({val_data})")
+            return None
+    if shape != expected:
+        if 'data' in info:
+            raise SystemExit(f"eval.py: {path} has shape {list(shape)}, but {info_path} says it was made for "
+                             f"{val_data}, which holds {list(expected)}: regenerate it")
+        print(f"eval: warning: baseline {label!r} ({path}) skipped: shape {list(shape)}, {val_data} holds "
+              f"{list(expected)} (count, tokens, dim): made for other rows")
+        return None
+    return label, info
+
+
+def fidelity_stats(sampling, info_path, train_data, meta, val_data):
+    """(clip_mean, clip_std, source) that standardize token fidelity in the DiT's own units: generated.json's
+    data_stats (the checkpoint's), else train_data's meta.json (the training folder's), else val_data's, noted."""
+    train_meta = os.path.join(train_data, 'meta.json')
+    if (sampling or {}).get('data_stats'):
+        stats, path = sampling['data_stats'], info_path
+        source = f"{info_path} data_stats ({stats.get('source', 'no source given')})"
+    elif os.path.exists(train_meta):
+        stats, path, source = data.read_json(train_meta), train_meta, f"{train_meta} (the training folder)"
+    else:
+        source = f"{os.path.join(val_data, 'meta.json')} (the evaluated folder: no data_stats and no {train_meta})"
+        print(f"eval: note: token fidelity is standardized with {source}, not in the DiT's own units")
+        return meta['clip_mean'], meta['clip_std'], source
+    D = meta['clip']['dim']
+    mean, std = stats.get('clip_mean'), stats.get('clip_std')
+    if not (isinstance(mean, list) and isinstance(std, list) and len(mean) == len(std) == D
+            and all(isinstance(s, (int, float)) and s > 0 and math.isfinite(s) for s in std)):
+        describe = lambda v: f"{len(v)} values" if isinstance(v, list) else f"{v!r:.80}"
+        raise SystemExit(f"eval.py: {path}: clip_mean and clip_std should be {D} numbers each (the token width; std "
+                         f"positive and finite), got {describe(mean)} and {describe(std)}")
+    return mean, std, source
+
+
+def plot(eval_dir, sims, recalls, k_values, names):
+    """alignment_hist.png, alignment_scatter.png, recall.png, a colour per method (names: its legend);
+    only where matplotlib is importable (optional)."""
     try:
         import matplotlib
         matplotlib.use('Agg')
@@ -367,12 +483,14 @@ def plot(eval_dir, sims, recalls, k_values):
     except ImportError:
         print("plots: matplotlib not installed, skipped")
         return
+    others = ['tab:red', 'tab:purple', 'tab:brown', 'tab:pink', 'tab:olive', 'tab:cyan']  # baselines
     colors = {'a': 'tab:blue', 'b': 'tab:orange', 'r': 'tab:green', 'm': 'tab:gray'}
+    colors.update({m: others[j % len(others)] for j, m in enumerate(m for m in names if m not in colors)})
     if sims:
         fig, ax = plt.subplots(figsize=(6, 4))
         bins = np.linspace(min(s.min() for s in sims.values()), max(s.max() for s in sims.values()), 61)
         for m, s in sims.items():
-            ax.hist(s, bins=bins, histtype='step', lw=1.5, color=colors[m], label=f"{METHODS[m]} (mean {s.mean():.3f})")
+            ax.hist(s, bins=bins, histtype='step', lw=1.5, color=colors[m], label=f"{names[m]} (mean {s.mean():.3f})")
         ax.set(xlabel='cosine(image, caption) per pair', ylabel='pairs', title='Task 1: alignment')
         ax.legend(fontsize=7)
         fig.tight_layout()
@@ -393,7 +511,7 @@ def plot(eval_dir, sims, recalls, k_values):
         for ax, direction in zip(axes, ('image_to_text', 'text_to_image')):
             for j, (m, r) in enumerate(recalls.items()):
                 ax.bar(np.arange(len(k_values)) + j * width, [100 * r[direction][k] for k in k_values], width,
-                       color=colors[m], label=METHODS[m])
+                       color=colors[m], label=names[m])
             ax.set(xticks=np.arange(len(k_values)) + width * (len(recalls) - 1) / 2,
                    xticklabels=[f"R@{k}" for k in k_values], title=direction.replace('_', ' '), ylim=(0, 100))
         axes[0].set_ylabel('recall (%)')
@@ -420,6 +538,7 @@ if __name__ == '__main__':
     meta, captions, text_image = load_data(val_data)
     paths = meta['paths']
     N, T = meta['count'], len(captions)
+    identity = folder_identity(meta)
     name = flow.samples_name(ckpt_path or os.path.join(out_dir, 'ckpt.pt'), sample_method, sample_steps, cfg_scale,
                              seed, sample_shift, use_ema)
     gen_path = generated or os.path.join(out_dir, 'samples', name, 'generated.npy')
@@ -434,12 +553,28 @@ if __name__ == '__main__':
         if shape != expected:
             raise SystemExit(f"eval.py: {gen_path} has shape {list(shape)}, but {val_data} holds {list(expected)} "
                              f"real tokens (count, tokens, dim); was it generated for another data folder?")
-    sampling = None
-    if gen_path and os.path.exists(gen_path[:-len('.npy')] + '.json'):
-        sampling = data.read_json(gen_path[:-len('.npy')] + '.json')
+    sampling, info_path = None, gen_path and gen_path[:-len('.npy')] + '.json'
+    if gen_path and os.path.exists(info_path):
+        sampling = data.read_json(info_path)
         sampled_for = sampling.get('settings', {}).get('val_data')
         if sampled_for and os.path.realpath(sampled_for) != os.path.realpath(val_data):
             print(f"eval: warning: {gen_path} was generated for {sampled_for}, evaluating against {val_data}")
+        why = 'data' in sampling and other_rows(sampling['data'], identity, N)
+        if why:
+            raise SystemExit(f"eval.py: {gen_path}: {info_path} says it was {why} ({val_data}): evaluate it on the "
+                             f"data it was generated for, or regenerate it")
+    # baselines: one more column each, keyed baseline_<label>; B - baseline is b_minus_<label>
+    found, skipped = {}, []
+    for path in baselines:
+        loaded = load_baseline(path, meta, val_data, identity)
+        if loaded is None:
+            skipped.append(path)
+            continue
+        label, info = loaded
+        if f'baseline_{label}' in found:
+            raise SystemExit(f"eval.py: baselines {found[f'baseline_{label}'][1]} and {path} are both labelled "
+                             f"{label!r}: give one another 'label' in its generated.json")
+        found[f'baseline_{label}'] = (label, path, info)
 
     model, tokenizer = load_clip(clip_model, clip_pretrained, device)
     visual = model.visual
@@ -454,7 +589,8 @@ if __name__ == '__main__':
               f"{meta['clip']['pretrained']!r}, evaluating with {clip_model!r} / {clip_pretrained!r}: "
               f"A and R are only comparable with the same weights")
     print(f"eval: {N} images, {T} captions ({T / N:.2f} per image), {clip_model} / {clip_pretrained or 'random init'}, "
-          f"embedding space {embed_dim}, device {device}")
+          f"embedding space {embed_dim}, device {device}" + (f", baselines {', '.join(l for l, _, _ in found.values())}"
+                                                             if found else ''))
 
     text = torch.from_numpy(text_features(model, tokenizer, captions, val_data, clip_model, clip_pretrained,
                                           eval_batch_size, device)).to(device)
@@ -467,19 +603,27 @@ if __name__ == '__main__':
         mean_tok = torch.tensor(meta['clip_mean'], dtype=torch.float32).expand(token_shape)
         mean_source = f"{val_data}/meta.json clip_mean at every position (no {train_clip})"
         print(f"eval: the mean-tokens row uses {mean_source}")
-    A, B, m_vec, per_image = embed_tokens(paths['clip'], gen_path, mean_tok, visual, meta['clip_mean'],
-                                          meta['clip_std'], eval_batch_size, device)
+    clip_mean, clip_std, stats_source = fidelity_stats(sampling, info_path, train_data, meta, val_data)
+    gen_paths = {**({'b': gen_path} if gen_path else {}), **{key: path for key, (_, path, _) in found.items()}}
+    A, gens, m_vec, per_image = embed_tokens(paths['clip'], gen_paths, mean_tok, visual, clip_mean, clip_std,
+                                             eval_batch_size, device)
+    B = gens.get('b')
     R = F.normalize(torch.from_numpy(np.load(paths['clip_cls'])).float(), dim=-1).numpy()
-    image_emb = {'a': A, 'b': B, 'r': R, 'm': np.tile(m_vec, (N, 1))}  # mean tokens: one vector for every image
-    if B is None:
-        del image_emb['b']
-    columns = list(image_emb) + (['d'] if B is not None else [])  # d: B - A, paired
+    # the columns: A, B, the baselines, R, mean tokens (one vector for every image), then B's paired differences
+    image_emb = {'a': A, **gens, 'r': R, 'm': np.tile(m_vec, (N, 1))}
+    names = {**METHODS, **{key: f"{label}: a baseline generator's tokens, mean-pooled + proj"
+                           for key, (label, _, _) in found.items()}}
+    column_names = {**COLUMNS, **{key: label for key, (label, _, _) in found.items()},
+                    **{f'b_minus_{label}': f'B - {label}' for label, _, _ in found.values()}}
+    differences = {'d': ('b', 'a'), **{f'b_minus_{label}': ('b', key) for key, (label, _, _) in found.items()}} \
+        if B is not None else {}  # column: (minuend, subtrahend), paired on the same draws
+    columns = list(image_emb) + list(differences)
     text_image_t = torch.from_numpy(text_image).to(device)
     eval_dir = os.path.join(os.path.dirname(gen_path) if gen_path else out_dir, 'eval')
     os.makedirs(eval_dir, exist_ok=True)
     counts = np.bincount(text_image)
     made_by = (sampling or {}).get('settings')  # the checkpoint and the sampler that made the generated array
-    common = {'val_data': val_data, 'generated': gen_path,
+    common = {'val_data': val_data, 'data_id': identity, 'generated': gen_path,
               'checkpoint': made_by and {'path': made_by.get('checkpoint'), 'iter_num': made_by.get('iter_num'),
                                          'use_ema': made_by.get('use_ema')},
               'sampler': made_by and {k: made_by.get(k) for k in ('sample_method', 'sample_steps', 'sample_shift',
@@ -488,12 +632,14 @@ if __name__ == '__main__':
               'clip_pretrained': clip_pretrained, 'num_images': N, 'num_captions': T,
               'captions_per_image': {'min': int(counts.min()), 'max': int(counts.max()), 'mean': T / N},
               'embedding_space': embed_dim, 'uses_visual_projection': True,
-              'methods': {m: METHODS[m] for m in image_emb}, 'mean_tokens_source': mean_source,
+              'methods': {m: names[m] for m in image_emb}, 'mean_tokens_source': mean_source,
+              'baselines_skipped': skipped,
               'bootstrap': {'samples': bootstrap_samples, 'seed': bootstrap_seed, 'interval': '95% percentile',
-                            'resampled': 'images (image->text recall; alignment means, with all their captions), '
-                                         'captions (text->image recall); the same draws for every method, so B - A '
-                                         'is paired'} if bootstrap_samples else None}
-    # 95% intervals of per-unit means: units (images or captions) drawn with replacement; None without bootstrap
+                            'resampled': 'images, each with all its captions (alignment means and both recall '
+                                         'directions; text->image recall as the ratio of the drawn images\' caption '
+                                         'hit sums to their caption counts); the same draws for every method and '
+                                         'task, so B - A and B - baseline are paired'} if bootstrap_samples else None}
+    # 95% intervals of per-image means: images drawn with replacement; None without bootstrap
     intervals = lambda sums, n: (bootstrap_ci(sums, n, bootstrap_samples, bootstrap_seed) if bootstrap_samples
                                  else [None] * sums.shape[1])
     table, sims, recalls, hits, ranked = [], {}, {}, {}, {}
@@ -508,21 +654,29 @@ if __name__ == '__main__':
         for m, emb in image_emb.items():  # per-pair cosines; read from the recall's score matrix where it ran
             pair = ranked[m][1] if m in ranked else pair_scores(torch.from_numpy(emb).to(device), text, text_image_t)
             sims[m] = pair.cpu().numpy().astype(np.float64)
-        values = {**sims, 'd': sims['b'] - sims['a']} if B is not None else sims
-        ci = dict(zip(columns, intervals(np.stack([np.bincount(text_image, values[m], N) for m in columns], 1),
+        values = {**sims, **{d: sims[x] - sims[y] for d, (x, y) in differences.items()}}
+        ci = dict(zip(columns, intervals(image_sums(np.stack([values[m] for m in columns], 1), text_image, N).numpy(),
                                          counts)))
         stats = {m: {**cosine_stats(s), 'mean_cosine_similarity_ci95': ci[m]} for m, s in sims.items()}
         summary = {'task': 'alignment', **common, **{SUMMARY_KEYS[m]: stats.get(m) for m in SUMMARY_KEYS},
+                   'baselines': {label: {**stats[key], 'generated': path, 'generated_info': info,
+                                         'correlation': pearson(sims['a'], sims[key]),
+                                         'token_fidelity': fidelity_summary(per_image[key])}
+                                 for key, (label, path, info) in found.items()},
                    'difference_mean': None, 'difference_mean_ci95': None, 'difference_std': None,
                    'correlation': None, 'reference_correlation': pearson(sims['a'], sims['r']),
-                   'token_fidelity': None, 'mean_tokens_fidelity': fidelity_summary(per_image['m'])}
+                   'token_fidelity': None, 'token_fidelity_stats': stats_source,
+                   'mean_tokens_fidelity': fidelity_summary(per_image['m'])}
         if B is not None:
             summary.update(difference_mean=float(values['d'].mean()), difference_mean_ci95=ci['d'],
                            difference_std=float(values['d'].std()), correlation=pearson(sims['a'], sims['b']),
                            token_fidelity=fidelity_summary(per_image['b']))
+            summary.update({d: {'difference_mean': float(values[d].mean()), 'difference_mean_ci95': ci[d],
+                                'difference_std': float(values[d].std())} for d in differences if d != 'd'})
         summary['seconds'] = time.time() - t_start
         data.write_json(os.path.join(eval_dir, 'alignment_summary.json'), summary, indent=2)
-        table.append(('alignment mean cosine', {m: with_ci(values[m].mean(), ci[m], m == 'd') for m in columns}))
+        table.append(('alignment mean cosine', {m: with_ci(values[m].mean(), ci[m], m in differences)
+                                                for m in columns}))
         correlations = {m: pearson(sims['a'], s) for m, s in sims.items()}
         table.append(('correlation with A', {m: 'n/a' if c is None else f"{c:.4f}" for m, c in correlations.items()}))
         if save_detailed:
@@ -539,50 +693,60 @@ if __name__ == '__main__':
             hits[m] = {d: hit_rates(*c, k_values).cpu().numpy() for d, c in by_direction.items()}
             ranks[m] = {d: expected_ranks(*c).cpu().numpy() for d, c in by_direction.items()}
             recalls[m] = {d: dict(zip(k_values, h.mean(0).tolist())) for d, h in hits[m].items()}
-        if B is not None:
-            hits['d'] = {d: hits['b'][d] - hits['a'][d] for d in DIRECTIONS}
-        ci = {}  # (method, direction, k) -> interval
-        for d in DIRECTIONS:
-            per_query = np.concatenate([hits[m][d] for m in columns], 1)  # [queries, methods x k_values]
-            flat = intervals(per_query, np.ones(len(per_query)))
-            ci.update({(m, d, k): flat[j * len(k_values) + i] for j, m in enumerate(columns)
-                       for i, k in enumerate(k_values)})
+        hits.update({c: {d: hits[x][d] - hits[y][d] for d in DIRECTIONS} for c, (x, y) in differences.items()})
+        per_query = {d: np.concatenate([hits[m][d] for m in columns], 1) for d in DIRECTIONS}  # [queries, columns x K]
+        flat = (recall_intervals(per_query, text_image, bootstrap_samples, bootstrap_seed) if bootstrap_samples
+                else {d: [None] * q.shape[1] for d, q in per_query.items()})
+        ci = {(m, d, k): flat[d][j * len(k_values) + i] for d in DIRECTIONS for j, m in enumerate(columns)
+              for i, k in enumerate(k_values)}  # (method, direction, k) -> interval
         per_method = {m: {**{d: {key: v for k in k_values for key, v in ((f"recall@{k}", recalls[m][d][k]),
                                                                          (f"recall@{k}_ci95", ci[m, d, k]))}
                              for d in DIRECTIONS},
                           'median_rank': {d: float(np.median(ranks[m][d])) + 1 for d in DIRECTIONS}}
                       for m in recalls}
+
+        def difference(c):
+            """Recall@K of x - y for the difference column c = (x, y), with its paired interval, in every direction."""
+            x, y = differences[c]
+            return {d: {**{f"recall@{k}_difference": recalls[x][d][k] - recalls[y][d][k] for k in k_values},
+                        **{f"recall@{k}_difference_ci95": ci[c, d, k] for k in k_values},
+                        **{f"recall@{k}_relative_change": (100 * (recalls[x][d][k] - recalls[y][d][k])
+                                                           / recalls[y][d][k] if recalls[y][d][k] > 0 else None)
+                           for k in k_values}}
+                    for d in DIRECTIONS}
+
         summary = {'task': 'recall', **common, 'k_values': k_values, 'ties': TIES,
-                   **{SUMMARY_KEYS[m]: per_method.get(m) for m in SUMMARY_KEYS}, 'difference': None}
-        if B is not None:
-            summary['difference'] = {d: {
-                **{f"recall@{k}_difference": recalls['b'][d][k] - recalls['a'][d][k] for k in k_values},
-                **{f"recall@{k}_difference_ci95": ci['d', d, k] for k in k_values},
-                **{f"recall@{k}_relative_change": (100 * (recalls['b'][d][k] - recalls['a'][d][k]) / recalls['a'][d][k]
-                                                   if recalls['a'][d][k] > 0 else None) for k in k_values}}
-                for d in DIRECTIONS}
+                   **{SUMMARY_KEYS[m]: per_method.get(m) for m in SUMMARY_KEYS},
+                   'baselines': {label: {**per_method[key], 'generated': path}
+                                 for key, (label, path, _) in found.items()},
+                   'difference': difference('d') if B is not None else None,
+                   **{c: difference(c) for c in differences if c != 'd'}}
         summary['seconds'] = seconds_recall + time.time() - t_recall
         data.write_json(os.path.join(eval_dir, 'recall_summary.json'), summary, indent=2)
         for d, short in (('image_to_text', 'image->text'), ('text_to_image', 'text->image')):
-            table += [(f"{short} R@{k}", {m: with_ci(hits[m][d][:, i].mean(), ci[m, d, k], m == 'd', percent=True)
-                                          for m in columns}) for i, k in enumerate(k_values)]
+            table += [(f"{short} R@{k}", {m: with_ci(hits[m][d][:, i].mean(), ci[m, d, k], m in differences,
+                                                     percent=True) for m in columns}) for i, k in enumerate(k_values)]
         if save_detailed:
             np.savez(os.path.join(eval_dir, 'recall_detailed.npz'), text_image=text_image, k_values=k_values,
                      **{f'rank_{d}_{m}': r for m, rs in ranks.items() for d, r in rs.items()},
-                     **{f'hits_{d}_{m}': h for m, hs in hits.items() if m != 'd' for d, h in hs.items()})
+                     **{f'hits_{d}_{m}': h for m, hs in hits.items() if m not in differences for d, h in hs.items()})
 
-    plot(eval_dir, sims, recalls, k_values)
-    width = max(len(cell) for _, row in table for cell in [*row.values(), *COLUMNS.values()]) + 2
-    print(f"{'':26s}" + ''.join(f"{COLUMNS[m]:>{width}s}" for m in columns))
+    plot(eval_dir, sims, recalls, k_values, names)
+    width = max(len(cell) for _, row in table for cell in [*row.values(), *column_names.values()]) + 2
+    print(f"{'':26s}" + ''.join(f"{column_names[m]:>{width}s}" for m in columns))
     for name, row in table:
         print(f"{name:26s}" + ''.join(f"{row.get(m, ''):>{width}s}" for m in columns))
     if bootstrap_samples:
-        print(f"[95% interval: {bootstrap_samples} bootstrap resamples of images (captions for text->image); "
-              f"B - A paired; recall differences in points]")
+        print(f"[95% interval: {bootstrap_samples} bootstrap resamples of images, each with all its captions (both "
+              f"recall directions and alignment); B - A" + ''.join(f", {column_names[c]}" for c in differences
+                                                                   if c != 'd')
+              + " paired; recall differences in points]")
     tokens_line = lambda f: f"per-token cosine {f['token_cosine_mean']:.4f} (standardized " \
                             f"{f['token_cosine_standardized_mean']:.4f}), standardized MSE {f['mse_standardized']:.4f}"
-    if B is not None:
-        print(f"token fidelity, B: {tokens_line(fidelity_summary(per_image['b']))}, A.B image cosine "
-              f"{per_image['b']['image_vector_cosine'].mean():.4f}")
+    for key in gens:
+        short = 'B' if key == 'b' else column_names[key]
+        print(f"token fidelity, {short}: {tokens_line(fidelity_summary(per_image[key]))}, A.{short} image cosine "
+              f"{per_image[key]['image_vector_cosine'].mean():.4f}")
     print(f"token fidelity, mean tokens: {tokens_line(fidelity_summary(per_image['m']))}")
+    print(f"token fidelity: standardized with {stats_source}")
     print(f"eval: wrote {eval_dir} in {time.time() - t_start:.1f} s")

@@ -1,10 +1,12 @@
 """eval.py: recall on hand-built embeddings, method A against open_clip's own avg pooling, end to end, bad input."""
 import ast
+import hashlib
 import importlib.util
 import itertools
 import json
 import math
 import os
+import re
 import runpy
 import sys
 
@@ -15,7 +17,7 @@ import torch.nn.functional as F
 
 import flow
 from conftest import ROOT, make_data_folder
-from eval import bootstrap_ci, hit_rates, pool_project, recall_at_k, retrieval_counts
+from eval import bootstrap_ci, folder_identity, hit_rates, pool_project, recall_at_k, recall_intervals, retrieval_counts
 
 EVAL = os.path.join(ROOT, 'eval.py')
 # A tiny CLIP: 16 tokens of width 8 (4x4 patches of a 16 px image), joint space 6, one layer per tower.
@@ -215,6 +217,35 @@ def test_bootstrap_interval_matches_the_binomial_and_pairs_columns():
     sums, counts = np.array([[0.0], [3.0]]), np.array([1.0, 3.0])
     lo, hi = bootstrap_ci(sums, counts, 500, 0)[0]
     assert lo == 0.0 and hi == 1.0
+
+
+def test_text_to_image_interval_resamples_images_with_their_captions():
+    # 300 images with 5 to 15 captions each; an image is easy or hard, and its captions hit (or miss) together: they
+    # share its embedding. Resampling captions as if independent is about 3x too narrow here.
+    rng = np.random.default_rng(0)
+    N = 300
+    counts = rng.integers(5, 16, N)
+    text_image = np.repeat(np.arange(N), counts)
+    easy = rng.random(N) < 0.5
+    t2i = (rng.random(len(text_image)) < np.where(easy, 0.95, 0.05)[text_image]).astype(float)[:, None]
+    got = recall_intervals({'image_to_text': easy[:, None].astype(float), 'text_to_image': t2i}, text_image,
+                           1000, 0)
+    lo, hi = got['text_to_image'][0]
+    # independently: the same seeded draws of N images, each with all its captions, and a plain loop over them
+    sums, g, estimates = np.bincount(text_image, t2i[:, 0], N), torch.Generator().manual_seed(0), []
+    for _ in range(10):  # bootstrap_ci draws 100 resamples at a time
+        for drawn in torch.randint(N, (100, N), generator=g).numpy():
+            estimates.append(sums[drawn].sum() / counts[drawn].sum())
+    assert [lo, hi] == pytest.approx(np.quantile(estimates, [0.025, 0.975]).tolist(), abs=1e-12)
+    # the width agrees with the delta method for a ratio of per-image sums (within 10%), not with captions' width
+    residual = sums - t2i.mean() * counts
+    delta = 2 * 1.96 * np.sqrt((residual ** 2).sum()) / N / counts.mean()
+    assert hi - lo == pytest.approx(delta, rel=0.1)
+    caption_lo, caption_hi = bootstrap_ci(t2i, np.ones(len(t2i)), 1000, 0)[0]
+    assert caption_hi - caption_lo < 0.5 * (hi - lo)  # measured: 0.035 against 0.106
+    assert lo < t2i.mean() < hi
+    # image -> text sees the same draws: its per-image hits as alignment's per-image sums with count 1
+    assert got['image_to_text'] == bootstrap_ci(easy[:, None].astype(float), np.ones(N), 1000, 0)
 
 
 def test_method_a_is_open_clip_avg_pooling(tiny_clip):
@@ -467,3 +498,125 @@ def test_naming_settings_default_alike_in_sample_and_eval():
                 values[name] = ast.literal_eval(node.value)
         return values
     assert defaults('eval.py') == defaults('sample.py') and len(defaults('eval.py')) == 8
+
+
+@pytest.mark.parametrize('value, expected', [
+    ('a red circle', r"image id 105: expected a list of caption strings, got str 'a red circle'"),  # not letters
+    (['a red circle', 7], r"image id 105: expected non-blank caption strings, got int 7 in \['a red circle', 7\]"),
+    (['a red circle', '  '], r"image id 105: expected non-blank caption strings, got str '  '"),
+    ([], r"no captions for 1 of 24 images \(image ids \[105\]\); every image needs at least one: expected a "
+         r"non-empty list of caption strings, got \[\] for 105"),
+])
+def test_bad_captions_named(eval_setup, monkeypatch, value, expected):
+    data, out, args = eval_setup
+    path = os.path.join(data, 'captions.json')
+    captions = json.load(open(path))
+    captions['105'] = value
+    json.dump(captions, open(path, 'w'))
+    with pytest.raises(SystemExit, match=re.escape(path) + r'.*' + expected):
+        run_eval(monkeypatch, *args)
+
+
+def write_info(npy_path, info):
+    with open(str(npy_path)[:-len('.npy')] + '.json', 'w') as f:
+        json.dump(info, f)
+
+
+def test_folder_identity(data_folder):
+    import data as data_module
+    meta = data_module.open_folder(data_folder)
+    with open(os.path.join(data_folder, 'meta.json'), 'rb') as f:
+        assert folder_identity(meta) == hashlib.sha1(f.read()).hexdigest()
+    assert folder_identity({**meta, 'extraction_id': 'coco-val2017-abc'}) == 'coco-val2017-abc'
+
+
+def test_token_fidelity_in_the_dits_units(eval_setup, monkeypatch, capsys):
+    """Standardized fidelity uses generated.json's data_stats, else train_data's meta.json, else val_data's (noted)."""
+    data, out, args = eval_setup
+    train = make_data_folder(str(out.parent / 'train'), n=30, tokens=16, clip_dim=8, embed_dim=6, seed=1)
+    os.makedirs(out)
+    clip = np.load(os.path.join(data, 'clip.npy')).astype(np.float32)
+    noisy = clip + np.random.default_rng(0).normal(0, 0.5, clip.shape)
+    write_generated(out / 'generated.npy', noisy)
+    args = [*args, f'--generated={out / "generated.npy"}', '--tasks=alignment', '--bootstrap_samples=0']
+    write_info(out / 'generated.npy', {'data_stats': {'clip_mean': [0.0] * 8, 'clip_std': [1.0] * 8,
+                                                      'source': 'identity stats'}})
+    run_eval(monkeypatch, *args, f'--train_data={train}')
+    align = json.load(open(out / 'eval' / 'alignment_summary.json'))
+    assert 'identity stats' in align['token_fidelity_stats'] and 'generated.json' in align['token_fidelity_stats']
+    fid = align['token_fidelity']
+    assert fid['token_cosine_standardized_mean'] == pytest.approx(fid['token_cosine_mean'], abs=1e-6)
+    os.remove(out / 'generated.json')
+    run_eval(monkeypatch, *args, f'--train_data={train}')  # the training folder's
+    train_align = json.load(open(out / 'eval' / 'alignment_summary.json'))
+    assert train_align['token_fidelity_stats'].startswith(os.path.join(train, 'meta.json'))
+    train_std = np.array(json.load(open(os.path.join(train, 'meta.json')))['clip_std'])
+    assert train_align['token_fidelity']['mse_standardized'] == pytest.approx(np.mean(0.25 / train_std ** 2), rel=0.1)
+    run_eval(monkeypatch, *args)  # no training folder: the evaluated one's, with a note
+    val_align = json.load(open(out / 'eval' / 'alignment_summary.json'))
+    assert val_align['token_fidelity_stats'].startswith(os.path.join(data, 'meta.json'))
+    assert 'note: token fidelity is standardized with' in capsys.readouterr().out
+    cosines = [s['token_fidelity']['token_cosine_standardized_mean'] for s in (align, train_align, val_align)]
+    assert len(set(cosines)) == 3  # the standardized cosine depends on the statistics used
+    assert align['token_fidelity']['token_cosine_mean'] == val_align['token_fidelity']['token_cosine_mean']
+    write_info(out / 'generated.npy', {'data_stats': {'clip_mean': [0.0] * 7, 'clip_std': [1.0] * 8}})
+    with pytest.raises(SystemExit, match=r"generated.json: clip_mean and clip_std should be 8 numbers each .* got 7 "
+                                         r"values and 8 values"):
+        run_eval(monkeypatch, *args)
+
+
+def test_baselines_beside_b(eval_setup, monkeypatch, capsys):
+    data, out, args = eval_setup
+    clip = np.load(os.path.join(data, 'clip.npy')).astype(np.float32)
+    rng = np.random.default_rng(0)
+    with open(os.path.join(data, 'meta.json'), 'rb') as f:
+        ours = {'folder': data, 'id': hashlib.sha1(f.read()).hexdigest(), 'start': 0, 'count': 24}
+    arrays = {'b': clip + rng.normal(0, 0.5, clip.shape), 'noisier': clip + rng.normal(0, 1.5, clip.shape)}
+    arrays['twin'], arrays['other'], arrays['slice'] = arrays['b'], clip, clip
+    infos = {'b': {'data': ours}, 'noisier': {'label': 'noisier', 'data': ours}, 'twin': {},  # twin: no 'data'
+             'other': {'label': 'other', 'data': {**ours, 'id': 'another-extraction'}},
+             'slice': {'label': 'slice', 'data': {**ours, 'start': 4, 'count': 20}}}
+    for name, array in arrays.items():
+        os.makedirs(out / name)
+        write_generated(out / name / 'generated.npy', array)
+        write_info(out / name / 'generated.npy', infos[name])
+    baselines = tuple(str(out / n / 'generated.npy') for n in ('noisier', 'twin', 'other', 'slice'))
+    run_eval(monkeypatch, *args, f'--generated={out / "b" / "generated.npy"}', f'--baselines={baselines!r}')
+    align, recall = load_summaries(out / 'b')
+    printed = capsys.readouterr().out
+    assert "baseline 'twin'" in printed and "has no 'data'" in printed  # compared on its shape only
+    assert f"baseline 'other' ({baselines[2]}) skipped: made for {data} (id another-extraction, rows 0 + 24), the " \
+           f"evaluated data is id {ours['id']}, rows 0 + 24" in printed
+    assert "baseline 'slice'" in printed and "rows 4 + 20" in printed
+    for s in (align, recall):
+        assert set(s['baselines']) == {'noisier', 'twin'} and s['baselines_skipped'] == list(baselines[2:])
+    # the same array as B gets B's numbers exactly, and a zero paired difference
+    twin = {k: v for k, v in recall['baselines']['twin'].items() if k != 'generated'}
+    assert twin == recall['method_b'] and recall['baselines']['twin']['generated'] == baselines[1]
+    assert {k: align['baselines']['twin'][k] for k in align['method_b']} == align['method_b']
+    assert align['baselines']['twin']['token_fidelity'] == align['token_fidelity']
+    assert align['baselines']['twin']['correlation'] == align['correlation']
+    assert align['b_minus_twin'] == {'difference_mean': 0, 'difference_mean_ci95': [0, 0], 'difference_std': 0}
+    assert all(v == 0 for d in recall['b_minus_twin'].values() for k, v in d.items() if k.endswith('_difference'))
+    assert all(v == [0, 0] for d in recall['b_minus_twin'].values() for k, v in d.items() if k.endswith('_ci95'))
+    # a worse baseline: its own rows, and B - baseline with paired intervals
+    noisier, b = align['baselines']['noisier'], align['method_b']
+    assert noisier['token_fidelity']['mse_standardized'] > align['token_fidelity']['mse_standardized']
+    diff = align['b_minus_noisier']
+    assert diff['difference_mean'] == pytest.approx(b['mean_cosine_similarity'] - noisier['mean_cosine_similarity'])
+    assert diff['difference_mean_ci95'][0] < diff['difference_mean'] < diff['difference_mean_ci95'][1]
+    for d in ('image_to_text', 'text_to_image'):
+        for k in (1, 5, 10):
+            x, y = recall['method_b'][d][f'recall@{k}'], recall['baselines']['noisier'][d][f'recall@{k}']
+            lo, hi = recall['b_minus_noisier'][d][f'recall@{k}_difference_ci95']
+            assert recall['b_minus_noisier'][d][f'recall@{k}_difference'] == pytest.approx(x - y)
+            assert lo - 1e-12 <= x - y <= hi + 1e-12
+            lo, hi = recall['baselines']['noisier'][d][f'recall@{k}_ci95']
+            assert lo - 1e-12 <= y <= hi + 1e-12
+    table = printed[printed.index('A real tokens'):]
+    assert 'noisier' in table and 'B - noisier' in table and 'B - twin' in table and 'B - A' in table
+    assert 'B - A, B - noisier, B - twin paired' in table
+    # the evaluated array itself made for other rows is an error, not a skip
+    write_info(out / 'b' / 'generated.npy', infos['other'])
+    with pytest.raises(SystemExit, match=r"b/generated.json says it was made for .* \(id another-extraction"):
+        run_eval(monkeypatch, *args, f'--generated={out / "b" / "generated.npy"}')
