@@ -418,9 +418,9 @@ def samples_name(ckpt_path, method, steps, cfg_scale, seed, shift=1.0, use_ema=T
 
 
 def last_samples(out_dir, holdout):
-    """The samples folder most recently finished in out_dir/samples for this kind of target, or None."""
+    """The folder of the flow DiT's samples finished last in out_dir/samples for this kind of target, or None."""
     done = [f for f in (os.path.dirname(p) for p in glob.glob(os.path.join(out_dir, 'samples', '*', 'generated.json')))
-            if f.endswith('-holdout') == holdout]
+            if f.endswith('-holdout') == holdout and read_json(os.path.join(f, 'generated.json')).get('method') == 'flow']
     return max(done, key=lambda f: os.path.getmtime(os.path.join(f, 'generated.json')), default=None)
 
 

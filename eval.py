@@ -32,7 +32,6 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import data
-import flow
 
 # -----------------------------------------------------------------------------
 out_dir = 'out'                        # A and R only: results go to out_dir/eval/
@@ -40,17 +39,12 @@ data_dir = 'data'                      # extract.py's output: data_dir/<split>
 splits = ('train2017', 'val2017')
 val_data = ''                          # data folder with clip.npy, clip_cls.npy, captions.json; '' = data_dir/splits[1]
 train_data = ''                        # its clip.npy gives the mean-tokens row; '' = data_dir/splits[0]
-mean_tokens_rows = 10000               # evenly spaced train rows averaged for it (0 = all)
-generated = ''                         # generated tokens; results go to <its folder>/eval/. '' = the array that
-                                       # sample.py writes for the settings below (out_dir/samples/<name>/, name =
-                                       # flow.samples_name) if it exists, else A and R only
-ckpt_path = ''                         # sample.py's settings, with its defaults: they name its output folder
-use_ema = True
-sample_method = 'midpoint'
-sample_steps = 10
-sample_shift = 1.0
-cfg_scale = 1.0
-seed = 1337
+holdout = False                        # True: evaluate train_data's held-out slice (where settings are chosen)
+val_fraction = 0.0                     # the held-out slice: train_data's last val_fraction rows, as train.py's
+mean_tokens_rows = 10000               # evenly spaced train rows averaged for it (0 = all; never held-out ones)
+generated = ''                         # generated tokens; results go to <its folder>/eval/. '' = the samples folder
+                                       # finished last in out_dir/samples for this target (val or holdout), if any,
+                                       # else A and R only
 clip_model = 'ViT-L-14-quickgelu'      # open_clip name: visual.proj and the text tower
 clip_pretrained = 'openai'             # tag or local weight file; '' = random init under torch.manual_seed(0)
 tasks = 'alignment,recall'
@@ -113,7 +107,11 @@ def retrieval_counts(image_emb, text_emb, text_image, chunk_images=None, text_gr
     text_groups = duplicate_groups(text_emb) if text_groups is None else torch.as_tensor(text_groups).to(device)
     image_groups = duplicate_groups(image_emb)
     n = -(-N // (chunk_images or max(1, SCORE_CHUNK_ELEMENTS // T)))
-    r = -(-N // n)  # images per chunk, equal chunks
+    # images per chunk, equal chunks, a multiple of 16: a BLAS can take a GEMM's last few columns through another
+    # kernel (seen with MKL at 5-7 and 9-11 columns), and then equal images would not score exactly alike
+    r = -(-N // n)
+    r = -(-r // 16) * 16
+    n = -(-N // r)
     order = torch.argsort(text_image, stable=True)
     owner = text_image[order]  # captions grouped by image, so by chunk
     chunk = owner // r
@@ -212,17 +210,17 @@ def load_clip(name, pretrained, device):
     return model.to(device).eval(), tokenizer
 
 
-def text_cache_path(folder, name, pretrained):
-    """data_folder/text_features_<model>_<weights>_<hash>.npy: readable, and distinct for every spec."""
+def text_cache_path(folder, name, pretrained, rows=''):
+    """data_folder/text_features_<model>_<weights>_<hash>.npy: readable, and distinct for every spec (and row range)."""
     slug = lambda s: re.sub(r'[^A-Za-z0-9.-]+', '-', s).strip('-')[-40:] or 'random'
-    digest = hashlib.sha1(f"{name}\0{pretrained}".encode()).hexdigest()[:8]
+    digest = hashlib.sha1(f"{name}\0{pretrained}{rows}".encode()).hexdigest()[:8]
     return os.path.join(folder, f"text_features_{slug(name)}_{slug(os.path.basename(pretrained))}_{digest}.npy")
 
 
 @torch.no_grad()
-def text_features(model, tokenizer, captions, folder, name, pretrained, batch_size, device):
+def text_features(model, tokenizer, captions, folder, name, pretrained, batch_size, device, rows=''):
     """L2-normalized text-tower features [T, embed_dim], cached in the data folder for this spec and caption order."""
-    path = text_cache_path(folder, name, pretrained)
+    path = text_cache_path(folder, name, pretrained, rows)
     weights = os.stat(pretrained) if pretrained and os.path.isfile(pretrained) else None
     key = {'clip_model': name, 'clip_pretrained': pretrained, 'count': len(captions),
            'weights_size_mtime': [weights.st_size, weights.st_mtime] if weights else None,
@@ -246,10 +244,11 @@ def text_features(model, tokenizer, captions, folder, name, pretrained, batch_si
 
 
 @torch.no_grad()
-def mean_tokens(clip_path, token_shape, max_rows, batch_size, device):
-    """Per-position, per-channel mean of clip.npy [tokens, dim] over at most max_rows evenly spaced rows (0 = all),
-    read a chunk at a time; and the number of rows averaged."""
+def mean_tokens(clip_path, token_shape, max_rows, batch_size, device, stop=None):
+    """Per-position, per-channel mean of clip.npy [tokens, dim] over at most max_rows evenly spaced rows of the
+    first `stop` (None = all; 0 = every row), read a chunk at a time; and the number of rows averaged."""
     n, *shape = data.open_array(clip_path, np.float16).shape
+    n = n if stop is None else stop
     if tuple(shape) != tuple(token_shape):
         raise SystemExit(f"eval.py: {clip_path} holds tokens of shape {shape}, the evaluated data "
                          f"{list(token_shape)} (tokens, dim): train_data should be the same encoder's training folder")
@@ -262,11 +261,12 @@ def mean_tokens(clip_path, token_shape, max_rows, batch_size, device):
 
 
 @torch.no_grad()
-def embed_tokens(clip_path, gen_paths, mean_tok, visual, clip_mean, clip_std, batch_size, device):
-    """A from clip.npy and the same function of every generated array {key: path} (B, the baselines), a chunk at a
-    time; and per image how close each one's tokens and the mean tokens come to the real ones, standardized with
-    clip_mean/clip_std: returns A, {key: [N, E]}, the mean tokens' vector, {key or 'm': {...} of [N] arrays}."""
-    N = np.load(clip_path, mmap_mode='r').shape[0]
+def embed_tokens(clip_path, gen_paths, mean_tok, visual, clip_mean, clip_std, batch_size, device, start=0, N=None):
+    """A from clip.npy's rows start.. (N of them; None = the rest) and the same function of every generated array
+    {key: path} (B, the baselines; row i is clip.npy's start + i), a chunk at a time; and per image how close each
+    one's tokens and the mean tokens come to the real ones, standardized with clip_mean/clip_std: returns A,
+    {key: [N, E]}, the mean tokens' vector, {key or 'm': {...} of [N] arrays}."""
+    N = np.load(clip_path, mmap_mode='r').shape[0] - start if N is None else N
     A = np.empty((N, visual.proj.shape[1]), np.float32)
     gens = {key: np.empty_like(A) for key in gen_paths}
     mean, std = (torch.as_tensor(x, dtype=torch.float32, device=device) for x in (clip_mean, clip_std))
@@ -286,7 +286,7 @@ def embed_tokens(clip_path, gen_paths, mean_tok, visual, clip_mean, clip_std, ba
     for s in tqdm(range(0, N, batch_size), desc='image vectors', unit='batch'):
         e = min(s + batch_size, N)
         # a fresh memmap per chunk: a long-lived one keeps every page it touched resident (nanoGPT #287)
-        real = torch.from_numpy(np.load(clip_path, mmap_mode='r')[s:e].astype(np.float32)).to(device)
+        real = torch.from_numpy(np.load(clip_path, mmap_mode='r')[start + s:start + e].astype(np.float32)).to(device)
         a = pool_project(real, visual)
         A[s:e] = a.cpu().numpy()
         z_real = (real - mean) / std
@@ -365,9 +365,14 @@ def pearson(x, y):
     return float((x * y).sum() / denom) if denom > 0 else None
 
 
-def check_captions(path, captions_by_id, image_ids):
-    """SystemExit naming the file, the image id, the expected and the actual value unless every image has a
-    non-empty list of non-blank caption strings (a bare string would be split into letters)."""
+def load_captions(meta, target):
+    """Captions of the target's images in row order and the row of each caption; every check names the file and the
+    values."""
+    path = os.path.join(target['folder'], 'captions.json')
+    if not os.path.exists(path):
+        raise SystemExit(f"eval.py: {path} not found: evaluation needs the captions extract.py writes")
+    captions_by_id = data.read_json(path)
+    image_ids = meta['image_ids'][target['start']:target['start'] + target['count']]
     if not isinstance(captions_by_id, dict):
         raise SystemExit(f"eval.py: {path} should hold {{image_id: [caption, ...]}}, got "
                          f"{type(captions_by_id).__name__}")
@@ -378,51 +383,22 @@ def check_captions(path, captions_by_id, image_ids):
                          f"(image ids {missing[:5]}{more}); every image needs at least one: expected a non-empty list "
                          f"of caption strings, got {captions_by_id.get(str(missing[0]), 'no entry')!r} for "
                          f"{missing[0]}")
-    for i in image_ids:
-        value = captions_by_id[str(i)]
-        if not isinstance(value, list):
-            raise SystemExit(f"eval.py: {path}: image id {i}: expected a list of caption strings, got "
-                             f"{type(value).__name__} {value!r:.200}")
-        bad = [c for c in value if not isinstance(c, str) or not c.strip()]
-        if bad:
-            raise SystemExit(f"eval.py: {path}: image id {i}: expected non-blank caption strings, got "
-                             f"{type(bad[0]).__name__} {bad[0]!r:.200} in {value!r:.300}")
+    data.check_captions({str(i): captions_by_id[str(i)] for i in image_ids}, path)
+    captions = [c for i in image_ids for c in captions_by_id[str(i)]]
+    text_image = np.repeat(np.arange(len(image_ids)), [len(captions_by_id[str(i)]) for i in image_ids])
+    return captions, text_image
 
 
-def load_data(folder):
-    """meta (with paths), captions in row order, caption -> row index; every check names the file and the values."""
-    meta = data.open_folder(folder, arrays=('clip', 'clip_cls'))
-    captions_path = os.path.join(folder, 'captions.json')
-    if not os.path.exists(captions_path):
-        raise SystemExit(f"eval.py: {captions_path} not found: evaluation needs the captions extract.py writes")
-    captions_by_id = data.read_json(captions_path)
-    check_captions(captions_path, captions_by_id, meta['image_ids'])
-    captions = [c for i in meta['image_ids'] for c in captions_by_id[str(i)]]
-    text_image = np.repeat(np.arange(meta['count']), [len(captions_by_id[str(i)]) for i in meta['image_ids']])
-    return meta, captions, text_image
-
-
-def folder_identity(meta):
-    """A data folder's identity (meta from data.open_folder): meta.json's extraction_id if present, else the sha1
-    hex digest of its meta.json bytes; generated.json's 'data' names it, so arrays of other rows are caught."""
-    if 'extraction_id' in meta:
-        return meta['extraction_id']
-    folder = os.path.dirname(next(iter(meta['paths'].values())))
-    with open(os.path.join(folder, 'meta.json'), 'rb') as f:
-        return hashlib.sha1(f.read()).hexdigest()
-
-
-def other_rows(made_for, identity, count):
+def other_rows(made_for, target):
     """Why generated.json's 'data' ({folder, id, start, count}) is not the evaluated rows; None when it is."""
-    theirs = {k: made_for.get(k) for k in ('id', 'start', 'count')}
-    ours = {'id': identity, 'start': 0, 'count': count}
+    theirs, ours = ({k: d.get(k) for k in ('id', 'start', 'count')} for d in (made_for, target))
     if theirs == ours:
         return None
     return (f"made for {made_for.get('folder')} (id {theirs['id']}, rows {theirs['start']} + {theirs['count']}), "
-            f"the evaluated data is id {identity}, rows 0 + {count}")
+            f"the evaluated data is {target['folder']} (id {ours['id']}, rows {ours['start']} + {ours['count']})")
 
 
-def load_baseline(path, meta, val_data, identity):
+def load_baseline(path, meta, target):
     """(label, generated.json) of a baseline array made for the evaluated rows; None, with a printed warning, for one
     made for other rows (found for another split: not an error)."""
     if not os.path.exists(path):
@@ -431,12 +407,12 @@ def load_baseline(path, meta, val_data, identity):
     info_path = os.path.splitext(path)[0] + '.json'
     info = data.read_json(info_path) if os.path.exists(info_path) else {}
     label = str(info.get('label') or os.path.basename(os.path.dirname(os.path.abspath(path))))
-    expected = (meta['count'], meta['clip']['tokens'], meta['clip']['dim'])
+    expected, val_data = (target['count'], meta['clip']['tokens'], meta['clip']['dim']), target['folder']
     if 'data' not in info:
         print(f"eval: warning: baseline {label!r}: {info_path} has no 'data' (the rows it was made for): "
               f"checking its shape only")
     else:
-        why = other_rows(info['data'], identity, meta['count'])
+        why = other_rows(info['data'], target)
         if why:
             print(f"eval: warning: baseline {label!r} ({path}) skipped: {why} ({val_data})")
             return None
@@ -522,7 +498,7 @@ def plot(eval_dir, sims, recalls, k_values, names):
 
 
 if __name__ == '__main__':
-    from configurator import configure
+    from configurator import configure, require_positive
     config = configure(globals())
     val_data = val_data or os.path.join(data_dir, splits[1])
     train_data = train_data or os.path.join(data_dir, splits[0])
@@ -535,38 +511,34 @@ if __name__ == '__main__':
     device = ('cuda' if torch.cuda.is_available() else 'cpu') if device == 'auto' else device
     t_start = time.time()
 
-    meta, captions, text_image = load_data(val_data)
-    paths = meta['paths']
-    N, T = meta['count'], len(captions)
-    identity = folder_identity(meta)
-    name = flow.samples_name(ckpt_path or os.path.join(out_dir, 'ckpt.pt'), sample_method, sample_steps, cfg_scale,
-                             seed, sample_shift, use_ema)
-    gen_path = generated or os.path.join(out_dir, 'samples', name, 'generated.npy')
-    if not os.path.exists(gen_path):
-        if generated:
-            raise SystemExit(f"eval.py: generated={generated!r} not found")
-        print(f"eval: no {gen_path}: reporting the CLIP baseline (A and R) only")
-        gen_path = None
+    require_positive(config, 'eval_batch_size')
+    meta, target = data.open_target(holdout, train_data, val_data, val_fraction, ('clip', 'clip_cls'))
+    eval_data, start, N = target['folder'], target['start'], target['count']
+    captions, text_image = load_captions(meta, target)
+    paths, T = meta['paths'], len(captions)
+    last = data.last_samples(out_dir, holdout)
+    gen_path = generated or (last and os.path.join(last, 'generated.npy'))
+    if generated and not os.path.exists(generated):
+        raise SystemExit(f"eval.py: generated={generated!r} not found")
+    if not gen_path:
+        print(f"eval: no samples in {out_dir}/samples for this target: reporting the CLIP baseline (A and R) only")
     else:
         expected = (N, meta['clip']['tokens'], meta['clip']['dim'])
         shape = data.open_array(gen_path, np.float16, remedy='regenerate it with sample.py').shape
         if shape != expected:
-            raise SystemExit(f"eval.py: {gen_path} has shape {list(shape)}, but {val_data} holds {list(expected)} "
+            raise SystemExit(f"eval.py: {gen_path} has shape {list(shape)}, but {eval_data} holds {list(expected)} "
                              f"real tokens (count, tokens, dim); was it generated for another data folder?")
     sampling, info_path = None, gen_path and gen_path[:-len('.npy')] + '.json'
     if gen_path and os.path.exists(info_path):
         sampling = data.read_json(info_path)
-        sampled_for = sampling.get('settings', {}).get('val_data')
-        if sampled_for and os.path.realpath(sampled_for) != os.path.realpath(val_data):
-            print(f"eval: warning: {gen_path} was generated for {sampled_for}, evaluating against {val_data}")
-        why = 'data' in sampling and other_rows(sampling['data'], identity, N)
+        why = 'data' in sampling and other_rows(sampling['data'], target)
         if why:
-            raise SystemExit(f"eval.py: {gen_path}: {info_path} says it was {why} ({val_data}): evaluate it on the "
+            raise SystemExit(f"eval.py: {gen_path}: {info_path} says it was {why} ({eval_data}): evaluate it on the "
                              f"data it was generated for, or regenerate it")
     # baselines: one more column each, keyed baseline_<label>; B - baseline is b_minus_<label>
     found, skipped = {}, []
     for path in baselines:
-        loaded = load_baseline(path, meta, val_data, identity)
+        loaded = load_baseline(path, meta, target)
         if loaded is None:
             skipped.append(path)
             continue
@@ -581,34 +553,37 @@ if __name__ == '__main__':
     embed_dim = visual.proj.shape[1]
     if visual.proj.shape[0] != meta['clip']['dim'] or embed_dim != meta['clip']['embed_dim']:
         raise SystemExit(f"eval.py: {clip_model!r} projects {visual.proj.shape[0]} -> {embed_dim}, but "
-                         f"{val_data}/meta.json has token dim {meta['clip']['dim']} and embed_dim "
+                         f"{eval_data}/meta.json has token dim {meta['clip']['dim']} and embed_dim "
                          f"{meta['clip']['embed_dim']} "
                          f"(extracted with {meta['clip']['model']!r} / {meta['clip']['pretrained']!r})")
     if (meta['clip']['model'], meta['clip']['pretrained'] or '') != (clip_model, clip_pretrained):
-        print(f"eval: warning: {val_data} was extracted with {meta['clip']['model']!r} / "
+        print(f"eval: warning: {eval_data} was extracted with {meta['clip']['model']!r} / "
               f"{meta['clip']['pretrained']!r}, evaluating with {clip_model!r} / {clip_pretrained!r}: "
               f"A and R are only comparable with the same weights")
     print(f"eval: {N} images, {T} captions ({T / N:.2f} per image), {clip_model} / {clip_pretrained or 'random init'}, "
           f"embedding space {embed_dim}, device {device}" + (f", baselines {', '.join(l for l, _, _ in found.values())}"
                                                              if found else ''))
 
-    text = torch.from_numpy(text_features(model, tokenizer, captions, val_data, clip_model, clip_pretrained,
-                                          eval_batch_size, device)).to(device)
+    rows = f"rows {start}+{N}" if holdout else ''  # the held-out slice's captions get a cache of their own
+    text = torch.from_numpy(text_features(model, tokenizer, captions, eval_data, clip_model, clip_pretrained,
+                                          eval_batch_size, device, rows)).to(device)
     token_shape = (meta['clip']['tokens'], meta['clip']['dim'])
     train_clip = os.path.join(train_data, 'clip.npy')
     if os.path.exists(train_clip):
-        mean_tok, n_rows = mean_tokens(train_clip, token_shape, mean_tokens_rows, eval_batch_size, device)
+        n_train = len(np.load(train_clip, mmap_mode='r'))  # the rows train.py trains on: never the held-out ones
+        stop = data.holdout_range(n_train, val_fraction, train_data)[0] if val_fraction > 0 else None
+        mean_tok, n_rows = mean_tokens(train_clip, token_shape, mean_tokens_rows, eval_batch_size, device, stop)
         mean_source = f"{train_clip}: per-position mean of {n_rows} rows"
     else:
         mean_tok = torch.tensor(meta['clip_mean'], dtype=torch.float32).expand(token_shape)
-        mean_source = f"{val_data}/meta.json clip_mean at every position (no {train_clip})"
+        mean_source = f"{eval_data}/meta.json clip_mean at every position (no {train_clip})"
         print(f"eval: the mean-tokens row uses {mean_source}")
-    clip_mean, clip_std, stats_source = fidelity_stats(sampling, info_path, train_data, meta, val_data)
+    clip_mean, clip_std, stats_source = fidelity_stats(sampling, info_path, train_data, meta, eval_data)
     gen_paths = {**({'b': gen_path} if gen_path else {}), **{key: path for key, (_, path, _) in found.items()}}
     A, gens, m_vec, per_image = embed_tokens(paths['clip'], gen_paths, mean_tok, visual, clip_mean, clip_std,
-                                             eval_batch_size, device)
+                                             eval_batch_size, device, start, N)
     B = gens.get('b')
-    R = F.normalize(torch.from_numpy(np.load(paths['clip_cls'])).float(), dim=-1).numpy()
+    R = F.normalize(torch.from_numpy(np.load(paths['clip_cls'])[start:start + N]).float(), dim=-1).numpy()
     # the columns: A, B, the baselines, R, mean tokens (one vector for every image), then B's paired differences
     image_emb = {'a': A, **gens, 'r': R, 'm': np.tile(m_vec, (N, 1))}
     names = {**METHODS, **{key: f"{label}: a baseline generator's tokens, mean-pooled + proj"
@@ -623,7 +598,7 @@ if __name__ == '__main__':
     os.makedirs(eval_dir, exist_ok=True)
     counts = np.bincount(text_image)
     made_by = (sampling or {}).get('settings')  # the checkpoint and the sampler that made the generated array
-    common = {'val_data': val_data, 'data_id': identity, 'generated': gen_path,
+    common = {'val_data': eval_data, 'data': target, 'holdout': holdout, 'generated': gen_path,
               'checkpoint': made_by and {'path': made_by.get('checkpoint'), 'iter_num': made_by.get('iter_num'),
                                          'use_ema': made_by.get('use_ema')},
               'sampler': made_by and {k: made_by.get(k) for k in ('sample_method', 'sample_steps', 'sample_shift',

@@ -21,7 +21,6 @@ import torch
 from tqdm import tqdm
 
 import data
-from eval import folder_identity
 
 # -----------------------------------------------------------------------------
 out_dir = 'out'                # writes out_dir/samples/ridge/ (and ridge-holdout/ with ridge_write_holdout)
@@ -37,16 +36,6 @@ ridge_batch_size = 32          # rows per streamed batch (32 x 256 EVA tokens of
 ridge_write_holdout = False    # also write the held-out slice's predictions to out_dir/samples/ridge-holdout/
 device = 'auto'                # 'auto' = cuda when available, else cpu
 # -----------------------------------------------------------------------------
-
-
-def holdout_split(count, fraction, folder):
-    """(training rows, held-out start, held-out count): the last round(count * fraction) rows, as train.py holds out."""
-    n_val = round(count * fraction)
-    if not fraction > 0 or not 0 < n_val < count:
-        raise SystemExit(f"ridge.py: val_fraction={fraction} of the {count} rows of {folder} holds out {n_val}: ridge "
-                         f"chooses lambda on that held-out slice, so it needs val_fraction > 0 leaving at least one "
-                         f"held-out and one training row")
-    return count - n_val, count - n_val, n_val
 
 
 def fit_rows(n_fit, max_rows):
@@ -129,25 +118,21 @@ def predict(eva_path, beta, clip_mean, clip_std, start, stop, device):
     return y.astype(np.float16)
 
 
-def write_generated(folder, shape, rows_fn, info, batch_size):
-    """folder/generated.npy (float16 `shape`, rows [s, e) from rows_fn(s, e)) and its generated.json (info, and
-    'seconds' the filling took): the array is filled under a temporary name and renamed, so generated.npy only ever
-    names a complete array."""
+def write_generated(folder, shape, rows_fn, depends_on, info, batch_size):
+    """folder/generated.npy (float16 `shape`, rows [s, e) from rows_fn(s, e)) and its generated.json, through the
+    samples folder's protocol (data.py): reused while depends_on is equal, continued after a kill."""
     t0 = time.time()
-    path, partial = os.path.join(folder, 'generated.npy'), os.path.join(folder, 'generated.partial.npy')
-    info_path = os.path.join(folder, 'generated.json')
     data.check_writable(folder, math.prod(shape) * 2, 'out_dir', 'the predictions need')
-    np.lib.format.open_memmap(partial, mode='w+', dtype=np.float16, shape=tuple(shape)).flush()
-    for s in tqdm(range(0, shape[0], batch_size), desc=f'predict {os.path.basename(folder)}', unit='batch'):
-        out = np.load(partial, mmap_mode='r+')  # a fresh memmap per batch: a long-lived one grows (nanoGPT #287)
-        out[s:s + batch_size] = rows_fn(s, min(s + batch_size, shape[0]))
-        out.flush()
-        del out
-    if os.path.exists(info_path):
-        os.remove(info_path)  # a description of the old array never sits beside the new one
-    os.replace(partial, path)
-    data.write_json(info_path, {**info, 'seconds': time.time() - t0}, indent=2)
-    return path
+    with data.lock(folder, 'ridge.py'):
+        if data.start_samples(folder, depends_on, shape) is None:
+            print(f"ridge: {folder}/generated.npy already holds these predictions")
+            return os.path.join(folder, 'generated.npy')
+        todo = data.samples_todo(folder, np.arange(shape[0]))
+        for s in tqdm(range(0, len(todo), batch_size), desc=f'predict {os.path.basename(folder)}', unit='batch'):
+            rows = todo[s:s + batch_size]
+            data.write_samples(folder, rows, rows_fn(rows[0], rows[-1] + 1))
+        data.finish_samples(folder, {**info, 'seconds': time.time() - t0})
+    return os.path.join(folder, 'generated.npy')
 
 
 if __name__ == '__main__':
@@ -166,7 +151,8 @@ if __name__ == '__main__':
     check_shapes(train, val, train_data, val_data)
     for path in [*train['paths'].values(), val['paths']['eva']]:
         data.check_finite(path)
-    n_fit, hold_start, n_hold = holdout_split(train['count'], val_fraction, train_data)
+    n_fit, n_hold = data.holdout_range(train['count'], val_fraction, train_data)
+    hold_start = n_fit
     rows = fit_rows(n_fit, ridge_rows)
     eva_path, clip_path = train['paths']['eva'], train['paths']['clip']
     mean, std = train['clip_mean'], train['clip_std']
@@ -191,20 +177,22 @@ if __name__ == '__main__':
                 'centered X^T X', 'grid': grid, 'heldout_mse': min(g['heldout_mse'] for g in grid),
                 'heldout_mse_constant': constant, 'fit_rows': len(rows), 'fit_tokens': fit['tokens'],
                 'holdout_tokens': holdout['tokens'], 'device': device}
-    train_info = {'folder': os.path.abspath(train_data), 'id': folder_identity(train), 'fit_rows': len(rows),
+    train_info = {'folder': os.path.abspath(train_data), 'id': train['id'], 'fit_rows': len(rows),
                   'fit_tokens': fit['tokens'], 'holdout_start': hold_start, 'holdout_count': n_hold}
     stats = {'clip_mean': mean, 'clip_std': std, 'source': os.path.join(os.path.abspath(train_data), 'meta.json')}
-    targets = [('ridge', val, val_data, 0, val['count'], {'folder': os.path.abspath(val_data),
-                                                           'id': folder_identity(val), 'start': 0,
-                                                           'count': val['count']})]
+    targets = [('ridge', val, val_data, 0, val['count'], data.target(val, val_data))]
     if ridge_write_holdout:
-        targets.append(('ridge-holdout', train, train_data, hold_start, n_hold, {
-            'folder': os.path.abspath(train_data), 'id': train_info['id'], 'start': hold_start, 'count': n_hold}))
+        targets.append(('ridge-holdout', train, train_data, hold_start, n_hold,
+                        data.target(train, train_data, hold_start, n_hold)))
+    fitted_by = {k: v for k, v in settings.items() if k not in ('val_data', 'ridge_batch_size', 'device')}
     for name, split, folder, start, count, rows_of in targets:
         rows_fn = lambda s, e, path=split['paths']['eva'], start=start: predict(path, beta, mean, std, start + s,
                                                                                start + e, device)
         info = {'method': 'ridge', 'label': name, 'settings': settings, 'data': rows_of, 'train_data': train_info,
                 'data_stats': stats, 'shape': [count, T, D], 'dtype': 'float16', 'fit_seconds': seconds_fit}
-        path = write_generated(os.path.join(out_dir, 'samples', name), [count, T, D], rows_fn, info, ridge_batch_size)
+        depends_on = {'settings': fitted_by, 'train': train_info, 'data': rows_of, 'shape': [count, T, D],
+                      'dtype': 'float16'}
+        path = write_generated(os.path.join(out_dir, 'samples', name), [count, T, D], rows_fn, depends_on, info,
+                               ridge_batch_size)
         print(f"ridge: wrote {path} [{count}, {T}, {D}] float16 for rows {start}..{start + count - 1} of {folder}")
     print(f"ridge: done in {time.time() - t_start:.1f} s")

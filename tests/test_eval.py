@@ -8,16 +8,17 @@ import math
 import os
 import re
 import runpy
+import shutil
 import sys
+import time
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
-import flow
 from conftest import ROOT, make_data_folder
-from eval import bootstrap_ci, folder_identity, hit_rates, pool_project, recall_at_k, recall_intervals, retrieval_counts
+from eval import bootstrap_ci, hit_rates, pool_project, recall_at_k, recall_intervals, retrieval_counts
 
 EVAL = os.path.join(ROOT, 'eval.py')
 # A tiny CLIP: 16 tokens of width 8 (4x4 patches of a 16 px image), joint space 6, one layer per tower.
@@ -466,44 +467,39 @@ def test_clip_model_that_does_not_fit_the_data(tmp_path, tiny_clip, monkeypatch)
 
 
 def test_default_finds_what_sample_py_wrote_and_names_its_maker(eval_setup, monkeypatch):
-    """With no --generated, eval.py derives sample.py's output folder from the same settings and writes its
-    summaries there, recording the checkpoint and the sampler from generated.json."""
-    data, out, args = eval_setup
-    folder = out / 'samples' / flow.samples_name(str(out / 'ckpt.pt'), 'heun', 5, 1.0, 1337)
-    os.makedirs(folder)
-    write_generated(folder / 'generated.npy', np.load(os.path.join(data, 'clip.npy')))
+    """With no --generated, eval.py takes the flow DiT's samples folder finished last in out_dir/samples for the
+    target (val or held-out), writes its summaries there, and records the checkpoint and the sampler."""
+    data_dir, out, args = eval_setup
     settings = {'checkpoint': str(out / 'ckpt.pt'), 'iter_num': 800, 'use_ema': True, 'sample_method': 'heun',
-                'sample_steps': 5, 'sample_shift': 1.0, 'cfg_scale': 1.0, 'seed': 1337, 'val_data': data}
-    with open(folder / 'generated.json', 'w') as f:
-        json.dump({'settings': settings, 'model_calls': 10}, f)
-    run_eval(monkeypatch, *args, '--sample_method=heun', '--sample_steps=5')
-    align, recall = load_summaries(folder)
-    assert not os.path.exists(out / 'eval')
+                'sample_steps': 5, 'sample_shift': 1.0, 'cfg_scale': 1.0, 'seed': 1337}
+    folders = []
+    for method, name in (('flow', 'ckpt-heun5-cfg1-seed1337'), ('flow', 'ckpt-euler5-cfg1-seed1337'),
+                         ('ridge', 'ridge'), ('flow', 'ckpt-euler5-cfg1-seed1337-holdout')):
+        folder = out / 'samples' / name
+        os.makedirs(folder)
+        write_generated(folder / 'generated.npy', np.load(os.path.join(data_dir, 'clip.npy')))
+        with open(folder / 'generated.json', 'w') as f:
+            json.dump({'settings': settings, 'model_calls': 10, 'method': method}, f)
+        folders.append(folder)
+        time.sleep(0.01)  # distinct modification times: the newest is the last one finished
+    os.utime(folders[0] / 'generated.json')  # heun finished after euler: it is the last flow samples for val
+    run_eval(monkeypatch, *args)
+    align, recall = load_summaries(folders[0])
+    assert not os.path.exists(out / 'eval') and not os.path.exists(folders[1] / 'eval')
     for s in (align, recall):
-        assert s['generated'] == str(folder / 'generated.npy') and s['model_calls'] == 10
+        assert s['generated'] == str(folders[0] / 'generated.npy') and s['model_calls'] == 10
         assert s['checkpoint'] == {'path': str(out / 'ckpt.pt'), 'iter_num': 800, 'use_ema': True}
         assert s['sampler'] == {'sample_method': 'heun', 'sample_steps': 5, 'sample_shift': 1.0, 'cfg_scale': 1.0,
                                 'seed': 1337}
     assert recall['method_b'] == recall['method_a']
-
-
-def test_naming_settings_default_alike_in_sample_and_eval():
-    """eval.py's default `generated` is sample.py's default output only while their defaults agree."""
-    def defaults(script):
-        values = {}
-        for node in ast.parse(open(os.path.join(ROOT, script)).read()).body:  # the first assignment: the default
-            name = getattr(node.targets[0], 'id', None) if isinstance(node, ast.Assign) else None
-            if name in ('ckpt_path', 'use_ema', 'sample_method', 'sample_steps', 'sample_shift', 'cfg_scale', 'seed',
-                        'out_dir') and name not in values:
-                values[name] = ast.literal_eval(node.value)
-        return values
-    assert defaults('eval.py') == defaults('sample.py') and len(defaults('eval.py')) == 8
+    for folder in folders:
+        shutil.rmtree(folder)
 
 
 @pytest.mark.parametrize('value, expected', [
-    ('a red circle', r"image id 105: expected a list of caption strings, got str 'a red circle'"),  # not letters
-    (['a red circle', 7], r"image id 105: expected non-blank caption strings, got int 7 in \['a red circle', 7\]"),
-    (['a red circle', '  '], r"image id 105: expected non-blank caption strings, got str '  '"),
+    ('a red circle', r"image 105: expected a non-empty list of caption strings, got str 'a red circle'"),  # not letters
+    (['a red circle', 7], r"image 105: expected non-blank caption strings, got int 7"),
+    (['a red circle', '  '], r"image 105: expected non-blank caption strings, got str '  '"),
     ([], r"no captions for 1 of 24 images \(image ids \[105\]\); every image needs at least one: expected a "
          r"non-empty list of caption strings, got \[\] for 105"),
 ])
@@ -520,14 +516,6 @@ def test_bad_captions_named(eval_setup, monkeypatch, value, expected):
 def write_info(npy_path, info):
     with open(str(npy_path)[:-len('.npy')] + '.json', 'w') as f:
         json.dump(info, f)
-
-
-def test_folder_identity(data_folder):
-    import data as data_module
-    meta = data_module.open_folder(data_folder)
-    with open(os.path.join(data_folder, 'meta.json'), 'rb') as f:
-        assert folder_identity(meta) == hashlib.sha1(f.read()).hexdigest()
-    assert folder_identity({**meta, 'extraction_id': 'coco-val2017-abc'}) == 'coco-val2017-abc'
 
 
 def test_token_fidelity_in_the_dits_units(eval_setup, monkeypatch, capsys):
@@ -586,7 +574,7 @@ def test_baselines_beside_b(eval_setup, monkeypatch, capsys):
     printed = capsys.readouterr().out
     assert "baseline 'twin'" in printed and "has no 'data'" in printed  # compared on its shape only
     assert f"baseline 'other' ({baselines[2]}) skipped: made for {data} (id another-extraction, rows 0 + 24), the " \
-           f"evaluated data is id {ours['id']}, rows 0 + 24" in printed
+           f"evaluated data is {data} (id {ours['id']}, rows 0 + 24)" in printed
     assert "baseline 'slice'" in printed and "rows 4 + 20" in printed
     for s in (align, recall):
         assert set(s['baselines']) == {'noisier', 'twin'} and s['baselines_skipped'] == list(baselines[2:])

@@ -2,6 +2,7 @@
 import json
 import os
 import runpy
+import shutil
 import sys
 
 import numpy as np
@@ -9,7 +10,7 @@ import pytest
 
 import data
 from conftest import ROOT, make_data_folder
-from ridge import choose_lambda, fit_rows, holdout_split, ridge_solutions, token_stats
+from ridge import choose_lambda, fit_rows, ridge_solutions, token_stats
 
 RIDGE, EVAL = os.path.join(ROOT, 'ridge.py'), os.path.join(ROOT, 'eval.py')
 
@@ -57,10 +58,10 @@ def test_streamed_fit_is_the_closed_form(tmp_path, batch_size):
 
 
 def test_rows_and_held_out_slice_as_train_py_splits():
-    assert holdout_split(118287, 0.02, 'train2017') == (115921, 115921, 2366)  # train.py's round(N * val_fraction)
+    assert data.holdout_range(118287, 0.02, 'train2017') == (115921, 2366)  # train.py's round(N * val_fraction)
     assert fit_rows(7, 3).tolist() == [0, 2, 4] and fit_rows(7, 0).tolist() == fit_rows(7, 9).tolist() == list(range(7))
-    with pytest.raises(SystemExit, match=r"val_fraction=0.0 of the 50 rows of f holds out 0: .* val_fraction > 0"):
-        holdout_split(50, 0.0, 'f')
+    with pytest.raises(SystemExit, match=r"val_fraction=0.0 of the 50 rows of f holds out 0; the held-out slice"):
+        data.holdout_range(50, 0.0, 'f')
 
 
 def test_lambda_is_chosen_on_the_held_out_slice_only(tmp_path, monkeypatch):
@@ -99,7 +100,11 @@ def test_lambda_is_chosen_on_the_held_out_slice_only(tmp_path, monkeypatch):
     assert data.read_json(str(holdout / 'generated.json'))['data'] == {
         'folder': train, 'id': info['train_data']['id'], 'start': 7, 'count': 3}
     assert not os.path.exists(holdout / 'generated.partial.npy')
-    # evenly spaced training rows when asked: 3 of the 7
+    # other settings into the same folder are refused, naming what changed; evenly spaced rows when asked: 3 of 7
+    with pytest.raises(SystemExit, match=r"ridge/generated.npy holds another result .*'settings.ridge_rows': \(0, 3\)"):
+        run(monkeypatch, RIDGE, f'--train_data={train}', f'--val_data={val}', f'--out_dir={out}',
+            '--val_fraction=0.3', '--ridge_rows=3')
+    shutil.rmtree(out / 'samples' / 'ridge')
     run(monkeypatch, RIDGE, f'--train_data={train}', f'--val_data={val}', f'--out_dir={out}', '--val_fraction=0.3',
         '--ridge_rows=3')
     assert data.read_json(str(out / 'samples' / 'ridge' / 'generated.json'))['settings']['fit_tokens'] == 12
@@ -111,7 +116,7 @@ def test_mismatched_splits_refused(tmp_path, monkeypatch):
     with pytest.raises(SystemExit, match=r"val/eva.npy holds EVA tokens \[4, 16\], .*train/eva.npy \[4, 20\]"):
         run(monkeypatch, RIDGE, f'--train_data={train}', f'--val_data={val}', f'--out_dir={tmp_path}')
     val = make_data_folder(str(tmp_path / 'val2'), n=6, tokens=4, clip_dim=8, eva_dim=20)
-    with pytest.raises(SystemExit, match=r"val_fraction=0.0 of the 10 rows .* needs val_fraction > 0"):
+    with pytest.raises(SystemExit, match=r"val_fraction=0.0 of the 10 rows .* holds out 0; the held-out slice needs at least one row"):
         run(monkeypatch, RIDGE, f'--train_data={train}', f'--val_data={val}', f'--out_dir={tmp_path}',
             '--val_fraction=0.0')
 
