@@ -58,12 +58,15 @@ DIRECTIONS = {'i2t': 'image_to_text', 't2i': 'text_to_image'}
 
 def find_checkpoints(patterns, out_dir):
     """The checkpoint files of `ckpts`, in order, globs expanded; SystemExit naming an entry that finds none."""
+    if not patterns:
+        raise SystemExit("sweep.py: ckpts is empty: give checkpoint files or glob patterns, e.g. "
+                         "--ckpts=\"('out/demo/ckpt_iter*.pt',)\" (or ('',) for out_dir/ckpt.pt)")
     paths = []
-    for pattern in patterns or ('',):
+    for pattern in patterns:
         pattern = pattern or os.path.join(out_dir, 'ckpt.pt')
         found = sorted(glob.glob(pattern)) if any(c in pattern for c in '*?[') else [pattern]
         if not found or not all(os.path.isfile(p) for p in found):
-            raise SystemExit(f"sweep.py: ckpts entry {pattern!r} finds no checkpoint file (found {found})")
+            raise SystemExit(f"sweep.py: ckpts entry {pattern!r} finds no checkpoint file")
         paths += [p for p in found if p not in paths]
     stems = [os.path.splitext(os.path.basename(p))[0] for p in paths]
     twins = sorted({s for s in stems if stems.count(s) > 1})
@@ -150,9 +153,10 @@ def run_cells(cells, seed_list, on_holdout, shared, config_files, objectives):
             continue
         folders.add(folder)
         t0 = time.time()
-        stage = shared + [f'--holdout={on_holdout}', f'--seed={s}']
+        stage = shared + [f'--holdout={on_holdout}']
         run_stage('sample.py', config_files, stage + [f'--ckpt_path={ckpt}', f'--sample_method={method}',
-                  f'--sample_steps={n_steps}', f'--cfg_scale={scale}', f'--sample_shift={shift}'])
+                  f'--sample_steps={n_steps}', f'--cfg_scale={scale}', f'--sample_shift={shift}', f'--seed={s}',
+                  f'--use_ema={use_ema}'])
         done = cell_is_done(folder)  # sample.py reused the array (or made it again): are its summaries current?
         if not done:
             run_stage('eval.py', config_files, stage + [f'--generated={os.path.join(folder, "generated.npy")}'])
@@ -278,7 +282,7 @@ if __name__ == '__main__':
     objectives = {c: torch.load(c, map_location='cpu', mmap=True, weights_only=True).get('objective', 'flow')
                   for c in checkpoints}
     shared = [f'--out_dir={out_dir}', f'--train_data={train_data}', f'--val_data={val_data}',
-              f'--val_fraction={val_fraction}', f'--device={device}', f'--use_ema={use_ema}']
+              f'--val_fraction={val_fraction}', f'--device={device}']
     cells = [(c, m, n, g, s) for c in checkpoints for m in methods for n in steps for g in cfg_scales for s in shifts]
     where = 'held-out slice of train_data' if holdout else 'val_data (no selection)'
     print(f"sweep: {len(checkpoints)} checkpoint(s) x {len(methods)} method(s) x {len(steps)} step count(s) x "

@@ -44,19 +44,21 @@ def setup(tmp_path_factory):
 
 
 def sweep_cmd(data, root, config):
-    return [sys.executable, SWEEP, config, f'--out_dir={root / "out"}', f'--val_data={data}',
-            f"--ckpts=('{root / 'run'}/ckpt_iter*.pt',)", "--methods=('euler', 'midpoint')", '--steps=(2,)']
+    """The grid on the held-out slice (the folder's last 3 rows), then the chosen cell on the whole folder."""
+    return [sys.executable, SWEEP, config, f'--out_dir={root / "out"}', f'--val_data={data}', f'--train_data={data}',
+            '--val_fraction=0.3', f"--ckpts=('{root / 'run'}/ckpt_iter*.pt',)", "--methods=('euler', 'midpoint')",
+            '--steps=(2,)']
 
 
 def mtimes(out):
-    return {path: os.stat(os.path.join(folder, path)).st_mtime_ns for folder, _, files in os.walk(out / 'samples')
-            for path in files}
+    return {os.path.join(folder, path): os.stat(os.path.join(folder, path)).st_mtime_ns
+            for folder, _, files in os.walk(out / 'samples') for path in files if path != '.lock'}  # a lock: no data
 
 
 def test_sweep_fills_the_grid_reuses_and_resumes(setup):
     data, root, config = setup
     out = root / 'out'
-    first = out / 'samples' / 'ckpt_iter000010-euler2-cfg1-seed1337'
+    first = out / 'samples' / 'ckpt_iter000010-euler2-cfg1-seed1337-holdout'
     proc = subprocess.Popen(sweep_cmd(data, root, config), cwd=ROOT, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL, start_new_session=True)
     try:  # kill the sweep and the stage it runs once the first cell is evaluated
@@ -72,29 +74,62 @@ def test_sweep_fills_the_grid_reuses_and_resumes(setup):
 
     result = subprocess.run(sweep_cmd(data, root, config), cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
-    assert '[1/4] ckpt_iter000010-euler2-cfg1-seed1337: reused' in result.stdout
+    assert '[1/4] ckpt_iter000010-euler2-cfg1-seed1337-holdout on the held-out slice of train_data: reused' in \
+        result.stdout
     assert os.stat(first / 'generated.npy').st_mtime_ns == before
     rows = list(csv.DictReader(open(out / 'sweep.csv')))
-    cells = [(os.path.basename(r['checkpoint']), r['method'], r['steps'], r['model_calls']) for r in rows]
-    assert cells == [('ckpt_iter000010.pt', 'euler', '2', '2'), ('ckpt_iter000010.pt', 'midpoint', '2', '4'),
-                     ('ckpt_iter000020.pt', 'euler', '2', '2'), ('ckpt_iter000020.pt', 'midpoint', '2', '4')]
+    cells = [(r['split'], os.path.basename(r['checkpoint']), r['method'], r['steps'], r['model_calls']) for r in rows]
+    table = json.load(open(out / 'sweep.json'))
+    chosen = table['chosen'][0]
+    assert cells[:4] == [('holdout', 'ckpt_iter000010.pt', 'euler', '2', '2'),
+                         ('holdout', 'ckpt_iter000010.pt', 'midpoint', '2', '4'),
+                         ('holdout', 'ckpt_iter000020.pt', 'euler', '2', '2'),
+                         ('holdout', 'ckpt_iter000020.pt', 'midpoint', '2', '4')]
+    # the chosen cell is the best on the held-out slice, and only it is evaluated on the reported split
+    best = max(rows[:4], key=lambda r: float(r['i2t_recall@5']))
+    assert float(best['i2t_recall@5']) == chosen['i2t_recall@5']['mean'] == table['ranking'][0]['i2t_recall@5']['mean']
+    assert cells[4:] == [('val', os.path.basename(best['checkpoint']), best['method'], '2', best['model_calls'])]
     for r in rows:
         for d in ('i2t', 't2i'):
             assert 0 <= float(r[f'{d}_recall@1']) <= float(r[f'{d}_recall@5']) <= float(r[f'{d}_recall@10']) <= 1
         assert -1 <= float(r['token_cosine_mean']) <= 1 and -1 <= float(r['alignment_mean_cosine_similarity']) <= 1
         summary = json.load(open(os.path.join(r['samples'], 'eval', 'recall_summary.json')))
         assert summary['checkpoint']['iter_num'] == int(r['iter_num']) and summary['sampler']['sample_steps'] == 2
-    table = json.load(open(out / 'sweep.json'))
+        assert (summary['num_images'], summary['holdout']) == ((3, True) if r['split'] == 'holdout' else (10, False))
     assert len(table['cells']) == 4 and table['grid']['methods'] == ['euler', 'midpoint']
-    assert {'image_to_text', 'text_to_image'} <= set(table['method_a'])
+    assert {'image_to_text', 'text_to_image'} <= set(table['method_a']) <= set(table['method_a_reported'])
     assert os.path.getsize(out / 'sweep.png') > 1000
 
     # a second run: every cell is read back, no array is written again
     stamps = mtimes(out)
     again = subprocess.run(sweep_cmd(data, root, config), cwd=ROOT, capture_output=True, text=True, timeout=600)
-    assert again.returncode == 0 and again.stdout.count(': reused,') == 4, again.stdout[-2000:]
+    assert again.returncode == 0 and again.stdout.count(': reused,') == 5, again.stdout[-2000:]
     assert mtimes(out) == stamps
     assert list(csv.DictReader(open(out / 'sweep.csv'))) == rows
+
+
+def test_seeds_give_the_generator_spread_and_a_changed_checkpoint_stops_the_sweep(setup):
+    data, root, config = setup
+    cmd = [*sweep_cmd(data, root, config), f"--ckpts=('{root / 'run'}/ckpt_iter000010.pt',)", "--methods=('euler',)",
+           '--seeds=(1, 2)', '--sweep_name=seeds']
+    result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    table = json.load(open(root / 'out' / 'seeds.json'))
+    cell = table['reported_over_seeds'][0]
+    values = [r['token_cosine_mean'] for r in table['reported']]
+    assert cell['seeds'] == [1, 2] and len(values) == 2 and values[0] != values[1]
+    assert cell['token_cosine_mean']['min'] == min(values) and cell['token_cosine_mean']['max'] == max(values)
+    assert 'over seeds [1, 2]' in result.stdout
+    # the same path, another checkpoint: sample.py refuses the old arrays, naming what changed
+    path = root / 'run' / 'ckpt_iter000010.pt'
+    saved = torch.load(path, weights_only=True)
+    torch.save({**saved, 'ema': {k: v + 0.01 for k, v in saved['ema'].items()}}, str(path) + '.new')
+    os.replace(str(path) + '.new', path)
+    try:
+        again = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+        assert again.returncode == 1 and "'checkpoint.weights'" in again.stderr, again.stderr[-2000:]
+    finally:
+        torch.save(saved, path)
 
 
 def cell_folder(path, recall_b, align_b):

@@ -53,44 +53,51 @@ def folder(tmp_path_factory):
 
 
 @pytest.fixture(scope='module')
+def val(tmp_path_factory):
+    """The reported split: other images than the training folder's."""
+    return make_data_folder(str(tmp_path_factory.mktemp('trust') / 'val'), n=12, seed=1)
+
+
+@pytest.fixture(scope='module')
 def trained(folder, tmp_path_factory):
     """A run of 10 iterations: ckpt.pt and the kept ckpt_iter000005.pt, ckpt_iter000010.pt."""
     return train(str(tmp_path_factory.mktemp('trust') / 'run'), folder)
 
 
-def test_a_retrained_checkpoint_at_the_same_path_and_iteration_is_not_reused(folder, tmp_path, monkeypatch):
+def test_a_retrained_checkpoint_at_the_same_path_and_iteration_is_not_reused(folder, val, tmp_path, monkeypatch):
     out = train(str(tmp_path / 'run'), folder)
-    run(monkeypatch, 'sample.py', f'--out_dir={out}', f'--val_data={folder}', *SAMPLE)
+    run(monkeypatch, 'sample.py', f'--out_dir={out}', f'--val_data={val}', *SAMPLE)
     first = data.read_json(data.last_samples(out, False) + '/generated.json')['depends_on']['checkpoint']
     train(out, folder, '--overwrite=True', '--learning_rate=0.0', '--min_lr=0.0')  # same path and iteration
-    message = stops(monkeypatch, 'sample.py', f'--out_dir={out}', f'--val_data={folder}', *SAMPLE)
+    message = stops(monkeypatch, 'sample.py', f'--out_dir={out}', f'--val_data={val}', *SAMPLE)
     assert 'holds another result' in message and "'checkpoint.run_id': ('" + first['run_id'] in message, message
     assert "'checkpoint.weights'" in message and "'checkpoint.iter_num'" not in message  # the same iteration
 
 
-def test_samples_record_the_identity_of_the_checkpoint_and_the_data(trained, folder, tmp_path, monkeypatch):
+def test_samples_record_the_identity_of_the_checkpoint_and_the_data(trained, folder, val, tmp_path, monkeypatch):
     out = str(tmp_path / 'out')
     ckpt = os.path.join(trained, 'ckpt_iter000010.pt')
-    run(monkeypatch, 'sample.py', f'--out_dir={out}', f'--ckpt_path={ckpt}', f'--val_data={folder}', *SAMPLE)
+    run(monkeypatch, 'sample.py', f'--out_dir={out}', f'--ckpt_path={ckpt}', f'--val_data={val}', *SAMPLE)
     info = data.read_json(os.path.join(data.last_samples(out, False), 'generated.json'))
     saved = torch.load(ckpt, weights_only=True)
     assert info['depends_on']['checkpoint'] == {'path': ckpt, 'run_id': saved['run']['id'], 'iter_num': 10,
                                                 'weights': data.checkpoint_weights(ckpt), 'objective': 'flow'}
-    meta = data.open_folder(folder)
-    assert info['data'] == {'folder': folder, 'id': meta['id'], 'start': 0, 'count': 24}
+    meta, val_meta = data.open_folder(folder), data.open_folder(val)
+    assert info['data'] == {'folder': val, 'id': val_meta['id'], 'start': 0, 'count': 12}
     assert info['data_stats']['clip_mean'] == meta['clip_mean'] and 'data_stats' in info['data_stats']['source']
     # the held-out slice is its own target, in its own folder; the rows the checkpoint trained on are refused
     run(monkeypatch, 'sample.py', f'--out_dir={out}', f'--ckpt_path={ckpt}', f'--train_data={folder}',
         '--holdout=True', '--val_fraction=0.25', *SAMPLE)
     held = data.read_json(os.path.join(data.last_samples(out, True), 'generated.json'))
-    assert held['data'] == {**info['data'], 'start': 18, 'count': 6} and data.last_samples(out, True).endswith('-holdout')
+    assert held['data'] == {'folder': folder, 'id': meta['id'], 'start': 18, 'count': 6}
+    assert data.last_samples(out, True).endswith('-holdout') and not data.last_samples(out, False).endswith('-holdout')
     message = stops(monkeypatch, 'sample.py', f'--out_dir={out}', f'--ckpt_path={ckpt}', f'--train_data={folder}',
                     '--holdout=True', '--val_fraction=0.5', *SAMPLE)
     assert f'was trained on rows 0..17 of {folder}, and rows 12..23 are to be generated: they overlap' in message
 
 
 @pytest.mark.parametrize('damage', ['bit_flip', 'truncated', 'empty'])
-def test_a_damaged_checkpoint_is_refused_naming_the_intact_ones(trained, folder, tmp_path, monkeypatch, damage):
+def test_a_damaged_checkpoint_is_refused_naming_the_intact_ones(trained, folder, val, tmp_path, monkeypatch, damage):
     run_dir = str(tmp_path / 'run')
     shutil.copytree(trained, run_dir)
     path = os.path.join(run_dir, 'ckpt.pt' if damage != 'bit_flip' else 'ckpt_iter000005.pt')
@@ -106,7 +113,7 @@ def test_a_damaged_checkpoint_is_refused_naming_the_intact_ones(trained, folder,
     intact = sorted(os.path.join(run_dir, f) for f in ('ckpt.pt', 'ckpt_iter000005.pt', 'ckpt_iter000010.pt')
                     if os.path.join(run_dir, f) != path)
     expected = 'fails its CRC32 check' if damage == 'bit_flip' else 'not a whole checkpoint'
-    message = stops(monkeypatch, 'sample.py', f'--ckpt_path={path}', f'--val_data={folder}',
+    message = stops(monkeypatch, 'sample.py', f'--ckpt_path={path}', f'--val_data={val}',
                     f'--out_dir={tmp_path}/out', *SAMPLE)
     assert message.startswith(f'{path}: ') and expected in message and message.endswith(
         f"Intact checkpoints beside it: {', '.join(intact)}"), message
@@ -144,14 +151,14 @@ def test_the_start_check_counts_the_temporary_file_and_the_kept_copies(folder, t
     assert f"ckpt.pt (and 2 kept copies) need about {2 * full + 2 * kept:,} bytes" in message, message
 
 
-HOLD = "import sys, time, data; data.lock(sys.argv[1], 'holder'); print('held', flush=True); time.sleep(120)"
+HOLD = "import sys, time, data; held = data.lock(sys.argv[1], 'x'); print('held', flush=True); time.sleep(120)"
 
 
 @pytest.mark.parametrize('script', ['train.py', 'sample.py', 'extract.py'])
-def test_one_writer_at_a_time_and_a_killed_holder_blocks_nothing(script, trained, folder, tmp_path, monkeypatch):
+def test_one_writer_at_a_time_and_a_killed_holder_blocks_nothing(script, trained, folder, val, tmp_path,
+                                                                 monkeypatch):
     args = {'train.py': [*TINY, f'--train_data={folder}', '--val_fraction=0.25', f'--out_dir={tmp_path}/out'],
-            'sample.py': [f'--out_dir={tmp_path}/out', f'--ckpt_path={trained}/ckpt.pt', f'--val_data={folder}',
-                          *SAMPLE],
+            'sample.py': [f'--out_dir={tmp_path}/out', f'--ckpt_path={trained}/ckpt.pt', f'--val_data={val}', *SAMPLE],
             'extract.py': ['--clip_model=tiny-clip', '--eva_model=tiny-eva', '--clip_pretrained=', '--grid_size=4',
                            '--extract_batch_size=4', '--num_workers=0', '--device=cpu', '--source=synthetic',
                            "--splits=('val',)", "--synthetic_counts={'val': 4}", '--synthetic_image_size=32',
