@@ -402,7 +402,9 @@ def load_baseline(path, meta, target):
     """(label, generated.json) of a baseline array made for the evaluated rows; None, with a printed warning, for one
     made for other rows (found for another split: not an error)."""
     if not os.path.exists(path):
-        raise SystemExit(f"eval.py: baselines entry {path!r} not found")
+        print(f"eval: warning: baseline {path} skipped: not found (ridge.py, or sample.py on a regression checkpoint, "
+              f"writes it)")
+        return None
     shape = data.open_array(path, np.float16, remedy='regenerate it (ridge.py or sample.py)').shape
     info_path = os.path.splitext(path)[0] + '.json'
     info = data.read_json(info_path) if os.path.exists(info_path) else {}

@@ -1,5 +1,4 @@
 """eval.py: recall on hand-built embeddings, method A against open_clip's own avg pooling, end to end, bad input."""
-import ast
 import hashlib
 import importlib.util
 import itertools
