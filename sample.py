@@ -13,6 +13,7 @@ A checkpoint trained with objective='regression' is sampled in one model call (n
 """
 import os
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import torch
@@ -39,7 +40,8 @@ sample_steps = 10              # midpoint 10 (20 calls) beat Euler 50 on the dem
 sample_shift = 1.0             # time grid (flow.time_grid): 1.0 uniform, > 1 more steps near the noise
 cfg_scale = 1.0                # classifier-free guidance; 1.0 = the plain conditional model
 seed = 1337
-sample_batch_size = 64
+sample_batch_size = 64         # the last batch is padded to it when compiled
+compile = torch.cuda.is_available()  # DiT.compile_blocks() (regional torch.compile): on a GPU; a CPU gains little
 device = 'auto'                # 'auto' = cuda when available, else cpu; under torchrun each rank takes cuda:LOCAL_RANK
 dtype = 'bfloat16' if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else 'float32'  # autocast on CUDA
 # -----------------------------------------------------------------------------
@@ -57,6 +59,8 @@ ddp, master_process, ctx = dist.is_initialized(), rank == 0, autocast(device, dt
 ckpt = data.load_checkpoint(ckpt_path)
 objective = ckpt.get('objective', 'flow')
 model = data.model_from_checkpoint(ckpt, 'ema' if use_ema else 'model', ckpt_path).to(device).eval()
+model = model.compile_blocks() if compile else model
+device_type = torch.device(device).type
 meta, target = data.open_target(holdout, train_data, val_data, val_fraction, ('eva',))
 data.check_fits(meta, model.cfg, ('eva',))
 trained = (ckpt['data'] or {}).get('train')
@@ -91,16 +95,39 @@ todo = data.samples_todo(run_dir, shard)
 print(f"rank {rank}: {len(todo)} of {len(shard)} rows to generate ({target['folder']} from row {target['start']}), "
       f"{'one forward (regression)' if objective == 'regression' else sampler}, {ckpt_path} (iteration "
       f"{ckpt['iter_num']}, run {ckpt['run']['id']}), {device}")
-t0, non_finite = time.time(), 0
-for s in tqdm(range(0, len(todo), sample_batch_size), unit='batch', disable=not master_process):
-    rows = todo[s:s + sample_batch_size]
-    cond = torch.from_numpy(data.read_rows(meta['paths']['eva'], rows + target['start'])).to(device).float()
-    with ctx:
-        x = flow.generate(model, cond, flow.seeded_noise(seed, rows, shape[1:], device), objective, sample_steps,
-                          sample_method, sample_shift, cfg_scale)
-    x = x.float() * std + mean
-    non_finite += int((~torch.isfinite(x)).sum())
-    data.write_samples(run_dir, rows, x.cpu().numpy())
+
+
+def read_batch(rows):
+    """EVA tokens and starting noise of rows on the host (pinned on CUDA), padded to sample_batch_size when compiled
+    (one shape: the graph never recompiles)."""
+    cond = torch.from_numpy(data.read_rows(meta['paths']['eva'], rows + target['start'])).float()
+    x0 = flow.seeded_noise(seed, rows, shape[1:])
+    if compile and len(rows) < sample_batch_size:
+        cond, x0 = (torch.cat([t, t[-1:].expand(sample_batch_size - len(rows), *t.shape[1:])]) for t in (cond, x0))
+    return (cond.pin_memory(), x0.pin_memory()) if device_type == 'cuda' else (cond, x0)
+
+
+def write_batch(rows, x):
+    """Rows of the result to disk; their count of non-finite values."""
+    data.write_samples(run_dir, rows, x.numpy())
+    return int((~torch.isfinite(x)).sum())
+
+
+# the host reads batch k + 1 and writes batch k - 1 while the device generates batch k: one sync a batch (the copy)
+batches = [todo[s:s + sample_batch_size] for s in range(0, len(todo), sample_batch_size)]
+t0, non_finite, writes = time.time(), 0, []
+with ThreadPoolExecutor(1) as reader, ThreadPoolExecutor(1) as writer:
+    ahead = reader.submit(read_batch, batches[0]) if batches else None
+    for k, rows in enumerate(tqdm(batches, unit='batch', disable=not master_process)):
+        cond, x0 = (t.to(device, non_blocking=True) for t in ahead.result())
+        if k + 1 < len(batches):
+            ahead = reader.submit(read_batch, batches[k + 1])
+        with ctx:
+            x = flow.generate(model, cond, x0, objective, sample_steps, sample_method, sample_shift, cfg_scale)
+        writes.append(writer.submit(write_batch, rows, (x[:len(rows)].float() * std + mean).cpu()))
+        if len(writes) > 1:  # at most one batch waits for the disk: bounded memory
+            non_finite += writes.pop(0).result()
+    non_finite += sum(w.result() for w in writes)
 seconds = time.time() - t0
 if non_finite:
     print(f"rank {rank}: warning: {non_finite} non-finite generated values (the sampler diverged; eval.py will "

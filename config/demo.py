@@ -57,3 +57,5 @@ sample_steps = 5  # 10 calls: token cosine 0.99970 to a 200-step Heun solution (
 cfg_scale = 2.0  # guidance: B's recall rose from 0.84x A's at 1.0 to within 0.99x (README)
 sample_batch_size = 125  # 250 val images: two batches
 eval_batch_size = 250
+# the baselines beside B in eval.py's table (each skipped with a note until its stage has written it)
+baselines = ('out/demo/samples/ridge/generated.npy', 'out/demo/samples/ckpt-regression/generated.npy')

@@ -38,3 +38,11 @@ eval_interval = iters_per_epoch  # validation loss, generation check and ckpt.pt
 keep_interval = 2 * iters_per_epoch  # EMA-only ckpt_iterN.pt every 2 epochs, for sweep.py
 dtype = 'bfloat16'
 compile = True
+
+# evaluation (eval.py): the baselines beside B, each written by its own stage first:
+#   python ridge.py config/dit_large.py                                        -> out/dit_large/samples/ridge/
+#   torchrun ... train.py config/dit_large.py --objective=regression --out_dir=out/dit_large_regression
+#   python sample.py config/dit_large.py --ckpt_path=out/dit_large_regression/ckpt.pt -> samples/ckpt-regression/
+# the sampler and guidance are chosen on the held-out slice (sweep.py, holdout=True by default), never on val2017
+baselines = ('out/dit_large/samples/ridge/generated.npy', 'out/dit_large/samples/ckpt-regression/generated.npy')
+ridge_rows = 20000  # 20,000 of the 115,921 training images (5.1M tokens) fit the map's 4097 x 4097 statistics
