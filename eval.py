@@ -14,10 +14,32 @@ exact ties count against it; every recall and alignment mean carries a bootstrap
 with all their captions (the independent unit: an image's captions share its embedding). Token fidelity is
 standardized in the DiT's own units: generated.json's data_stats (the checkpoint's), else train_data's meta.json.
 The summaries go next to the generated array (<its folder>/eval/; out_dir/eval/ without one) and name the
-checkpoint and sampler that made it.
+checkpoint and sampler that made it; an array made for other rows (its generated.json 'data') is refused, so an
+eval of another folder never overwrites the summaries of the one it was made for.
 
-python eval.py config/demo.py                          # what `python sample.py config/demo.py` just wrote
+python eval.py config/demo.py                          # the flow DiT's samples sample.py finished last in out_dir
 python eval.py config/demo.py --generated=out/demo/samples/ckpt_iter000400-euler10-cfg1-seed1337/generated.npy
+python eval.py config/demo.py --holdout=True           # train_data's held-out slice: where settings are chosen
+
+Why A is below R: CLIP was trained through its CLS token; its patch tokens were never trained to be mean-pooled and
+projected. Published CLIP COCO figures use R, on the Karpathy 5K test split of COCO 2014, not val2017.
+Ties: recall reads every score from one score matrix, computed in blocks that are GEMMs of one shape (padded to a
+multiple of 16 images), so equal embeddings score exactly equal; a constant embedding scores exactly chance (K/N
+text -> image). The seed's rule (ties for the query, the own score from a separate product) gave 1,000 identical
+images 65% text -> image R@1.
+
+alignment_summary.json (Task 1, every image-caption pair): method_a, method_b, reference, mean_tokens, and
+baselines {label: ...}, each with mean_cosine_similarity (and _ci95), std_, min_, max_cosine_similarity;
+difference_mean (_ci95), difference_std (B - A per pair) and b_minus_<label> for each baseline; correlation
+(Pearson, per-pair A vs B), reference_correlation (A vs R); embedding_space, uses_visual_projection; token_fidelity
+(B's), mean_tokens_fidelity: token_cosine_mean/_std, token_cosine_standardized_mean/_std (after standardizing with
+token_fidelity_stats, named in the summary), image_vector_cosine_mean/_std (to A), mse_standardized; the data
+target (folder, id, start, count), counts, caption statistics, and sample.py's generated.json under sampling.
+recall_summary.json (Task 2): per method and baseline, image_to_text and text_to_image recall@K in [0, 1] with
+recall@K_ci95, and median_rank; difference (B - A) and b_minus_<label> per direction: recall@K_difference (_ci95)
+and recall@K_relative_change (percent). save_detailed=True adds per-pair and per-image arrays (npz); with
+matplotlib, alignment_hist.png, alignment_scatter.png and recall.png. The recall core is a plain function:
+`from eval import recall_at_k`.
 """
 import hashlib
 import json

@@ -11,7 +11,32 @@ Per split: list the images; decode each once to find the unreadable ones (skippe
 meta.json); give every readable image its row; encode in batches. Each process fills its own rows
 and, after every written batch, records its progress in a small state file, so a killed run started
 again with the same command continues where it stopped and ends with the arrays of an uninterrupted
-run. meta.json is written first with "complete": false and last with "complete": true.
+run. meta.json is written first with "complete": false and last with "complete": true. One extract.py
+at a time writes a data folder (a lock); an out folder from other encoders is refused unless
+--extract_overwrite=True; captions that are not lists of non-blank strings are refused before any work.
+
+Encoders. CLIP targets: `ViT-L-14-quickgelu` + `openai` patch tokens after ln_post, before proj, CLS dropped
+(plain `ViT-L-14` + `openai` silently builds GELU and is refused). EVA-CLIP-8B loads through Hugging Face
+transformers (`hf:BAAI/EVA-CLIP-8B`, custom code, ~33 GB of weights; its vision_model's last hidden state minus
+CLS, pre-norm: the final RMSNorm touches CLS only, as the seed extracts it). Checked against EVA-CLIP's own
+modeling code on a tiny random config with transformers 4.56.2 and 4.57.6 (requirements.txt pins >=4.56,<5):
+older versions reject the dtype= argument, and every 5.x tried (5.0 to 5.24) breaks the 2023 remote code (it
+builds on the meta device and leaves the non-persistent position_ids buffer unset: an IndexError or silently wrong
+positions). With transformers 5 installed, use open_clip's EVA02-E-14-plus (config/dit_large_eva02e.py).
+
+Sources. 'coco': coco_root/images/<split>/*.jpg with annotations/captions_<split>.json. 'folder':
+image_folder/<split>/** with captions in same-name .txt files, one a line. 'webdataset': img2dataset-style
+uncompressed tar shards, key.jpg|png|webp with key.txt and/or key.json ('caption'; the .txt wins), the pattern
+brace-expanded per split, max_shards the first shards; the image id is the sample key (unique within a split), the
+file 'shard.tar/key.jpg'; every tar header is read once to index the samples. 'synthetic': the CPU demo's shapes.
+Images of 16-bit or float modes are scaled to 8 bits (PIL's own convert clips them to white).
+
+Precision. clip_dtype='float16' (OpenAI CLIP's own inference precision, as many mantissa bits as the float16
+storage) and eva_dtype='bfloat16' are the autocast dtypes on the GPU (meta.json compute_dtype); the CPU computes in
+float32. Non-finite features stop the run naming the image; EVA values beyond float16's 65504 (a pre-norm hidden
+state's few huge channels) are stored as +-65504 and counted (meta.json eva_clamped_values / _files); CLIP values
+beyond float16 stop the run (ln_post outputs: a broken tower). Disk per 1,000 images: clip.npy 0.52 GB, eva.npy
+2.10 GB (EVA-CLIP-8B) or 0.92 GB (EVA02-E-14-plus): COCO train2017 with EVA-CLIP-8B is about 310 GB, val2017 13 GB.
 """
 import collections
 import contextlib

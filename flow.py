@@ -57,8 +57,11 @@ def validation_loss(model, x0, x1, cond, sigma_min=1e-4, points=8):
 
 
 def regress(model, cond, shape):
-    """The regression baseline's prediction: one forward from the EVA tokens alone (input zeros, t = 0)."""
-    return model(torch.zeros(shape, device=cond.device), torch.zeros(shape[0], device=cond.device), cond)
+    """The regression baseline's prediction: one forward from the EVA tokens at t = 0, its token input one fixed
+    draw of N(0, I) shared by every image (an all-zero input leaves every token alike, and the zero-initialized
+    output layer then never learns: the loss stays at the mean's)."""
+    fixed = torch.randn(shape[1:], generator=torch.Generator().manual_seed(0)).to(cond.device)
+    return model(fixed.expand(shape), torch.zeros(shape[0], device=cond.device), cond)
 
 
 def regression_loss(model, x1, cond):

@@ -135,9 +135,8 @@ if non_finite:
 if ddp:
     dist.barrier()
 if master_process:
-    stem = os.path.splitext(os.path.basename(ckpt_path))[0]
     data.finish_samples(run_dir, {
-        'method': objective, 'label': f"regression DiT ({stem})" if objective == 'regression' else f"DiT ({name})",
+        'method': objective, 'label': 'regression' if objective == 'regression' else 'DiT',
         'settings': {**sampler, 'checkpoint': ckpt['identity']['path'], 'iter_num': ckpt['iter_num']},
         'data': target, 'data_stats': {**ckpt['data_stats'], 'source': f"{ckpt_path}: data_stats (the training folder)"},
         'model_calls': flow.model_calls(sample_method, sample_steps, cfg_scale, objective), 'world_size': world_size,

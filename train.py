@@ -8,6 +8,13 @@ torchrun --standalone --nproc_per_node=8 --max-restarts=3 train.py config/dit_la
 Determinism: iteration i's global batch is a fixed slice of a seeded per-epoch permutation, split into
 gradient_accumulation_steps micro-batches; micro-batch j draws noise, times and condition drops from a generator
 seeded by (seed, i, j). So any number of ranks follows the same loss curve, and a resume continues exactly.
+batch_size is per rank and micro-step, gradient_accumulation_steps global. One train.py at a time holds out_dir (a
+lock). Checkpoints (format and identity: data.py) are written every eval_interval and at the end; keep_interval
+also keeps EMA-only ckpt_iterN.pt for sample.py and sweep.py. metrics.jsonl has one JSON object per log line (loss,
+lr, grad norm, samples/s, MFU on CUDA) and per eval (validation loss on a fixed t grid and fixed noise, the EMA
+generation check); a resume first drops the records past its checkpoint. val_fraction > 0 validates on the last
+rows of train_data (the held-out slice that also chooses samplers and baselines), never on the reported split.
+objective='regression' trains the same DiT by plain MSE to the target in one forward: the baseline beside B.
 """
 import copy
 import dataclasses

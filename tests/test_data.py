@@ -81,3 +81,20 @@ def test_read_rows_reads_ascending(data_folder):
     clip = np.load(os.path.join(data_folder, 'clip.npy'))
     np.testing.assert_array_equal(data.read_rows(os.path.join(data_folder, 'clip.npy'), np.array([5, 1, 3])),
                                   clip[[1, 3, 5]])
+
+
+def test_samples_name_tells_every_setting_the_result_depends_on():
+    assert data.samples_name('out/demo/ckpt.pt', 'heun', 5, 1.0, 1337) == 'ckpt-heun5-cfg1-seed1337'
+    assert (data.samples_name('/x/ckpt_iter000400.pt', 'euler', 10, 1.5, 7, shift=2.0, use_ema=False)
+            == 'ckpt_iter000400-euler10-shift2-cfg1.5-raw-seed7')
+    assert data.samples_name('out/demo/ckpt.pt', 'heun', 5, 1.0, 1337, holdout=True) == 'ckpt-heun5-cfg1-seed1337-holdout'
+    # a regression checkpoint has no sampler: every sampler setting names the same folder
+    assert data.samples_name('r/ckpt.pt', 'heun', 5, 2.0, 1, objective='regression') == 'ckpt-regression'
+
+
+def test_the_held_out_slice_is_train_pys():
+    assert data.holdout_range(118287, 0.02, 'train2017') == (115921, 2366)
+    assert data.holdout_range(2000, 0.2, 'train') == (1600, 400)
+    for fraction in (0.0, 1.0):
+        with pytest.raises(SystemExit, match=f"val_fraction={fraction} of the 10 rows of f holds out"):
+            data.holdout_range(10, fraction, 'f')

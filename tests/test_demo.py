@@ -27,14 +27,21 @@ def test_demo_end_to_end_learns_and_reports_both_tasks(tmp_path):
     run('train.py', f'--train_data={data}/train', *folders, '--max_iters=150', '--eval_interval=150',
         '--warmup_iters=10', '--lr_decay_iters=150')
     run('sample.py', *folders, '--sample_batch_size=32')
-    printed = run('eval.py', *folders, f'--train_data={data}/train', clip)
+    # the baselines beside B, as README's command makes them: ridge, and the same DiT trained by plain regression
+    run('ridge.py', f'--train_data={data}/train', *folders)
+    run('train.py', f'--train_data={data}/train', *folders[:1], f'--out_dir={tmp_path}/regression',
+        '--objective=regression', '--max_iters=150', '--eval_interval=150', '--warmup_iters=10', '--lr_decay_iters=150')
+    run('sample.py', *folders, f'--ckpt_path={tmp_path}/regression/ckpt.pt', '--sample_batch_size=32')
+    baselines = f"--baselines=('{out}/samples/ridge/generated.npy', '{out}/samples/ckpt-regression/generated.npy')"
+    printed = run('eval.py', *folders, f'--train_data={data}/train', clip, baselines)
 
     evals = [r for r in map(json.loads, open(out / 'metrics.jsonl')) if r['kind'] == 'eval']
     untrained, trained = evals[0], evals[-1]
     assert (untrained['iter'], trained['iter']) == (0, 150)
     assert trained['gen_token_cosine'] > untrained['gen_token_cosine'] + 0.2, (untrained, trained)
 
-    [samples] = os.listdir(out / 'samples')  # sample.py's one output folder, which eval.py found by itself
+    # eval.py found the flow DiT's folder by itself, beside the baselines'
+    [samples] = [f for f in os.listdir(out / 'samples') if f not in ('ridge', 'ckpt-regression')]
     alignment = json.load(open(out / 'samples' / samples / 'eval' / 'alignment_summary.json'))
     recall = json.load(open(out / 'samples' / samples / 'eval' / 'recall_summary.json'))
     assert alignment['embedding_space'] == 32 and alignment['uses_visual_projection'] is True  # tiny CLIP: 32-d
@@ -71,3 +78,23 @@ def test_demo_end_to_end_learns_and_reports_both_tasks(tmp_path):
     assert alignment['generated'] == str(out / 'samples' / samples / 'generated.npy')
     assert alignment['checkpoint']['path'] == str(out / 'ckpt.pt') and alignment['checkpoint']['iter_num'] == 150
     assert 'mean tokens' in table and 'B - A' in table
+
+    # the baselines, fitted and trained on the same rows, are far above chance (R@5 5/64) in both directions
+    assert set(recall['baselines']) == {'ridge', 'regression'}, recall['baselines'].keys()
+    for label, baseline in recall['baselines'].items():
+        for direction in ('image_to_text', 'text_to_image'):
+            assert baseline[direction]['recall@5'] > 3 * 5 / 64, (label, direction, baseline)
+        assert recall[f'b_minus_{label}']['image_to_text']['recall@5_difference_ci95'] is not None
+    ridge = json.load(open(out / 'samples' / 'ridge' / 'generated.json'))
+    assert ridge['train_data']['holdout_start'] == 410 and ridge['train_data']['holdout_count'] == 102  # 0.2 of 512
+
+    # selection on held-out rows: the grid runs on train's last 102 images, only the chosen cell on val
+    printed = run('sweep.py', f'--train_data={data}/train', *folders, "--methods=('midpoint',)", '--steps=(5,)',
+                  '--cfg_scales=(1.0, 2.0)', f'--ckpts=("{out}/ckpt.pt",)', '--sweep_name=guidance')
+    table = json.load(open(out / 'guidance.json'))
+    assert table['grid_split'] == 'holdout' and [r['split'] for r in table['cells']] == ['holdout', 'holdout']
+    assert all(json.load(open(os.path.join(r['samples'], 'eval', 'recall_summary.json')))['data']['start'] == 410
+               for r in table['cells'])
+    best = max(table['cells'], key=lambda r: r['i2t_recall@5'])
+    assert [(r['split'], r['cfg_scale']) for r in table['reported']] == [('val', best['cfg_scale'])]
+    assert 'chose 1 cell(s) by the held-out i2t_recall@5' in printed
