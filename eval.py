@@ -473,9 +473,30 @@ def fidelity_stats(sampling, info_path, train_data, meta, val_data):
     return mean, std, source
 
 
-def plot(eval_dir, sims, recalls, k_values, names):
-    """alignment_hist.png, alignment_scatter.png, recall.png, a colour per method (names: its legend);
-    only where matplotlib is importable (optional)."""
+def plot_title(common):
+    """What a plot shows, a line each: the evaluated rows, the checkpoint that made B, and its sampler."""
+    rows = common['data']
+    where = (f"{common['val_data']}: held-out rows {rows['start']}-{rows['start'] + rows['count'] - 1}"
+             if common['holdout'] else f"{common['val_data']}: {rows['count']} images (not the held-out slice)")
+    if not common['generated']:
+        return f"{where}\nno generated array: the CLIP baseline only"
+    ckpt, sampler, info = common['checkpoint'], common['sampler'], common['sampling'] or {}
+    if not (ckpt and ckpt['path']):  # no generated.json, or another generator's (ridge.py)
+        return f"{where}\nB: {common['generated']}\n{info.get('label') or 'no checkpoint named in generated.json'}"
+    path = ckpt['path']
+    made = f"B: {os.path.basename(os.path.dirname(path))}/{os.path.splitext(os.path.basename(path))[0]}, iteration " \
+           f"{ckpt['iter_num']}{', EMA weights' if ckpt['use_ema'] else ''}"
+    if sampler['sample_method'] is None:  # a regression checkpoint: one forward pass, no sampler
+        return f"{where}\n{made}\nregression: one forward pass"
+    shift = f", shift {sampler['sample_shift']:g}" if sampler['sample_shift'] not in (None, 1) else ''
+    return (f"{where}\n{made}\n{sampler['sample_method']} {sampler['sample_steps']} steps{shift}, cfg "
+            f"{sampler['cfg_scale']:g}, seed {sampler['seed']} ({common['model_calls']} model calls)")
+
+
+def plot(eval_dir, sims, recalls, intervals, k_values, labels, common):
+    """alignment_hist.png, alignment_scatter.png, recall.png (with the 95% intervals, (method, direction, k) ->
+    [lo, hi] or None), a colour per method (labels: its legend), titled with plot_title(common); only where
+    matplotlib is importable (optional)."""
     try:
         import matplotlib
         matplotlib.use('Agg')
@@ -485,40 +506,52 @@ def plot(eval_dir, sims, recalls, k_values, names):
         return
     others = ['tab:red', 'tab:purple', 'tab:brown', 'tab:pink', 'tab:olive', 'tab:cyan']  # baselines
     colors = {'a': 'tab:blue', 'b': 'tab:orange', 'r': 'tab:green', 'm': 'tab:gray'}
-    colors.update({m: others[j % len(others)] for j, m in enumerate(m for m in names if m not in colors)})
+    colors.update({m: others[j % len(others)] for j, m in enumerate(m for m in labels if m not in colors)})
+    title = plot_title(common)
+
+    def save(fig, name, legend=None):
+        """Write the figure, the axes above the legend (below them, outside the data)."""
+        below = legend.get_window_extent(fig.canvas.get_renderer()).height / fig.bbox.height if legend else 0
+        fig.tight_layout(rect=(0, below, 1, 1))
+        fig.savefig(os.path.join(eval_dir, name), dpi=120)
+        plt.close(fig)
     if sims:
-        fig, ax = plt.subplots(figsize=(6, 4))
+        fig, ax = plt.subplots(figsize=(8, 5.2))
         bins = np.linspace(min(s.min() for s in sims.values()), max(s.max() for s in sims.values()), 61)
         for m, s in sims.items():
-            ax.hist(s, bins=bins, histtype='step', lw=1.5, color=colors[m], label=f"{names[m]} (mean {s.mean():.3f})")
-        ax.set(xlabel='cosine(image, caption) per pair', ylabel='pairs', title='Task 1: alignment')
-        ax.legend(fontsize=7)
-        fig.tight_layout()
-        fig.savefig(os.path.join(eval_dir, 'alignment_hist.png'), dpi=120)
-        plt.close(fig)
+            ax.hist(s, bins=bins, histtype='step', lw=1.5, color=colors[m], label=f"{labels[m]} (mean {s.mean():.3f})")
+            ax.axvline(s.mean(), color=colors[m], ls=':', lw=1)  # the means are what the summary compares
+        ax.set(xlabel='cosine(image, caption) per pair (dotted: each mean)', ylabel='pairs')
+        ax.set_title(f"Task 1: alignment\n{title}", fontsize=8, wrap=True)
+        save(fig, 'alignment_hist.png', fig.legend(*ax.get_legend_handles_labels(), loc='lower center', ncol=2,
+                                                   fontsize=8, frameon=False))
     if 'a' in sims and 'b' in sims:
-        fig, ax = plt.subplots(figsize=(4.5, 4.5))
-        ax.scatter(sims['a'], sims['b'], s=2, alpha=0.3, linewidths=0)
+        fig, ax = plt.subplots(figsize=(5.5, 5.8))
+        few = len(sims['a']) < 5000  # bigger, darker points where they do not cover each other
+        ax.scatter(sims['a'], sims['b'], s=8 if few else 2, alpha=0.6 if few else 0.3, linewidths=0)
         lo, hi = min(sims['a'].min(), sims['b'].min()), max(sims['a'].max(), sims['b'].max())
         ax.plot([lo, hi], [lo, hi], 'k--', lw=0.8)
-        ax.set(xlabel='A: real tokens', ylabel='B: generated tokens', title='per-pair cosine, B vs A')
-        fig.tight_layout()
-        fig.savefig(os.path.join(eval_dir, 'alignment_scatter.png'), dpi=120)
-        plt.close(fig)
+        ax.set(xlabel='A: real tokens', ylabel='B: generated tokens', aspect='equal')
+        ax.set_title(f"per-pair cosine(image, caption), B vs A (dashed: B = A)\n{title}", fontsize=7, wrap=True)
+        save(fig, 'alignment_scatter.png')
     if recalls:
-        fig, axes = plt.subplots(1, 2, figsize=(9, 3.5), sharey=True)
+        fig, axes = plt.subplots(1, 2, figsize=(11, 4.8), sharey=True)
         width = 0.8 / len(recalls)
-        for ax, direction in zip(axes, ('image_to_text', 'text_to_image')):
+        for ax, direction in zip(axes, DIRECTIONS):
             for j, (m, r) in enumerate(recalls.items()):
-                ax.bar(np.arange(len(k_values)) + j * width, [100 * r[direction][k] for k in k_values], width,
-                       color=colors[m], label=names[m])
+                values = [100 * r[direction][k] for k in k_values]
+                cis = [intervals.get((m, direction, k)) for k in k_values]
+                # a percentile bound may sit a rounding error past the point itself
+                err = np.maximum(np.array([[v - 100 * c[0], 100 * c[1] - v] for v, c in zip(values, cis)]).T, 0) \
+                    if all(cis) else None
+                ax.bar(np.arange(len(k_values)) + j * width, values, width, color=colors[m], label=labels[m],
+                       yerr=err, error_kw=dict(lw=0.8, capsize=2, ecolor='k'))
             ax.set(xticks=np.arange(len(k_values)) + width * (len(recalls) - 1) / 2,
                    xticklabels=[f"R@{k}" for k in k_values], title=direction.replace('_', ' '), ylim=(0, 100))
-        axes[0].set_ylabel('recall (%)')
-        axes[0].legend(fontsize=7)
-        fig.tight_layout()
-        fig.savefig(os.path.join(eval_dir, 'recall.png'), dpi=120)
-        plt.close(fig)
+        axes[0].set_ylabel('recall (%), 95% interval bars' if any(intervals.values()) else 'recall (%)')
+        fig.suptitle(f"Task 2: recall\n{title}", fontsize=8, wrap=True)
+        save(fig, 'recall.png', fig.legend(*axes[0].get_legend_handles_labels(), loc='lower center', ncol=3,
+                                           fontsize=8, frameon=False))
 
 
 if __name__ == '__main__':
@@ -730,7 +763,7 @@ if __name__ == '__main__':
                      **{f'rank_{d}_{m}': r for m, rs in ranks.items() for d, r in rs.items()},
                      **{f'hits_{d}_{m}': h for m, hs in hits.items() if m not in differences for d, h in hs.items()})
 
-    plot(eval_dir, sims, recalls, k_values, names)
+    plot(eval_dir, sims, recalls, ci if recalls else {}, k_values, column_names, common)  # ci: recall's, where it ran
     width = max(len(cell) for _, row in table for cell in [*row.values(), *column_names.values()]) + 2
     print(f"{'':26s}" + ''.join(f"{column_names[m]:>{width}s}" for m in columns))
     for name, row in table:

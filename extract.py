@@ -47,17 +47,15 @@ import math
 import os
 import tarfile
 import time
-import zlib
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import timedelta
-from functools import partial
 from typing import Callable
 
 import numpy as np
 import torch
 import torch.distributed as dist
-from PIL import Image, ImageDraw
+from PIL import Image
 from tqdm import tqdm
 
 import data
@@ -84,7 +82,7 @@ clip_pretrained = 'openai'  # open_clip tag or local weight file; '' = random in
 eva_model = 'hf:BAAI/EVA-CLIP-8B'  # condition: last hidden state, CLS dropped
 eva_pretrained = ''  # for an open_clip eva_model, as clip_pretrained
 train_encoder_steps = 0  # 'synthetic' only: an open_clip encoder whose *_pretrained names a file that is missing
-                         # is first trained on the first split for this many steps into it (demo_clip.py: the demo)
+                         # is first trained on the first split for this many steps into it (demo.py: the demo)
 grid_size = 16  # both encoders must give grid_size**2 patch tokens
 # run
 extract_batch_size = 64
@@ -101,62 +99,6 @@ IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.bmp', '.gif', '.webp', '.tif', '.
 ARRAYS = tuple(f'{name}.npy' for name in data.ARRAYS)
 FLOAT16_MAX = 65504.0
 CLAMPED_LISTED = 10  # images with clamped EVA values that are named (warning, meta.json) per split
-
-# --- synthetic images: coloured shapes on a background, captions say what is where -------------
-
-COLORS = {'red': (220, 40, 40), 'green': (40, 170, 70), 'blue': (40, 80, 220), 'yellow': (240, 210, 40),
-          'purple': (140, 60, 180), 'orange': (245, 140, 30), 'white': (245, 245, 245), 'black': (25, 25, 25)}
-SHAPES = ('circle', 'square', 'triangle')
-PLACES = ('top left', 'top', 'top right', 'left', 'center', 'right', 'bottom left', 'bottom', 'bottom right')
-NUMBERS = ('one', 'two', 'three')
-
-
-def synthetic_scene(seed, split, index):
-    """(background colour, [(shape, colour, size, place, jitter)]) of synthetic image `index` of `split`."""
-    rng = np.random.default_rng([seed, zlib.crc32(split.encode()), index])  # splits never share an image
-    background = list(COLORS)[rng.integers(len(COLORS))]
-    others = [c for c in COLORS if c != background]
-    places = rng.choice(len(PLACES), size=rng.integers(1, 4), replace=False)
-    return background, [(SHAPES[rng.integers(len(SHAPES))], others[rng.integers(len(others))],
-                         ('small', 'large')[rng.integers(2)], PLACES[p], tuple(rng.uniform(-0.05, 0.05, 2)))
-                        for p in places]
-
-
-def synthetic_image(seed, split, size, index):
-    """The synthetic image `index` of `split`, drawn at size x size pixels."""
-    background, shapes = synthetic_scene(seed, split, index)
-    image = Image.new('RGB', (size, size), COLORS[background])
-    draw = ImageDraw.Draw(image)
-    for shape, color, scale, place, (jx, jy) in shapes:
-        row, col = divmod(PLACES.index(place), 3)
-        cx, cy = (0.2 + 0.3 * col + jx) * size, (0.2 + 0.3 * row + jy) * size
-        r = (0.08 if scale == 'small' else 0.14) * size
-        if shape == 'circle':
-            draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=COLORS[color])
-        elif shape == 'square':
-            draw.rectangle([cx - r, cy - r, cx + r, cy + r], fill=COLORS[color])
-        else:
-            draw.polygon([(cx, cy - r), (cx - r, cy + r), (cx + r, cy + r)], fill=COLORS[color])
-    return image
-
-
-def synthetic_captions(background, shapes):
-    """Four to six captions of a scene (a varying number per image, like COCO's five to seven)."""
-    a = lambda word: f"{'an' if word[0] in 'aeiou' else 'a'} {word}"
-    where = lambda place: {'top': 'at the top', 'bottom': 'at the bottom', 'left': 'on the left',
-                           'right': 'on the right'}.get(place, f'in the {place}')
-    full = [f'{a(size)} {color} {shape} {where(place)}' for shape, color, size, place, _ in shapes]
-    short = [f'{a(color)} {shape}' for shape, color, *_ in shapes]
-    noun = 'shape' if len(shapes) == 1 else 'shapes'
-    captions = [f"{' and '.join(full)} on {a(background)} background",
-                f"{a(background)} background with {' and '.join(short)}",
-                f'{NUMBERS[len(shapes) - 1]} {noun} on {a(background)} background',
-                full[0]]
-    if len(shapes) > 1:
-        captions.append(f"{short[0]} next to {' and '.join(short[1:])}")
-    if len(shapes) > 2:
-        captions.append(f'three coloured shapes: {", ".join(short)}')
-    return captions
 
 # --- sources --------------------------------------------------------------------------------------
 
@@ -276,16 +218,9 @@ def list_split(split, source, limit=0, coco_root=None, image_folder=None, synthe
     """
     if source == 'webdataset':
         return list_webdataset(split, webdataset_shards, max_shards, limit)
-    if source == 'synthetic':
-        if split not in synthetic_counts:
-            raise SystemExit(f"source='synthetic': split {split!r} has no count in synthetic_counts={synthetic_counts}")
-        n = synthetic_counts[split] if not limit else min(limit, synthetic_counts[split])
-        ids = list(range(n))
-        captions = {str(i): synthetic_captions(*synthetic_scene(synthetic_seed, split, i)) for i in ids}
-        return dict(ids=ids, files=[f'{split}/{i:06d}.png' for i in ids], keys=ids, decode_check=False,
-                    load=partial(synthetic_image, synthetic_seed, split, synthetic_image_size), captions=captions,
-                    source={'kind': 'synthetic', 'split': split, 'seed': synthetic_seed,
-                            'image_size': synthetic_image_size, 'listed': n})
+    if source == 'synthetic':  # the CPU demo's images: demo.py draws them
+        import demo
+        return demo.list_synthetic(split, synthetic_counts, synthetic_seed, synthetic_image_size, limit)
     if source == 'coco':
         annotations = os.path.join(coco_root, 'annotations', f'captions_{split}.json')
         images = os.path.join(coco_root, 'images', split)
@@ -760,11 +695,10 @@ if __name__ == '__main__':
     if device.type == 'cpu':  # the DataLoader workers have their cores; oversubscribed threads crawl
         torch.set_num_threads(max(1, (os.cpu_count() or 1) - num_workers))
 
-    import open_clip
-    untrained = {role: (name, pretrained) for role, name, pretrained in (('clip', clip_model, clip_pretrained),
-                                                                         ('eva', eva_model, eva_pretrained))
-                 if train_encoder_steps and pretrained and not os.path.exists(pretrained) and
-                 not name.startswith('hf:') and pretrained not in open_clip.list_pretrained_tags_by_model(name)}
+    untrained = {}
+    if train_encoder_steps:  # the CPU demo trains its stand-in encoders first (demo.py)
+        import demo
+        untrained = demo.untrained_encoders({'clip': (clip_model, clip_pretrained), 'eva': (eva_model, eva_pretrained)})
     if untrained and source != 'synthetic':
         raise SystemExit(f"train_encoder_steps={train_encoder_steps} trains encoders on synthetic images, got "
                          f"source={source!r}: the files {', '.join(p for _, p in untrained.values())} do not exist")
@@ -781,22 +715,8 @@ if __name__ == '__main__':
                 if seen[a] & seen[b]:
                     raise SystemExit(f"splits {a!r} and {b!r} share {len(seen[a] & seen[b])} images "
                                      f"(e.g. {min(seen[a] & seen[b])}): train and evaluation images must differ")
-    if untrained and rank == 0:  # both towers at once, a process and a core each
-        from demo_clip import train_demo_clip
-        split, count = splits[0], len(listings[splits[0]]['ids'])
-        jobs = {}
-        for role, (name, pretrained) in untrained.items():
-            print(f"{role}: training {name} on the {count} images of split {split} for {train_encoder_steps} steps "
-                  f"-> {pretrained}")
-            jobs[role] = torch.multiprocessing.get_context('spawn').Process(target=train_demo_clip, args=(
-                name, pretrained, split, count, synthetic_image_size, synthetic_seed),
-                kwargs=dict(steps=train_encoder_steps, seed={'clip': 0, 'eva': 1}[role]))  # independent towers
-            jobs[role].start()
-        for role, job in jobs.items():
-            job.join()
-            if job.exitcode:
-                raise SystemExit(f"training the {role} encoder {untrained[role][0]} into {untrained[role][1]} "
-                                 f"failed (exit code {job.exitcode}; its error is printed above)")
+    if untrained and rank == 0:  # on the first split
+        demo.train_encoders(untrained, train_encoder_steps, listings[splits[0]]['source'])
     barrier()
     clip = build_encoder('clip', clip_model, clip_pretrained, device, ptdtypes['clip'], grid_size)
     eva = build_encoder('eva', eva_model, eva_pretrained, device, ptdtypes['eva'], grid_size)

@@ -17,7 +17,8 @@ import torch
 import torch.nn.functional as F
 
 from conftest import ROOT, make_data_folder
-from eval import bootstrap_ci, hit_rates, pool_project, recall_at_k, recall_intervals, retrieval_counts
+from eval import (bootstrap_ci, hit_rates, plot, plot_title, pool_project, recall_at_k, recall_intervals,
+                  retrieval_counts)
 
 EVAL = os.path.join(ROOT, 'eval.py')
 # A tiny CLIP: 16 tokens of width 8 (4x4 patches of a 16 px image), joint space 6, one layer per tower.
@@ -607,3 +608,25 @@ def test_baselines_beside_b(eval_setup, monkeypatch, capsys):
     write_info(out / 'b' / 'generated.npy', infos['other'])
     with pytest.raises(SystemExit, match=r"b/generated.json says it was made for .* \(id another-extraction"):
         run_eval(monkeypatch, *args, f'--generated={out / "b" / "generated.npy"}')
+
+
+def test_plots_are_titled_with_the_rows_checkpoint_and_sampler(tmp_path):
+    common = {'val_data': '/d/train', 'data': {'start': 1600, 'count': 400}, 'holdout': True, 'generated': '/o/g.npy',
+              'checkpoint': {'path': '/o/demo/ckpt_iter000800.pt', 'iter_num': 800, 'use_ema': True},
+              'sampler': {'sample_method': 'midpoint', 'sample_steps': 5, 'sample_shift': 1.0, 'cfg_scale': 2.0,
+                          'seed': 1337}, 'model_calls': 10, 'sampling': {}}
+    assert plot_title(common) == ('/d/train: held-out rows 1600-1999\nB: demo/ckpt_iter000800, iteration 800, EMA '
+                                  'weights\nmidpoint 5 steps, cfg 2, seed 1337 (10 model calls)')
+    regression = {**common, 'holdout': False, 'sampler': dict.fromkeys(common['sampler'])}
+    assert plot_title(regression).endswith('(not the held-out slice)\nB: demo/ckpt_iter000800, iteration 800, EMA '
+                                           'weights\nregression: one forward pass')
+    ridge = {**common, 'checkpoint': dict.fromkeys(common['checkpoint']), 'sampling': {'label': 'ridge'}}
+    assert plot_title(ridge).endswith('\nB: /o/g.npy\nridge')
+    assert plot_title({**common, 'generated': None}).endswith('\nno generated array: the CLIP baseline only')
+    if importlib.util.find_spec('matplotlib'):  # an optional dependency
+        sims = {m: np.random.default_rng(0).uniform(-1, 1, 50) for m in ('a', 'b', 'baseline_ridge')}
+        recalls = {m: {d: {1: 0.2, 5: 0.5} for d in ('image_to_text', 'text_to_image')} for m in sims}
+        intervals = {(m, d, k): [0.9 * v, min(1, 1.1 * v)] for m, r in recalls.items() for d, by_k in r.items()
+                     for k, v in by_k.items()}
+        plot(str(tmp_path), sims, recalls, intervals, (1, 5), {'a': 'A', 'b': 'B', 'baseline_ridge': 'ridge'}, common)
+        assert sorted(os.listdir(tmp_path)) == ['alignment_hist.png', 'alignment_scatter.png', 'recall.png']

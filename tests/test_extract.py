@@ -158,8 +158,8 @@ def test_synthetic_shapes_dtypes_meta_captions(tmp_path):
 
     # clip_pretrained='' is open_clip's init under torch.manual_seed(0): eval.py rebuilds this CLIP
     sys.path.insert(0, ROOT)
-    import extract
-    images = [extract.synthetic_image(0, 'train', 64, i) for i in range(10)]
+    import demo
+    images = [demo.synthetic_image(0, 'train', 64, i) for i in range(10)]
     cls, tokens = reference_tokens(*open_clip_model('tiny-clip'), images)
     np.testing.assert_allclose(train['clip'], tokens, rtol=2e-3, atol=2e-3)
     np.testing.assert_allclose(train['clip_cls'], cls, rtol=1e-5, atol=1e-5)
@@ -343,14 +343,14 @@ def test_webdataset_listing_brace_expansion_shard_limit_bad_shards(shards, image
 
 def synthetic_shards(folder, count, per_shard, image_size):
     """The synthetic images 0..count-1 of split 'train' as JPEG samples with .txt captions, per_shard a shard."""
-    import extract
+    import demo
     os.makedirs(folder)
     for first in range(0, count, per_shard):
         members = []
         for i in range(first, min(first + per_shard, count)):
             buffer = io.BytesIO()
-            extract.synthetic_image(0, 'train', image_size, i).save(buffer, format='JPEG', quality=95)
-            caption = extract.synthetic_captions(*extract.synthetic_scene(0, 'train', i))[0]
+            demo.synthetic_image(0, 'train', image_size, i).save(buffer, format='JPEG', quality=95)
+            caption = demo.synthetic_captions(*demo.synthetic_scene(0, 'train', i))[0]
             members += [(f'{i:09d}.jpg', buffer.getvalue()), (f'{i:09d}.txt', caption.encode())]
         write_shard(os.path.join(folder, f'{first // per_shard:05d}.tar'), members)
     return os.path.join(folder, f'{{00000..{(count - 1) // per_shard:05d}}}.tar')

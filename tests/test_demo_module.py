@@ -1,5 +1,8 @@
-"""demo_clip.py: the demo's encoders, trained by extract.py once, then loaded from their files like real weights."""
+"""demo.py: the demo's synthetic split, and its encoders, trained by extract.py once, then loaded from their files like
+real weights."""
 import os
+import subprocess
+import sys
 
 import numpy as np
 import open_clip
@@ -7,18 +10,23 @@ import pytest
 import torch
 
 import data
-import demo_clip
-import extract
+import demo
+from conftest import ROOT
 from test_extract import TINY, run_extract
+
+
+def test_demo_does_not_import_extract():
+    code = "import sys, demo; assert 'extract' not in sys.modules, 'demo.py imports extract.py'"
+    subprocess.run([sys.executable, '-c', code], cwd=ROOT, check=True)
 
 
 def test_encode_text_shortcut_equals_open_clip():
     model = data.open_clip_model('tiny-clip', '')[0].eval()
-    captions = [c for i in range(8) for c in extract.synthetic_captions(*extract.synthetic_scene(0, 'train', i))]
+    captions = [c for i in range(8) for c in demo.synthetic_captions(*demo.synthetic_scene(0, 'train', i))]
     text = open_clip.get_tokenizer('tiny-clip')(captions)
     used = torch.unique(text)
     with torch.no_grad():
-        shortcut = demo_clip.encode_text(model, torch.searchsorted(used, text), model.token_embedding.weight[used])
+        shortcut = demo.encode_text(model, torch.searchsorted(used, text), model.token_embedding.weight[used])
         reference = model.encode_text(text, normalize=True)
     assert shortcut.shape == (len(captions), 32)
     torch.testing.assert_close(shortcut, reference, atol=1e-6, rtol=0)
@@ -27,7 +35,7 @@ def test_encode_text_shortcut_equals_open_clip():
 def test_training_is_seeded_and_changes_only_the_used_token_rows(tmp_path):
     paths = [str(tmp_path / f'{name}.pt') for name in ('a', 'b')]
     for path in paths:
-        demo_clip.train_demo_clip('tiny-clip', path, 'train', 16, 64, 0, steps=3, batch_size=8, warmup=1)
+        demo.train_encoder('tiny-clip', path, 'train', 16, 64, 0, steps=3, batch_size=8, warmup=1)
     a, b = (torch.load(p, weights_only=True) for p in paths)
     assert a.keys() == b.keys()
     for key in a:
@@ -55,7 +63,7 @@ def test_extract_trains_the_encoders_once_and_loads_them_like_real_weights(tmp_p
     model, _, preprocess = open_clip.create_model_and_transforms('tiny-clip', pretrained=weights['clip'])
     with torch.no_grad():
         model.eval().visual.output_tokens = True
-        tokens = model.visual(preprocess(extract.synthetic_image(0, 'val', 64, 0))[None])[1][0]
+        tokens = model.visual(preprocess(demo.synthetic_image(0, 'val', 64, 0))[None])[1][0]
     stored = np.load(tmp_path / 'data' / 'val' / 'clip.npy', mmap_mode='r')[0].astype(np.float32)
     np.testing.assert_allclose(stored, tokens.numpy(), atol=2e-3, rtol=2e-3)  # stored as float16
     meta = data.read_json(str(tmp_path / 'data' / 'val' / 'meta.json'))
