@@ -24,6 +24,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import demo  # noqa: E402
 import extract  # noqa: E402
 from bench_model import seconds_per_call  # noqa: E402
 
@@ -80,8 +81,8 @@ def write_shards(folder):
         with tarfile.open(os.path.join(folder, f'{first // shard_size:05d}.tar'), 'w') as tar:
             for i in range(first, min(first + shard_size, images)):
                 buffer = io.BytesIO()
-                extract.synthetic_image(0, 'bench', setting['image_size'], i).save(buffer, format='JPEG', quality=95)
-                caption = extract.synthetic_captions(*extract.synthetic_scene(0, 'bench', i))[0].encode()
+                demo.synthetic_image(0, 'bench', setting['image_size'], i).save(buffer, format='JPEG', quality=95)
+                caption = demo.synthetic_captions(*demo.synthetic_scene(0, 'bench', i))[0].encode()
                 for name, raw in ((f'{i:09d}.jpg', buffer.getvalue()), (f'{i:09d}.txt', caption)):
                     info = tarfile.TarInfo(name)
                     info.size = len(raw)

@@ -24,7 +24,7 @@ synthetic_counts = {'train': 2000, 'val': 250}
 synthetic_image_size = 64
 clip_model = 'tiny-clip'  # config/encoders/tiny-clip.json: 64 wide (in_dim), 32-d embedding
 eva_model = 'tiny-eva'  # config/encoders/tiny-eva.json: 96 wide (cond_dim)
-# the first extract.py run trains both stand-ins contrastively on the train split (demo_clip.py) into these files;
+# the first extract.py run trains both stand-ins contrastively on the train split (demo.py) into these files;
 # every stage then loads them as it would load real weights
 clip_pretrained = 'data/demo/tiny-clip.pt'
 eva_pretrained = 'data/demo/tiny-eva.pt'

@@ -203,6 +203,8 @@ def test_sizes_that_are_not_positive_are_named(folder, tmp_path, monkeypatch):
     assert message == 'config error: batch_size must be a positive integer, got 0'
     message = stops(monkeypatch, 'sample.py', f'--out_dir={tmp_path}/out', '--sample_batch_size=0')
     assert message == 'config error: sample_batch_size must be a positive integer, got 0'
+    message = stops(monkeypatch, 'eval.py', f'--out_dir={tmp_path}/out', '--eval_batch_size=0')
+    assert message == 'config error: eval_batch_size must be a positive integer, got 0'
 
 
 def test_an_empty_sweep_says_so(tmp_path, monkeypatch):
