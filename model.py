@@ -22,7 +22,11 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.checkpoint import checkpoint
+
+# SDPA backends by priority: cuDNN attention first (PyTorch tries flash before it); the CPU picks its kernel as before
+SDPA_PRIORITY = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 
 @dataclass
@@ -309,13 +313,14 @@ class DiT(nn.Module):
         self.check_inputs('forward', B, x=x, t=t, cond=cond, drop_cond=drop_cond)
         pooled = None if cond_cache is None else cond_cache.pooled
         cached = [None] * len(self.blocks) if cond_cache is None else cond_cache.blocks
-        h, kv, c, rope, cross_rope = self.embed(x, t, cond, drop_cond, pooled)
-        for block, cache in zip(self.blocks, cached):
-            if self.cfg.grad_checkpointing and self.training:
-                h = checkpoint(block, h, kv, c, rope, cross_rope, cache, use_reentrant=False)
-            else:
-                h = block(h, kv, c, rope, cross_rope, cache)
-        return self.final(h, c)
+        with sdpa_kernel(SDPA_PRIORITY, set_priority=True):  # for training and sampling alike
+            h, kv, c, rope, cross_rope = self.embed(x, t, cond, drop_cond, pooled)
+            for block, cache in zip(self.blocks, cached):
+                if self.cfg.grad_checkpointing and self.training:
+                    h = checkpoint(block, h, kv, c, rope, cross_rope, cache, use_reentrant=False)
+                else:
+                    h = block(h, kv, c, rope, cross_rope, cache)
+            return self.final(h, c)
 
     def embed(self, x, t, cond, drop_cond, pooled=None):
         """The blocks' inputs: tokens h, projected EVA tokens kv, conditioning vector c, RoPE tables.
