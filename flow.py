@@ -122,15 +122,18 @@ def sample(velocity_fn, x0, steps=50, method='euler', shift=1.0):
 def guided(model, cond, scale=1.0):
     """velocity_fn(x, t) for sample(): classifier-free guidance v_null + scale * (v_cond - v_null).
 
-    scale 1.0 is the plain conditional model (one forward); otherwise both run as one batched forward.
+    scale 1.0 is the plain conditional model (one forward); otherwise both run as one batched forward. The condition
+    is encoded once here (model.encode_cond, in the caller's autocast) and reused at every step; the null half's
+    cross-attention is a constant a layer there, so it costs neither k, v nor attention.
     """
     if scale == 1.0:
-        return lambda x, t: model(x, t, cond)
+        cache = model.encode_cond(cond)
+        return lambda x, t: model(x, t, cond_cache=cache)
     B = cond.shape[0]
-    drop = torch.arange(2 * B, device=cond.device) >= B
+    cache = model.encode_cond(torch.cat([cond, cond]), drop_cond=torch.arange(2 * B, device=cond.device) >= B)
 
     def velocity_fn(x, t):
-        v_cond, v_null = model(torch.cat([x, x]), torch.cat([t, t]), torch.cat([cond, cond]), drop_cond=drop).chunk(2)
+        v_cond, v_null = model(torch.cat([x, x]), torch.cat([t, t]), cond_cache=cache).chunk(2)
         return v_null + scale * (v_cond - v_null)
     return velocity_fn
 

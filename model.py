@@ -22,7 +22,11 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.checkpoint import checkpoint
+
+# SDPA backends by priority: cuDNN attention first (PyTorch tries flash before it); the CPU picks its kernel as before
+SDPA_PRIORITY = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 
 @dataclass
@@ -153,22 +157,48 @@ class Attention(nn.Module):
         self.q_norm, self.k_norm = norm(), norm()
 
     def forward(self, x, kv=None, rope=None):
-        B, L, _ = x.shape
         H, KV, D = self.n_heads, self.kv_heads, self.head_dim
         if kv is None:  # self-attention: q, k and v from one matmul
             qkv = F.linear(x, torch.cat([self.wq.weight, self.wkv.weight]).to(x.dtype))
             q, k, v = qkv.unflatten(-1, (-1, D)).split([H, KV, KV], dim=2)
+            k, v = self.keys(k, v, rope)
         else:
-            # k and v from the two halves of the weight: contiguous outputs, no stack of their gradients
-            wk, wv = self.wkv.weight.to(kv.dtype).chunk(2)
-            q = self.wq(x).view(B, L, H, D)
-            k, v = F.linear(kv, wk).view(B, -1, KV, D), F.linear(kv, wv).view(B, -1, KV, D)
-        q, k = self.q_norm(q), self.k_norm(k)
-        if rope is not None:  # before the transpose, on the projections' own [B, L, H, D] layout
-            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
-        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
-        out = F.scaled_dot_product_attention(q, k, v, enable_gqa=KV != H)
-        return self.wo(out.transpose(1, 2).reshape(B, L, -1))
+            q, (k, v) = self.wq(x).unflatten(-1, (H, D)), self.cross_keys(kv, rope)
+        return self.attend(q, k, v, rope)
+
+    def keys(self, k, v, rope):
+        """k, v [B, M, KV, D] -> k_norm-ed, rotated k and v, as [B, KV, M, D] for SDPA."""
+        k = self.k_norm(k)
+        if rope is not None:  # before the transpose, on the projection's own [B, M, KV, D] layout
+            k = apply_rope(k, *rope)
+        return k.transpose(1, 2), v.transpose(1, 2)
+
+    def cross_keys(self, kv, rope):
+        """Cross-attention k, v [B, KV, M, D] of the projected EVA tokens kv [B, M, dim]."""
+        # k and v from the two halves of the weight: contiguous outputs, no stack of their gradients
+        wk, wv = self.wkv.weight.to(kv.dtype).chunk(2)
+        kv_shape = (self.kv_heads, self.head_dim)
+        return self.keys(F.linear(kv, wk).unflatten(-1, kv_shape), F.linear(kv, wv).unflatten(-1, kv_shape), rope)
+
+    def attend(self, q, k, v, rope):
+        """wo(SDPA) of the raw queries q [B, L, H, D] (q_norm-ed and rotated here) against k, v [B, KV, M, D]."""
+        q = self.q_norm(q)
+        if rope is not None:
+            q = apply_rope(q, *rope)
+        out = F.scaled_dot_product_attention(q.transpose(1, 2), k, v, enable_gqa=self.kv_heads != self.n_heads)
+        return self.wo(out.transpose(1, 2).flatten(2))
+
+    def cached(self, x, rope, k, v, null_out, keep):
+        """Cross-attention of x [B, L, dim] with encode_cond's k, v for the rows `keep`; the other rows get null_out."""
+        q = self.wq(x if keep is None else x[keep]).unflatten(-1, (self.n_heads, self.head_dim))
+        out = self.attend(q, k, v, rope)
+        return out if keep is None else null_out.to(out.dtype).expand(len(x), *out.shape[1:]).index_copy(0, keep, out)
+
+    def constant_out(self, kv):
+        """Cross-attention output [dim] when every EVA token projects to kv [dim]: the softmax weights sum to 1, so
+        each head returns its v whatever the queries, k_norm and RoPE."""
+        v = F.linear(kv, self.wkv.weight.to(kv.dtype).chunk(2)[1]).view(self.kv_heads, self.head_dim)
+        return self.wo(v.repeat_interleave(self.n_heads // self.kv_heads, dim=0).flatten())  # SDPA's GQA grouping
 
 
 class SwiGLU(nn.Module):
@@ -193,11 +223,14 @@ class Block(nn.Module):
         self.norm1, self.norm2, self.norm3 = (RMSNorm(cfg.dim, eps=cfg.norm_eps) for _ in range(3))
         self.adaLN = nn.Sequential(nn.SiLU(), nn.Linear(cfg.dim, 6 * cfg.dim))
 
-    def forward(self, x, kv, c, rope, cross_rope):
+    def forward(self, x, kv, c, rope, cross_rope, cached=None):
+        """cached: this block's entry of CondCache.blocks, which replaces kv."""
         s1, g1, s2, g2, s3, g3 = self.adaLN(c).unsqueeze(1).chunk(6, dim=-1)
         h = self.norm1(x, s1)
         x = torch.addcmul(x, g1.tanh(), self.self_attn(h, rope=rope))  # x + tanh(g1) * attn in one pass
-        x = torch.addcmul(x, g2.tanh(), self.cross_attn(self.norm2(x, s2), kv, cross_rope))
+        h = self.norm2(x, s2)
+        cross = self.cross_attn(h, kv, cross_rope) if cached is None else self.cross_attn.cached(h, cross_rope, *cached)
+        x = torch.addcmul(x, g2.tanh(), cross)
         return torch.addcmul(x, g3.tanh(), self.ffn(self.norm3(x, s3)))
 
 
@@ -214,6 +247,14 @@ class TimestepEmbedder(nn.Module):
         freqs = torch.exp(-math.log(10000.0) * torch.arange(half, device=t.device, dtype=torch.float32) / half)
         angles = self.t_scale * t.float()[:, None] * freqs
         return self.mlp(torch.cat([angles.cos(), angles.sin()], dim=-1))
+
+
+@dataclass
+class CondCache:
+    """DiT.encode_cond's result: the condition's share of DiT.forward for one batch, reused at every sampler step."""
+    pooled: torch.Tensor  # [B, dim] pool_embed of the mean projected EVA token; a dropped row's is the null token's
+    blocks: list          # per block: cross-attention k, v [kept rows, kv_heads, M, head_dim] (k_norm-ed, rotated),
+                          # the dropped rows' cross-attention output [dim], the kept rows' indices (None: all kept)
 
 
 class DiT(nn.Module):
@@ -250,39 +291,70 @@ class DiT(nn.Module):
             nn.init.zeros_(linear.weight)
             nn.init.zeros_(linear.bias)
 
-    def check_inputs(self, x, t, cond, drop_cond):
-        cfg, B = self.cfg, x.shape[0]
-        L = cfg.grid_size ** 2
+    def check_inputs(self, caller, B, **tensors):
+        """Raise ValueError naming the first of the given tensors (x, t, cond, drop_cond) not shaped for batch B."""
+        cfg, L = self.cfg, self.cfg.grid_size ** 2
         # with cross_rope the EVA tokens must lie on the model's grid; otherwise any count M works
-        expected = [('x', x, (B, L, cfg.in_dim)), ('t', t, (B,)), ('cond', cond, (B, L if cfg.cross_rope else 'M', cfg.cond_dim))]
-        if drop_cond is not None:
-            expected.append(('drop_cond', drop_cond, (B,)))
-        for name, tensor, shape in expected:
-            if len(tensor.shape) != len(shape) or any(s != 'M' and s != n for s, n in zip(shape, tensor.shape)):
-                raise ValueError(f"DiT.forward: {name} should have shape [{', '.join(map(str, shape))}], "
+        shapes = dict(x=(B, L, cfg.in_dim), t=(B,), cond=(B, L if cfg.cross_rope else 'M', cfg.cond_dim),
+                      drop_cond=(B,))
+        for name, tensor in tensors.items():
+            shape = shapes[name]
+            if tensor is not None and (len(tensor.shape) != len(shape)
+                                       or any(s != 'M' and s != n for s, n in zip(shape, tensor.shape))):
+                raise ValueError(f"DiT.{caller}: {name} should have shape [{', '.join(map(str, shape))}], "
                                  f"got {list(tensor.shape)}")
 
-    def forward(self, x, t, cond, drop_cond=None):
-        """Velocity [B, L, in_dim] for noisy tokens x [B, L, in_dim] at times t [B] given EVA tokens cond [B, M, cond_dim]."""
-        self.check_inputs(x, t, cond, drop_cond)
-        h, kv, c, rope, cross_rope = self.embed(x, t, cond, drop_cond)
-        for block in self.blocks:
-            if self.cfg.grad_checkpointing and self.training:
-                h = checkpoint(block, h, kv, c, rope, cross_rope, use_reentrant=False)
-            else:
-                h = block(h, kv, c, rope, cross_rope)
-        return self.final(h, c)
+    def forward(self, x, t, cond=None, drop_cond=None, cond_cache=None):
+        """Velocity [B, L, in_dim] for noisy tokens x [B, L, in_dim] at times t [B] given EVA tokens cond
+        [B, M, cond_dim], or given cond_cache = encode_cond(cond, drop_cond) in place of both (sampling)."""
+        if (cond is None) == (cond_cache is None) or (cond_cache is not None and drop_cond is not None):
+            raise ValueError("DiT.forward takes either cond (and drop_cond) or cond_cache")
+        B = x.shape[0] if cond_cache is None else cond_cache.pooled.shape[0]
+        self.check_inputs('forward', B, x=x, t=t, cond=cond, drop_cond=drop_cond)
+        pooled = None if cond_cache is None else cond_cache.pooled
+        cached = [None] * len(self.blocks) if cond_cache is None else cond_cache.blocks
+        with sdpa_kernel(SDPA_PRIORITY, set_priority=True):  # for training and sampling alike
+            h, kv, c, rope, cross_rope = self.embed(x, t, cond, drop_cond, pooled)
+            for block, cache in zip(self.blocks, cached):
+                if self.cfg.grad_checkpointing and self.training:
+                    h = checkpoint(block, h, kv, c, rope, cross_rope, cache, use_reentrant=False)
+                else:
+                    h = block(h, kv, c, rope, cross_rope, cache)
+            return self.final(h, c)
 
-    def embed(self, x, t, cond, drop_cond):
-        """The blocks' inputs: tokens h, projected EVA tokens kv, conditioning vector c, RoPE tables."""
-        if drop_cond is not None:
-            cond = torch.where(drop_cond[:, None, None], self.null_cond.to(cond.dtype), cond)
-        kv = self.cond_proj(self.cond_norm(cond))
-        c = self.t_embed(t) + self.pool_embed(kv.mean(dim=1))
+    def embed(self, x, t, cond, drop_cond, pooled=None):
+        """The blocks' inputs: tokens h, projected EVA tokens kv, conditioning vector c, RoPE tables.
+        Given the pooled term of a CondCache, cond is not read and kv is None."""
+        kv = None
+        if pooled is None:
+            kv = self.project_cond(cond, drop_cond)
+            pooled = self.pool_embed(kv.mean(dim=1))
+        c = self.t_embed(t) + pooled
         h = self.x_embed(x)
         # [L, 1, head_dim] in the compute dtype, cast once for all blocks: broadcast over heads
         rope = (self.rope_cos[:, None].to(h.dtype), self.rope_sin[:, None].to(h.dtype))
         return h, kv, c, rope, rope if self.cfg.cross_rope else None
+
+    def project_cond(self, cond, drop_cond=None):
+        """EVA tokens cond [B, M, cond_dim] -> kv [B, M, dim]; the rows drop_cond [B] take null_cond."""
+        if drop_cond is not None:
+            cond = torch.where(drop_cond[:, None, None], self.null_cond.to(cond.dtype), cond)
+        return self.cond_proj(self.cond_norm(cond))
+
+    def encode_cond(self, cond, drop_cond=None):
+        """forward's cond_cache for EVA tokens cond [B, M, cond_dim]: the pooled term and every block's cross-attention
+        k, v, once per batch. A dropped row (drop_cond [B]) sees M copies of null_cond: its cross-attention output is
+        one vector a layer, and its pooled term one vector, so it needs no k, v and no attention."""
+        self.check_inputs('encode_cond', cond.shape[0], cond=cond, drop_cond=drop_cond)
+        keep = None if drop_cond is None else (~drop_cond).nonzero().squeeze(1)
+        kv = self.project_cond(cond if keep is None else cond[keep])
+        pooled = self.pool_embed(kv.mean(dim=1))
+        null_kv = self.project_cond(self.null_cond.to(cond.dtype))  # [dim]
+        if keep is not None:
+            pooled = self.pool_embed(null_kv).expand(cond.shape[0], -1).index_copy(0, keep, pooled)
+        rope = (self.rope_cos[:, None], self.rope_sin[:, None]) if self.cfg.cross_rope else None
+        blocks = [(*b.cross_attn.cross_keys(kv, rope), b.cross_attn.constant_out(null_kv), keep) for b in self.blocks]
+        return CondCache(pooled, blocks)
 
     def final(self, h, c):
         scale = self.final_adaLN(c).unsqueeze(1)
@@ -323,6 +395,15 @@ class DiT(nn.Module):
                  + 4 * L * M * D                                   # cross-attn scores and values
                  + 2 * L * D * 3 * cfg.ffn_hidden)                 # SwiGLU
         return per_sample + tokens + cfg.n_layers * block
+
+    def flops_skipped_per_sample(self, cond_tokens=None, dropped=False):
+        """The share of flops_per_sample that forward skips given a cond_cache: the EVA projection, pool_embed and
+        the cross-attention k, v (encode_cond's, once per batch); for a dropped row its whole cross-attention too."""
+        cfg = self.cfg
+        L, M, D = cfg.grid_size ** 2, cond_tokens or cfg.grid_size ** 2, cfg.dim
+        encoded = 2 * M * cfg.cond_dim * D + 2 * D * D + cfg.n_layers * 2 * M * D * 2 * cfg.kv_heads * cfg.head_dim
+        cross = cfg.n_layers * (2 * L * D * D + 4 * L * M * D + 2 * L * D * D)  # q, scores and values, out
+        return encoded + (cross if dropped else 0)
 
 
 def peak_flops(device_name, dtype):

@@ -180,3 +180,14 @@ def test_t_scale_multiplies_t_in_the_time_embedding():
     x, t, cond = inputs()
     torch.testing.assert_close(tiny_model(t_scale=1000.0)(x, t / 1000, cond), tiny_model(t_scale=1.0)(x, t, cond))
     assert not torch.allclose(tiny_model(t_scale=1000.0)(x, t, cond), tiny_model(t_scale=1.0)(x, t, cond))
+
+
+def test_forward_puts_cudnn_attention_first_and_restores_the_order():
+    from torch.nn.attention import SDPBackend
+    model = tiny_model()
+    before, seen = torch._C._get_sdp_priority_order(), []
+    model.blocks[0].register_forward_pre_hook(lambda *_: seen.append(torch._C._get_sdp_priority_order()))
+    model(*inputs())
+    assert [SDPBackend(b) for b in seen[0][:4]] == [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION,
+                                                    SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+    assert torch._C._get_sdp_priority_order() == before
