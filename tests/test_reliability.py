@@ -6,6 +6,7 @@ README.md's Reliability section); this file holds the rest. Checks that run befo
 process (runpy, same argv as the command line); kills and torchrun run real subprocesses.
 """
 import dataclasses
+import gc
 import io
 import json
 import os
@@ -215,6 +216,7 @@ def test_full_disk_stops_each_stage_before_any_work(data, tmp_path, small_disk, 
     os.symlink(checkpoint_for(str(tmp_path / 'run' / 'ckpt.pt')), os.path.join(small_disk, 'ckpt.pt'))
     message = stops(monkeypatch, 'sample.py', f'--out_dir={small_disk}', f'--val_data={big}', '--device=cpu')
     assert f"out_dir={small_disk!r}: the samples need about {300 * 16 * 8 * 2 + 300:,} bytes, {free}" in message
+    gc.collect()  # the stopped runs' lock files (held open by their frames in this process) close: no busy mount
     subprocess.run(['mount', '-o', 'remount,ro', small_disk], check=True)
     message = stops(monkeypatch, 'sample.py', f'--out_dir={small_disk}', f'--val_data={big}', '--device=cpu')
     assert f"out_dir={small_disk!r} is not writable (Read-only file system" in message
