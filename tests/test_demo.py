@@ -89,8 +89,11 @@ def test_demo_end_to_end_learns_and_reports_both_tasks(tmp_path):
     assert ridge['train_data']['holdout_start'] == 410 and ridge['train_data']['holdout_count'] == 102  # 0.2 of 512
 
     # selection on held-out rows: the grid runs on train's last 102 images, only the chosen cell on val
-    printed = run('sweep.py', f'--train_data={data}/train', *folders, "--methods=('midpoint',)", '--steps=(5,)',
-                  '--cfg_scales=(1.0, 2.0)', f'--ckpts=("{out}/ckpt.pt",)', '--sweep_name=guidance')
+    # sweep.py hands its stages its config files: a second one points eval.py at this test's encoder
+    encoders = tmp_path / 'encoders.py'
+    encoders.write_text(f"clip_pretrained = '{tmp_path}/tiny-clip.pt'\n")
+    printed = run('sweep.py', str(encoders), f'--train_data={data}/train', *folders, "--methods=('midpoint',)",
+                  '--steps=(5,)', '--cfg_scales=(1.0, 2.0)', f'--ckpts=("{out}/ckpt.pt",)', '--sweep_name=guidance')
     table = json.load(open(out / 'guidance.json'))
     assert table['grid_split'] == 'holdout' and [r['split'] for r in table['cells']] == ['holdout', 'holdout']
     assert all(json.load(open(os.path.join(r['samples'], 'eval', 'recall_summary.json')))['data']['start'] == 410
