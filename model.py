@@ -225,13 +225,18 @@ class Block(nn.Module):
 
     def forward(self, x, kv, c, rope, cross_rope, cached=None):
         """cached: this block's entry of CondCache.blocks, which replaces kv."""
-        s1, g1, s2, g2, s3, g3 = self.adaLN(c).unsqueeze(1).chunk(6, dim=-1)
-        h = self.norm1(x, s1)
-        x = torch.addcmul(x, g1.tanh(), self.self_attn(h, rope=rope))  # x + tanh(g1) * attn in one pass
-        h = self.norm2(x, s2)
-        cross = self.cross_attn(h, kv, cross_rope) if cached is None else self.cross_attn.cached(h, cross_rope, *cached)
-        x = torch.addcmul(x, g2.tanh(), cross)
-        return torch.addcmul(x, g3.tanh(), self.ffn(self.norm3(x, s3)))
+        # here, not in DiT.forward: gradient checkpointing's recomputation in the backward must pick the same kernels
+        with sdpa_kernel(SDPA_PRIORITY, set_priority=True):
+            s1, g1, s2, g2, s3, g3 = self.adaLN(c).unsqueeze(1).chunk(6, dim=-1)
+            h = self.norm1(x, s1)
+            x = torch.addcmul(x, g1.tanh(), self.self_attn(h, rope=rope))  # x + tanh(g1) * attn in one pass
+            h = self.norm2(x, s2)
+            if cached is None:
+                cross = self.cross_attn(h, kv, cross_rope)
+            else:
+                cross = self.cross_attn.cached(h, cross_rope, *cached)
+            x = torch.addcmul(x, g2.tanh(), cross)
+            return torch.addcmul(x, g3.tanh(), self.ffn(self.norm3(x, s3)))
 
 
 class TimestepEmbedder(nn.Module):
@@ -313,14 +318,13 @@ class DiT(nn.Module):
         self.check_inputs('forward', B, x=x, t=t, cond=cond, drop_cond=drop_cond)
         pooled = None if cond_cache is None else cond_cache.pooled
         cached = [None] * len(self.blocks) if cond_cache is None else cond_cache.blocks
-        with sdpa_kernel(SDPA_PRIORITY, set_priority=True):  # for training and sampling alike
-            h, kv, c, rope, cross_rope = self.embed(x, t, cond, drop_cond, pooled)
-            for block, cache in zip(self.blocks, cached):
-                if self.cfg.grad_checkpointing and self.training:
-                    h = checkpoint(block, h, kv, c, rope, cross_rope, cache, use_reentrant=False)
-                else:
-                    h = block(h, kv, c, rope, cross_rope, cache)
-            return self.final(h, c)
+        h, kv, c, rope, cross_rope = self.embed(x, t, cond, drop_cond, pooled)
+        for block, cache in zip(self.blocks, cached):
+            if self.cfg.grad_checkpointing and self.training:
+                h = checkpoint(block, h, kv, c, rope, cross_rope, cache, use_reentrant=False)
+            else:
+                h = block(h, kv, c, rope, cross_rope, cache)
+        return self.final(h, c)
 
     def embed(self, x, t, cond, drop_cond, pooled=None):
         """The blocks' inputs: tokens h, projected EVA tokens kv, conditioning vector c, RoPE tables.

@@ -134,33 +134,64 @@ def test_sample_rejects_unknown_method_and_bad_shift():
         flow.sample(lambda x, t: x, torch.zeros(1, 2), shift=0)
 
 
-def tiny_random_dit():
+def tiny_random_dit(**overrides):
+    """Every parameter perturbed: adaLN-Zero's zeros would hide a wrong conditional or null branch."""
     torch.manual_seed(0)
-    model = DiT(DiTConfig(dim=32, n_layers=1, n_heads=2, in_dim=4, cond_dim=6, grid_size=2, cross_rope=False))
-    for p in model.parameters():
-        if p.dim() == 2 and p.abs().sum() == 0:
-            torch.nn.init.normal_(p, std=0.1)
+    model = DiT(DiTConfig(**{**dict(dim=32, n_layers=1, n_heads=2, in_dim=4, cond_dim=6, grid_size=2,
+                                    cross_rope=False), **overrides}))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
     return model
 
 
-def test_guided_scale_one_is_the_conditional_model_in_one_forward():
-    model = tiny_random_dit()
+# the second: grouped-query attention, RoPE on k, 2 blocks; cond tokens on the grid then
+MODELS = [(dict(), 5), (dict(n_layers=2, n_kv_heads=1, cross_rope=True), 4)]
+
+
+def guided_inputs(M):
+    g = torch.Generator().manual_seed(1)
+    return torch.randn(3, 4, 4, generator=g), torch.rand(3, generator=g), torch.randn(3, M, 6, generator=g)
+
+
+@pytest.mark.parametrize('overrides, M', MODELS)
+def test_guided_scale_one_is_the_conditional_model_in_one_forward(overrides, M):
+    model = tiny_random_dit(**overrides)
     calls = []
     model.register_forward_hook(lambda *_: calls.append(1))
-    x, t, cond = torch.randn(3, 4, 4), torch.rand(3), torch.randn(3, 5, 6)
+    x, t, cond = guided_inputs(M)
     torch.testing.assert_close(flow.guided(model, cond, 1.0)(x, t), model(x, t, cond))
     assert len(calls) == 2
 
 
-def test_guided_combines_conditional_and_null_in_one_batched_forward():
-    model = tiny_random_dit()
-    x, t, cond = torch.randn(3, 4, 4), torch.rand(3), torch.randn(3, 5, 6)
+@pytest.mark.parametrize('overrides, M', MODELS)
+@pytest.mark.parametrize('scale', [2.0, 3.0])
+def test_guided_combines_conditional_and_null_in_one_batched_forward(overrides, M, scale):
+    """The old formula from plain forwards: guided's cache and null shortcut change rounding only."""
+    model = tiny_random_dit(**overrides)
+    x, t, cond = guided_inputs(M)
     v_cond = model(x, t, cond)
     v_null = model(x, t, cond, drop_cond=torch.ones(3, dtype=torch.bool))
+    assert (v_cond - v_null).abs().mean() > 0.05  # the condition matters
     calls = []
     model.register_forward_hook(lambda *_: calls.append(1))
-    torch.testing.assert_close(flow.guided(model, cond, 3.0)(x, t), v_null + 3.0 * (v_cond - v_null))
+    torch.testing.assert_close(flow.guided(model, cond, scale)(x, t), v_null + scale * (v_cond - v_null),
+                               atol=1e-5, rtol=1e-5)
     assert len(calls) == 1
+
+
+@pytest.mark.parametrize('overrides, M', MODELS)
+@pytest.mark.parametrize('method, scale', [('midpoint', 2.0), ('euler', 1.0), ('heun', 1.5)])
+def test_sample_through_guided_is_unchanged(overrides, M, method, scale):
+    model = tiny_random_dit(**overrides)
+    x0, _, cond = guided_inputs(M)
+
+    def uncached(x, t):
+        v_cond = model(x, t, cond)
+        v_null = model(x, t, cond, drop_cond=torch.ones(3, dtype=torch.bool))
+        return v_null + scale * (v_cond - v_null)
+    torch.testing.assert_close(flow.sample(flow.guided(model, cond, scale), x0, steps=4, method=method),
+                               flow.sample(uncached, x0, steps=4, method=method), atol=1e-5, rtol=1e-5)
 
 
 def test_tiny_dit_learns_a_conditional_task():

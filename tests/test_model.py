@@ -2,8 +2,11 @@ import warnings
 
 import pytest
 import torch
+from torch.nn.attention import SDPBackend
+from torch.utils.flop_counter import FlopCounterMode
 
-from model import DiT, DiTConfig, apply_rope, grid_positions, rope_tables
+import model as model_module
+from model import SDPA_PRIORITY, DiT, DiTConfig, apply_rope, grid_positions, rope_tables
 
 TINY = dict(dim=64, n_layers=2, n_heads=4, in_dim=8, cond_dim=12, grid_size=4)
 
@@ -182,12 +185,140 @@ def test_t_scale_multiplies_t_in_the_time_embedding():
     assert not torch.allclose(tiny_model(t_scale=1000.0)(x, t, cond), tiny_model(t_scale=1.0)(x, t, cond))
 
 
-def test_forward_puts_cudnn_attention_first_and_restores_the_order():
-    from torch.nn.attention import SDPBackend
-    model = tiny_model()
+@pytest.mark.parametrize('grad_checkpointing', [False, True])
+def test_attention_runs_with_cudnn_first_and_the_order_is_restored(grad_checkpointing):
+    model = tiny_model(grad_checkpointing=grad_checkpointing)
     before, seen = torch._C._get_sdp_priority_order(), []
-    model.blocks[0].register_forward_pre_hook(lambda *_: seen.append(torch._C._get_sdp_priority_order()))
-    model(*inputs())
-    assert [SDPBackend(b) for b in seen[0][:4]] == [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION,
-                                                    SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+    model.blocks[0].self_attn.register_forward_pre_hook(lambda *_: seen.append(torch._C._get_sdp_priority_order()))
+    model(*inputs()).square().mean().backward()
+    assert len(seen) == 1 + grad_checkpointing  # checkpointing's recomputation in the backward, too
+    for order in seen:
+        assert [SDPBackend(b) for b in order[:4]] == SDPA_PRIORITY == [
+            SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
     assert torch._C._get_sdp_priority_order() == before
+
+
+def random_model(seed=0, **overrides):
+    """A tiny DiT with every parameter perturbed: adaLN-Zero's zeros would make cached == plain vacuous."""
+    torch.manual_seed(seed)
+    model = DiT(DiTConfig(**{**TINY, **overrides}))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+    return model
+
+
+TIGHT = dict(atol=1e-5, rtol=1e-5)  # float32 rounding on outputs ~1: the cached path sums in the same order, not the null
+VARIANTS = [dict(cross_rope=cr, qk_norm=qk, n_kv_heads=kv) for cr in (True, False) for qk in (True, False)
+            for kv in (None, 2)]
+DROP = torch.tensor([True, False, False, True, False])
+
+
+@pytest.mark.parametrize('overrides', VARIANTS)
+def test_cached_forward_matches_forward(overrides):
+    model = random_model(**overrides)
+    x, t, cond = inputs(B=5)
+    ref = model(x, t, cond)
+    assert ref.abs().mean() > 0.1  # not a vacuous comparison
+    torch.testing.assert_close(model(x, t, cond_cache=model.encode_cond(cond)), ref, **TIGHT)
+
+
+@pytest.mark.parametrize('overrides', VARIANTS)
+def test_cached_forward_matches_forward_with_dropped_rows(overrides):
+    model = random_model(**overrides)
+    x, t, cond = inputs(B=5)
+    ref = model(x, t, cond, drop_cond=DROP)
+    cache = model.encode_cond(cond, drop_cond=DROP)
+    assert cache.blocks[0][0].shape[0] == 3  # k, v of the kept rows only: the dropped rows take the shortcut
+    out = model(x, t, cond_cache=cache)
+    torch.testing.assert_close(out, ref, **TIGHT)
+    torch.testing.assert_close(out[DROP], model(x, t, model.null_cond.expand_as(cond))[DROP], **TIGHT)
+
+
+def test_cache_is_reused_across_times_and_inputs():
+    model = random_model(n_kv_heads=2)
+    _, _, cond = inputs(B=5)
+    cache = model.encode_cond(cond, DROP)
+    for seed in (2, 3):
+        x, t, _ = inputs(B=5, seed=seed)
+        torch.testing.assert_close(model(x, t, cond_cache=cache), model(x, t, cond, DROP), **TIGHT)
+
+
+def test_all_rows_dropped():
+    model = random_model()
+    x, t, cond = inputs(B=5)
+    drop = torch.ones(5, dtype=torch.bool)
+    torch.testing.assert_close(model(x, t, cond_cache=model.encode_cond(cond, drop)), model(x, t, cond, drop), **TIGHT)
+
+
+@pytest.mark.parametrize('overrides', [dict(), dict(n_kv_heads=2), dict(n_kv_heads=1, qk_norm=False)])
+def test_null_shortcut_is_the_full_attention_over_null_tokens(overrides):
+    """Whatever the queries and the RoPE on k, attention over M copies of one token returns wo of its v."""
+    model = random_model(**overrides)
+    null_kv = model.project_cond(model.null_cond)
+    h = torch.randn(3, 16, 64, generator=torch.Generator().manual_seed(0)) * 3
+    rope = (model.rope_cos[:, None], model.rope_sin[:, None])
+    for block in model.blocks:
+        full = block.cross_attn(h, null_kv.expand(3, 16, -1), rope)
+        torch.testing.assert_close(full, block.cross_attn.constant_out(null_kv).expand_as(full), **TIGHT)
+    drop, cond = torch.ones(3, dtype=torch.bool), torch.randn(3, 16, 12)
+    torch.testing.assert_close(model.encode_cond(cond, drop).pooled,  # and the pooled term
+                               model.pool_embed(model.project_cond(cond, drop).mean(dim=1)), **TIGHT)
+
+
+def test_cached_forward_under_bf16_autocast():
+    model = random_model(n_kv_heads=2)
+    x, t, cond = inputs(B=5)
+    ref = model(x, t, cond, DROP)
+    with torch.autocast('cpu', dtype=torch.bfloat16):
+        low = model(x, t, cond_cache=model.encode_cond(cond, DROP))
+    assert low.dtype == torch.bfloat16
+    err = (low.float() - ref).norm() / ref.norm()
+    assert err < 2e-2, err
+
+
+def test_regional_compile_with_cache_matches_eager():
+    torch._dynamo.reset()
+    model = random_model()
+    x, t, cond = inputs(B=5)
+    cache = model.encode_cond(cond, DROP)
+    ref, ref_plain = model(x, t, cond_cache=cache), model(x, t, cond, DROP)
+    model.compile_blocks()
+    # inductor fuses and reorders float32 sums: 3e-5 seen on these fully random weights
+    torch.testing.assert_close(model(x, t, cond_cache=cache), ref, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(model(x, t, cond, DROP), ref_plain, atol=1e-4, rtol=1e-4)  # and the plain path
+
+
+def test_forward_takes_cond_or_cache():
+    model = random_model()
+    x, t, cond = inputs(B=5)
+    cache = model.encode_cond(cond)
+    for kwargs in (dict(cond=cond, cond_cache=cache), dict(), dict(cond_cache=cache, drop_cond=DROP)):
+        with pytest.raises(ValueError, match='either cond'):
+            model(x, t, **kwargs)
+    with pytest.raises(ValueError, match=r"x should have shape \[5, 16, 8\], got \[4, 16, 8\]"):
+        model(x[:4], t[:4], cond_cache=cache)
+    with pytest.raises(ValueError, match=r"DiT.encode_cond: cond should have shape"):
+        model.encode_cond(cond[:, :15])
+
+
+@pytest.mark.parametrize('overrides, M', [(dict(), 16), (dict(n_kv_heads=2, cross_rope=False), 5)])
+def test_flops_skipped_per_sample_by_hand_and_by_count(overrides, M, monkeypatch):
+    model = random_model(**overrides)
+    cfg, L, D = model.cfg, 16, 64
+    kv_width = cfg.kv_heads * cfg.head_dim
+    encoded = 2 * M * 12 * D + 2 * D * D + 2 * (2 * M * D * 2 * kv_width)  # cond_proj, pool_embed, 2 blocks' k, v
+    cross = 2 * (2 * L * D * D + 4 * L * M * D + 2 * L * D * D)            # 2 blocks' q, scores and values, out
+    assert model.flops_skipped_per_sample(M) == encoded
+    assert model.flops_skipped_per_sample(M, dropped=True) == encoded + cross
+    # and what torch counts: the math kernel's attention matmuls are counted, the CPU flash kernel's are not
+    monkeypatch.setattr(model_module, 'SDPA_PRIORITY', [SDPBackend.MATH])
+    x, t, cond = inputs(B=5, M=M)
+    cache = model.encode_cond(cond, DROP)
+    counts = []
+    for kwargs in (dict(cond=cond, drop_cond=DROP), dict(cond_cache=cache)):
+        with FlopCounterMode(display=False) as counter:
+            model(x, t, **kwargs)
+        counts.append(counter.get_total_flops())
+    assert counts[0] == 5 * model.flops_per_sample(M)
+    assert counts[0] - counts[1] == 3 * encoded + 2 * (encoded + cross)
