@@ -79,10 +79,12 @@ depends_on = {'settings': sampler, 'checkpoint': ckpt['identity'], 'data': targe
 name = data.samples_name(ckpt_path, sample_method, sample_steps, cfg_scale, seed, sample_shift, use_ema, objective,
                          holdout)
 run_dir = os.path.join(out_dir, 'samples', name)
-# stop now, not hours later, on a disk that cannot take the result (less what a killed run already wrote)
+# stop now, not hours later, on a disk that cannot take the result (less what a killed run already wrote; nothing
+# when a finished result is there: start_samples reuses it or refuses)
 partial = os.path.join(run_dir, 'generated.partial.npy')
-data.check_writable(out_dir, int(np.prod(shape)) * 2 + shape[0] - (os.stat(partial).st_blocks * 512 if
-                    os.path.exists(partial) else 0), 'out_dir', 'the samples need')
+needed = 0 if os.path.exists(os.path.join(run_dir, 'generated.npy')) else int(np.prod(shape)) * 2 + shape[0] - (
+    os.stat(partial).st_blocks * 512 if os.path.exists(partial) else 0)
+data.check_writable(out_dir, needed, 'out_dir', 'the samples need')
 run_lock = data.lock(run_dir, 'sample.py') if master_process else None  # one writer per samples folder
 if data.start_samples(run_dir, depends_on, shape, master_process) is None:
     print(f"sample.py: {run_dir}/generated.npy already holds these samples (same checkpoint, data and settings)")
