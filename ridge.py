@@ -122,7 +122,8 @@ def write_generated(folder, shape, rows_fn, depends_on, info, batch_size):
     """folder/generated.npy (float16 `shape`, rows [s, e) from rows_fn(s, e)) and its generated.json, through the
     samples folder's protocol (data.py): reused while depends_on is equal, continued after a kill."""
     t0 = time.time()
-    data.check_writable(folder, math.prod(shape) * 2, 'out_dir', 'the predictions need')
+    done = os.path.exists(os.path.join(folder, 'generated.npy'))  # then start_samples reuses it or refuses
+    data.check_writable(folder, 0 if done else math.prod(shape) * 2, 'out_dir', 'the predictions need')
     with data.lock(folder, 'ridge.py'):
         if data.start_samples(folder, depends_on, shape) is None:
             print(f"ridge: {folder}/generated.npy already holds these predictions")
