@@ -372,6 +372,9 @@ class DiT(nn.Module):
         for torch.compile(model), and the state dict keeps its keys (no `_orig_mod.` prefix). embed and final
         are compiled too (two small graphs): left eager, their ops cost a few % of a small model's compiled step.
         """
+        # static shapes: one new batch size (train.py's last validation batch) would otherwise make every later graph
+        # dynamic in the batch, the training step's too; a static graph per shape keeps the kernels specialized
+        compile_kwargs = {'dynamic': False, **compile_kwargs}
         for block in self.blocks:
             block.compile(**compile_kwargs)
         self.embed = torch.compile(self.embed, **compile_kwargs)

@@ -28,6 +28,11 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_optimizer_state_dict,
+                                                     set_optimizer_state_dict)
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import data
@@ -95,6 +100,10 @@ grad_checkpointing = False  # a runtime choice: may change on resume
 device = 'auto'  # 'auto' = cuda when available, else cpu; under torchrun each rank takes cuda:LOCAL_RANK
 dtype = 'bfloat16' if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else 'float32'
 compile = True
+# 'ddp': every rank holds the whole model, gradients, AdamW state and EMA; 'fsdp': FSDP2 shards them (per Block and
+# at the root; bf16 compute, fp32 gradient reduction) over fsdp_shard_ranks ranks and replicates across the groups
+parallel = 'ddp'
+fsdp_shard_ranks = 0  # 0 = the ranks of one node (LOCAL_WORLD_SIZE): shard within a node, replicate across nodes
 seed = 1337
 # -----------------------------------------------------------------------------
 from configurator import configure  # noqa: E402
@@ -104,14 +113,17 @@ train_data = train_data or os.path.join(data_dir, splits[0])
 val_data = val_data or os.path.join(data_dir, splits[1])
 # -----------------------------------------------------------------------------
 
-if init_from not in ('scratch', 'resume', 'auto') or objective not in ('flow', 'regression'):
+if init_from not in ('scratch', 'resume', 'auto') or objective not in ('flow', 'regression') or \
+        parallel not in ('ddp', 'fsdp'):
     raise SystemExit(f"config error: init_from should be 'scratch', 'resume' or 'auto' (got {init_from!r}), objective "
-                     f"'flow' or 'regression' (got {objective!r})")
+                     f"'flow' or 'regression' (got {objective!r}), parallel 'ddp' or 'fsdp' (got {parallel!r})")
 require_positive(config, 'batch_size', 'gradient_accumulation_steps', 'max_iters', 'eval_interval', 'eval_iters',
                  'log_interval')
 device, rank, local_rank, world_size = init_device(device, dtype)
-ddp = dist.is_initialized()
 device_type = torch.device(device).type
+if parallel == 'fsdp' and not dist.is_initialized():  # one process without torchrun: a group of one
+    dist.init_process_group('nccl' if device_type == 'cuda' else 'gloo', store=dist.HashStore(), rank=0, world_size=1)
+distributed = dist.is_initialized()  # several ranks, or FSDP: collectives
 master_process = rank == 0
 if gradient_accumulation_steps % world_size:
     raise SystemExit(f"config error: gradient_accumulation_steps={gradient_accumulation_steps} (global) must be "
@@ -158,15 +170,43 @@ ema_model = copy.deepcopy(raw_model).float().requires_grad_(False).eval()  # fp3
 if checkpoint:
     raw_model.load_state_dict(data.model_from_checkpoint(checkpoint, 'model', ckpt_path).state_dict())
     ema_model.load_state_dict(checkpoint['ema'])
+model = raw_model.compile_blocks() if compile else raw_model  # regional: compile time flat in depth; then wrap
+if parallel == 'fsdp':  # in place: raw_model and ema_model now hold their shards (DTensors)
+    shard_ranks = fsdp_shard_ranks or int(os.environ.get('LOCAL_WORLD_SIZE', world_size))
+    if world_size % shard_ranks:
+        raise SystemExit(f"config error: fsdp_shard_ranks={shard_ranks} must divide the number of ranks, {world_size}")
+    mesh = init_device_mesh(device_type, (world_size // shard_ranks, shard_ranks), mesh_dim_names=('replicate', 'shard'))
+    for module, param_dtype in ((raw_model, ptdtype), (ema_model, torch.float32)):
+        policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
+        for block in module.blocks:  # one all-gather a block, in turn: only a block at a time is whole
+            fully_shard(block, mesh=mesh, mp_policy=policy)
+        fully_shard(module, mesh=mesh, mp_policy=policy)
+elif distributed:
+    model = DDP(model, device_ids=[local_rank] if device_type == 'cuda' else None)
 params = [p for p in raw_model.parameters() if p.requires_grad]
 optimizer = torch.optim.AdamW(
     [{'params': [p for p in params if p.dim() >= 2], 'weight_decay': weight_decay},  # matrices decay,
      {'params': [p for p in params if p.dim() < 2], 'weight_decay': 0.0}],           # gains and biases not
     lr=learning_rate, betas=(beta1, beta2), fused=True)  # one fused kernel per step, on CUDA and CPU alike
+# the checkpoint numbers AdamW's parameters in this order, as optimizer.state_dict() does; FSDP's state dicts name them
+names = {p: n for n, p in raw_model.named_parameters()}
+optimizer_names = [names[p] for group in optimizer.param_groups for p in group['params']]
 scaler = torch.amp.GradScaler(device_type, enabled=dtype == 'float16')
 iter_num, best_val_loss, samples_seen = 0, float('inf'), 0
+
+
+def renamed(state, keys):
+    """An optimizer state dict with its parameter keys mapped through keys (indices <-> names)."""
+    return {'state': {keys[k]: v for k, v in state['state'].items()},
+            'param_groups': [{**group, 'params': [keys[k] for k in group['params']]} for group in state['param_groups']]}
+
+
 if checkpoint:
-    optimizer.load_state_dict(checkpoint['optimizer'])
+    if parallel == 'fsdp':  # every rank reads the whole state and keeps its shards of it
+        set_optimizer_state_dict(raw_model, optimizer, renamed(checkpoint['optimizer'], optimizer_names),
+                                 options=StateDictOptions(full_state_dict=True))
+    else:
+        optimizer.load_state_dict(checkpoint['optimizer'])
     if checkpoint['scaler']:  # empty when saved by a disabled (non-float16) scaler
         scaler.load_state_dict(checkpoint['scaler'])
     iter_num, best_val_loss = checkpoint['iter_num'], checkpoint['best_val_loss']
@@ -176,10 +216,6 @@ kept = (max_iters // keep_interval - iter_num // keep_interval) if keep_interval
 data.check_writable(out_dir, data.checkpoint_bytes(raw_model.num_params()) * (1 if os.path.exists(ckpt_path) else 2)
                     + kept * data.checkpoint_bytes(raw_model.num_params(), full=False), 'out_dir',
                     f'ckpt.pt (and {kept} kept copies) need')
-model = raw_model.compile_blocks() if compile else raw_model  # regional: compile time flat in depth; then wrap
-if ddp:
-    model = DDP(model, device_ids=[local_rank] if device_type == 'cuda' else None)
-ema_params, model_params = list(ema_model.parameters()), list(raw_model.parameters())
 
 
 def open_split(setting, folder):
@@ -259,7 +295,21 @@ def log_record(record, line):
 def update_ema(step):
     """EMA of the weights, its decay warmed up so early averages are not dominated by the random init."""
     decay = min(ema_decay, (1 + step) / (10 + step))
+    ema_params, model_params = ([p.to_local() if isinstance(p, DTensor) else p for p in m.parameters()]
+                                for m in (ema_model, raw_model))  # what this rank holds: under FSDP its shards
     torch._foreach_lerp_(ema_params, model_params, 1.0 - decay)
+
+
+def eval_batches(n):
+    """This rank's batches of rows 0..n-1 (round-robin over the ranks), each with its weight in the sums. Under
+    FSDP every forward is collective, so every rank runs every round: one with no rows left reruns the round's
+    first batch at weight 0."""
+    for first in range(0, n, world_size * batch_size):
+        rows = np.arange(first + rank * batch_size, min(first + (rank + 1) * batch_size, n))
+        if len(rows):
+            yield rows, 1.0
+        elif parallel == 'fsdp':
+            yield np.arange(first, min(first + batch_size, n)), 0.0
 
 
 @torch.no_grad()
@@ -270,37 +320,59 @@ def evaluate():
     raw_model.eval()
     n_loss, n_gen = min(val_split['count'], eval_iters * batch_size), min(val_split['count'], eval_gen_items)
     sums = torch.zeros(4, dtype=torch.float64, device=device)  # loss raw, loss EMA, token cos, pooled cos
-    for first in range(rank * batch_size, n_loss, world_size * batch_size):
-        rows = np.arange(first, min(first + batch_size, n_loss))
+    for rows, weight in eval_batches(n_loss):
         x1, cond = read_rows(val_split, rows)
         x0 = flow.seeded_noise(seed, rows, x1.shape[1:], device)
         for k, m in enumerate((raw_model, ema_model)):
             with ctx:
-                sums[k] += (F.mse_loss(flow.regress(m, cond, x1.shape).float(), x1, reduction='none').mean((1, 2))
-                            if objective == 'regression' else flow.validation_loss(m, x0, x1, cond, sigma_min)).sum()
-    for first in range(rank * batch_size, n_gen, world_size * batch_size):
-        rows = np.arange(first, min(first + batch_size, n_gen))
+                sums[k] += weight * (
+                    F.mse_loss(flow.regress(m, cond, x1.shape).float(), x1, reduction='none').mean((1, 2))
+                    if objective == 'regression' else flow.validation_loss(m, x0, x1, cond, sigma_min)).sum()
+    for rows, weight in eval_batches(n_gen):
         x1, cond = read_rows(val_split, rows)
-        with ctx:
-            x = flow.generate(ema_model, cond, flow.seeded_noise(seed, rows, x1.shape[1:], device), objective,
-                              steps=eval_gen_steps, method='euler')
+        x0 = flow.seeded_noise(seed, rows, x1.shape[1:], device)
+        with ctx:  # forward calls only (no DiT.encode_cond, which FSDP's hooks do not see): the cached path's result
+            x = (flow.regress(ema_model, cond, x1.shape) if objective == 'regression' else
+                 flow.sample(lambda x, t: ema_model(x, t, cond), x0, eval_gen_steps, 'euler'))
         generated, real = x.float() * clip_std + clip_mean, x1 * clip_std + clip_mean
-        sums[2] += F.cosine_similarity(generated, real, dim=-1).mean(dim=1).sum()
-        sums[3] += F.cosine_similarity(generated.mean(dim=1), real.mean(dim=1), dim=-1).sum()
-    if ddp:
+        sums[2] += weight * F.cosine_similarity(generated, real, dim=-1).mean(dim=1).sum()
+        sums[3] += weight * F.cosine_similarity(generated.mean(dim=1), real.mean(dim=1), dim=-1).sum()
+    if distributed:
         dist.all_reduce(sums)
+    if parallel == 'fsdp':  # a forward without backward leaves the roots' parameters whole: back to the shards
+        raw_model.reshard()
+        ema_model.reshard()
     raw_model.train()
     sums = sums.tolist()
     return {'val_loss': sums[0] / n_loss, 'val_loss_ema': sums[1] / n_loss,
             'gen_token_cosine': sums[2] / n_gen, 'gen_pooled_cosine': sums[3] / n_gen}
 
 
+def state_dicts(keep):
+    """The EMA, model and optimizer state dicts in the checkpoint's format: whole, on rank 0 (model and optimizer
+    None when keep). Under FSDP every rank takes part: one tensor at a time is gathered and moved to rank 0's CPU,
+    so no device ever holds the whole model."""
+    if parallel == 'ddp':
+        return ema_model.state_dict(), raw_model.state_dict(), optimizer.state_dict()
+    whole = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    ema = get_model_state_dict(ema_model, options=whole)
+    if keep:
+        return ema, None, None
+    optim = get_optimizer_state_dict(raw_model, optimizer, options=whole)  # {} off rank 0
+    return ema, get_model_state_dict(raw_model, options=whole), optim and renamed(
+        optim, {name: i for i, name in enumerate(optimizer_names)})
+
+
 def save_checkpoint(path=ckpt_path, keep=False):
-    """Write a checkpoint (format: data.py) atomically; keep=True: the EMA weights only, for sampling."""
-    ckpt = {'ema': ema_model.state_dict(), 'model_args': dataclasses.asdict(model_cfg), 'iter_num': iter_num,
+    """Write a checkpoint (format: data.py) atomically from rank 0 (every rank calls it); keep=True: the EMA
+    weights only, for sampling."""
+    ema, weights, optim = state_dicts(keep)
+    if not master_process:
+        return
+    ckpt = {'ema': ema, 'model_args': dataclasses.asdict(model_cfg), 'iter_num': iter_num,
             'config': config, 'data_stats': data_stats, 'run': run, 'data': trained_on, 'objective': objective}
     if not keep:
-        ckpt.update(model=raw_model.state_dict(), optimizer=optimizer.state_dict(), scaler=scaler.state_dict(),
+        ckpt.update(model=weights, optimizer=optim, scaler=scaler.state_dict(),
                     best_val_loss=best_val_loss, data_position={'samples_seen': samples_seen, 'train_rows': n_train,
                     'epoch': samples_seen // n_train, 'index': samples_seen % n_train},
                     # training draws come from generators seeded by (seed, iter, micro-batch): the seed is the RNG state
@@ -310,7 +382,7 @@ def save_checkpoint(path=ckpt_path, keep=False):
 
 def stop(reason):
     """End every rank with a message; the last good checkpoint stays as it is."""
-    if ddp:
+    if distributed:
         dist.destroy_process_group()
     kept = f"{ckpt_path} (iteration {saved_iter}) is kept" if saved_iter else "no checkpoint was saved yet"
     raise SystemExit(f"{reason}: stopping; {kept}. Check the data for inf/NaN, or lower learning_rate")
@@ -322,7 +394,7 @@ def read_losses():
     if not pending_losses:
         return []
     sums = torch.stack(pending_losses)
-    if ddp:
+    if distributed:
         dist.all_reduce(sums)
     values = (sums / gradient_accumulation_steps).tolist()
     first_iter = iter_num - len(values) + 1
@@ -363,7 +435,7 @@ while True:
     for group in optimizer.param_groups:
         group['lr'] = lr
 
-    if keep_interval and iter_num % keep_interval == 0 and 0 < iter_num != resumed_at and master_process:
+    if keep_interval and iter_num % keep_interval == 0 and 0 < iter_num != resumed_at:
         save_checkpoint(os.path.join(out_dir, f'ckpt_iter{iter_num:06d}.pt'), keep=True)
     # evaluate and save at every eval_interval and at the end (not again at the iteration we resumed from)
     if (iter_num % eval_interval == 0 or iter_num == max_iters) and iter_num != resumed_at:
@@ -378,11 +450,11 @@ while True:
         improved = metrics['val_loss'] < best_val_loss
         best_val_loss = min(best_val_loss, metrics['val_loss'])
         if iter_num > 0 and (improved or always_save_checkpoint):
+            save_checkpoint()
             if master_process:
-                save_checkpoint()
                 print(f"saved {ckpt_path} (iteration {iter_num})")
             saved_iter = iter_num
-            if ddp:
+            if distributed:
                 dist.barrier()
         t0, logged_iter = time.time(), iter_num
     if iter_num >= max_iters:
@@ -391,8 +463,10 @@ while True:
     loss_sum = torch.zeros((), device=device)
     for micro_step in range(micro_steps):
         j = rank * micro_steps + micro_step  # global micro-batch index: the same work whatever the world size
-        if ddp:
+        if isinstance(model, DDP):
             model.require_backward_grad_sync = micro_step == micro_steps - 1  # all-reduce on the last only
+        elif parallel == 'fsdp':  # reduce-scatter every micro-step (sharded gradients); across nodes on the last
+            model.set_requires_all_reduce(micro_step == micro_steps - 1)
         flow_generator.manual_seed(flow.seed_for(seed, iter_num, j))
         with ctx:
             loss = (flow.regression_loss(model, x1, cond) if objective == 'regression' else
@@ -404,8 +478,11 @@ while True:
         next_start = samples_seen + (j + 1 if micro_step + 1 < micro_steps
                                      else gradient_accumulation_steps + rank * micro_steps) * batch_size
         x1, cond = read_rows(train_split, data.stream_rows(seed, n_train, next_start, batch_size))
-    scaler.unscale_(optimizer)
-    grad_norm = torch.nn.utils.clip_grad_norm_(model_params, grad_clip if grad_clip > 0 else float('inf'))
+    scaler.unscale_(optimizer)  # float16 only
+    grad_norm = torch.nn.utils.get_total_norm([p.grad for p in params])
+    grad_norm = grad_norm.full_tensor() if isinstance(grad_norm, DTensor) else grad_norm  # FSDP: already reduced
+    # clipping folded into the fused step, which divides each gradient by grad_scale as it reads it: no pass of its own
+    optimizer.grad_scale = ((grad_norm + 1e-6) / grad_clip).clamp(min=1.0) if grad_clip > 0 else None
     scaler.step(optimizer)
     scaler.update()
     optimizer.zero_grad(set_to_none=True)
@@ -433,5 +510,5 @@ if master_process:
     print(f"done: {iter_num} iterations, best val loss {best_val_loss:.4f}, checkpoint {ckpt_path}")
     if wandb_log:
         wandb.finish()
-if ddp:
+if distributed:
     dist.destroy_process_group()
