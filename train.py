@@ -2,6 +2,7 @@
 
 python train.py config/demo.py                                                  one GPU or the CPU
 torchrun --standalone --nproc_per_node=8 train.py config/dit_large.py           one node (several: see README)
+torchrun --standalone --nproc_per_node=8 train.py config/dit_large.py --parallel=fsdp    sharded (FSDP2)
 torchrun --standalone --nproc_per_node=8 --max-restarts=3 train.py config/dit_large.py --init_from=auto
     survives crashes: 'auto' resumes out_dir/ckpt.pt when it exists (export TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1)
 
@@ -15,6 +16,10 @@ lr, grad norm, samples/s, MFU on CUDA) and per eval (validation loss on a fixed 
 generation check); a resume first drops the records past its checkpoint. val_fraction > 0 validates on the last
 rows of train_data (the held-out slice that also chooses samplers and baselines), never on the reported split.
 objective='regression' trains the same DiT by plain MSE to the target in one forward: the baseline beside B.
+parallel='fsdp' shards weights, gradients, AdamW state and EMA (FSDP2: per Block and at the root, bf16 compute, fp32
+reduction) within a node and replicates them across nodes; its checkpoints are the same whole state dicts (gathered a
+tensor at a time onto rank 0's CPU), so sample.py reads them and a run resumes in either mode. Gradient clipping is
+folded into the fused AdamW step (grad_scale): the norm is the only extra pass.
 """
 import copy
 import dataclasses
@@ -479,7 +484,7 @@ while True:
                                      else gradient_accumulation_steps + rank * micro_steps) * batch_size
         x1, cond = read_rows(train_split, data.stream_rows(seed, n_train, next_start, batch_size))
     scaler.unscale_(optimizer)  # float16 only
-    grad_norm = torch.nn.utils.get_total_norm([p.grad for p in params])
+    grad_norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])  # regression: no null_cond
     grad_norm = grad_norm.full_tensor() if isinstance(grad_norm, DTensor) else grad_norm  # FSDP: already reduced
     # clipping folded into the fused step, which divides each gradient by grad_scale as it reads it: no pass of its own
     optimizer.grad_scale = ((grad_norm + 1e-6) / grad_clip).clamp(min=1.0) if grad_clip > 0 else None

@@ -107,6 +107,36 @@ def test_torchrun_two_ranks_follow_the_single_process_curve(run, data, tmp_path)
     assert records(out, 'eval')[0]['val_loss'] == pytest.approx(records(run, 'eval')[0]['val_loss'], rel=1e-6)
 
 
+def test_fsdp_follows_the_same_curve_and_resumes_across_modes(run, data, tmp_path):
+    """FSDP (2 ranks, sharded) to 10, DDP resumes to 20, hybrid FSDP (2 replicas of 1 shard) to 24, one-process
+    FSDP to 26: every leg on the single-process curve, every checkpoint in the one format."""
+    out, torchrun = str(tmp_path / 'modes'), (sys.executable, '-m', 'torch.distributed.run', '--standalone',
+                                              '--nproc_per_node=2')
+    common = [f'--train_data={data}', '--val_fraction=0.25', f'--out_dir={out}']
+    train(*common, '--max_iters=10', '--parallel=fsdp', launcher=torchrun)
+    ckpt, reference = (torch.load(os.path.join(d, 'ckpt.pt'), weights_only=True) for d in (out, run))
+    assert ckpt['model'].keys() == reference['model'].keys() == ckpt['ema'].keys()
+    assert all(ckpt['model'][k].shape == v.shape and ckpt['model'][k].device.type == 'cpu'
+               for k, v in reference['model'].items())
+    # AdamW's state keyed by parameter index, as optimizer.state_dict() writes it (a DDP resume loads it as is)
+    assert list(ckpt['optimizer']['state']) == list(reference['optimizer']['state'])
+    assert [g['params'] for g in ckpt['optimizer']['param_groups']] == \
+        [g['params'] for g in reference['optimizer']['param_groups']]
+    assert all(ckpt['optimizer']['state'][i]['exp_avg'].shape == state['exp_avg'].shape
+               for i, state in reference['optimizer']['state'].items())
+    train(*common, '--max_iters=20', '--init_from=resume', launcher=torchrun)
+    train(*common, '--max_iters=24', '--init_from=resume', '--parallel=fsdp', '--fsdp_shard_ranks=1', launcher=torchrun)
+    train(*common, '--max_iters=26', '--init_from=resume', '--parallel=fsdp')
+    modes, single = losses(out), losses(run)
+    assert sorted(modes) == list(range(26))
+    np.testing.assert_allclose([modes[i] for i in range(26)], [single[i] for i in range(26)], rtol=1e-5)
+    evals, reference_evals = records(out, 'eval'), records(run, 'eval')
+    assert [r['iter'] for r in evals] == [0, 10, 20, 24, 26]
+    for k in (0, 1, 2):  # iterations 0, 10 and 20: the raw and the EMA weights
+        for key in ('val_loss', 'val_loss_ema', 'gen_token_cosine'):
+            assert evals[k][key] == pytest.approx(reference_evals[k][key], rel=1e-5), (evals[k]['iter'], key)
+
+
 def test_resume_after_sigkill_is_exact(run, data, tmp_path):
     out = str(tmp_path / 'killed')
     args = [sys.executable, 'train.py', *TINY, f'--train_data={data}', '--val_fraction=0.25', f'--out_dir={out}']
