@@ -45,7 +45,7 @@ def bench(folder, out_dir, compiled):
     cmd = [sys.executable, os.path.join(ROOT, 'train.py'), *train_args, f'--train_data={folder}',
            f'--val_data={folder}', f'--out_dir={out_dir}', '--init_from=scratch', '--overwrite=True', f'--compile={compiled}',
            '--max_iters=1000000000', '--eval_interval=1000000000', '--eval_iters=1', '--eval_gen_items=1',
-           '--eval_gen_steps=1', f'--log_interval={bench_log_interval}', '--wandb_log=False']
+           '--eval_gen_steps=1', '--keep_interval=0', f'--log_interval={bench_log_interval}', '--wandb_log=False']
     metrics = os.path.join(out_dir, 'metrics.jsonl')
     with open(os.path.join(out_dir + '.log'), 'w') as log:
         proc = subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
