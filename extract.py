@@ -504,8 +504,8 @@ def write_batch(out, row, arrays, state_path, state):
 
 
 def float16_tokens(x):
-    """(x as float16, values beyond +-65504 stored as it; peak |x| per image; values beyond float16 per image), on
-    x's device: nothing here waits for it."""
+    """(x as float16, values beyond float16 stored as +-65504; peak |x| per image; count of values beyond float16
+    per image), on x's device: nothing here waits for it."""
     x = x.float()
     peak = x.abs().flatten(1).amax(1)
     over = (x.abs() > FLOAT16_MAX).flatten(1).sum(1)
