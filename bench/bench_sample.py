@@ -79,6 +79,7 @@ def generate(model, cond, x0, steps, method, shift, scale):
 
 
 def seconds(start):
+    """Wall seconds since start, the device's queued work included."""
     synchronize(device)
     return time.perf_counter() - start
 
