@@ -42,6 +42,7 @@ import collections
 import contextlib
 import hashlib
 import io
+import itertools
 import json
 import math
 import os
@@ -59,6 +60,7 @@ from PIL import Image
 from tqdm import tqdm
 
 import data
+from model import cast_for_autocast
 
 # -----------------------------------------------------------------------------
 # source
@@ -288,11 +290,32 @@ class Images(torch.utils.data.Dataset):
 
 @dataclass
 class Encoder:
-    """An image encoder: transform (PIL -> tensor) and forward (pixels -> patch tokens, pooled or None)."""
-    transform: Callable
+    """An image encoder: crop (PIL -> uint8 [3, H, W], in the DataLoader workers), normalize (uint8 crops on the
+    device -> pixels) and forward (pixels -> patch tokens, pooled or None)."""
+    crop: Callable
+    mean: torch.Tensor  # [3, 1, 1] float32, Normalize's; on the device once built
+    std: torch.Tensor
     forward: Callable
     spec: dict = field(default_factory=dict)  # model, pretrained, tokens, dim (+ embed_dim for clip)
     dtype: torch.dtype = torch.float32  # forward's autocast dtype
+
+    def normalize(self, crops):
+        """The pixels the whole transform gives, from its crops: ToTensor's x / 255, then Normalize's (x - mean) /
+        std, the same ops in the same order (the same float32 values), on the crops' device."""
+        return crops.float().div_(255).sub_(self.mean).div_(self.std)
+
+
+def split_transform(role, transform):
+    """open_clip's eval transform (Resize, CenterCrop, RGB, ToTensor, Normalize) -> Encoder's crop, mean, std: the
+    workers send uint8 crops, 4x fewer bytes than float32 pixels, and the device normalizes them."""
+    from torchvision import transforms
+    steps = getattr(transform, 'transforms', [])
+    if len(steps) < 2 or not isinstance(steps[-2], transforms.ToTensor) or not isinstance(steps[-1],
+                                                                                         transforms.Normalize):
+        raise SystemExit(f"{role}: extract.py expects an image transform ending in ToTensor, Normalize; got "
+                         f"{transform}")
+    mean, std = (torch.tensor(v, dtype=torch.float32).view(-1, 1, 1) for v in (steps[-1].mean, steps[-1].std))
+    return transforms.Compose([*steps[:-2], transforms.PILToTensor()]), mean, std
 
 
 def open_clip_encoder(role, name, pretrained):
@@ -331,7 +354,7 @@ def open_clip_encoder(role, name, pretrained):
     else:
         raise SystemExit(f"{role}_model={name!r}: extract.py reads patch tokens from open_clip ViT towers"
                          f"{' or timm towers' if role == 'eva' else ''}, not {type(visual).__name__}")
-    return Encoder(transform, forward), visual
+    return Encoder(*split_transform(role, transform), forward), visual
 
 
 def hf_encoder(role, name, weight_dtype):
@@ -359,7 +382,7 @@ def hf_encoder(role, name, weight_dtype):
     def forward(x):
         out = vision(pixel_values=x.to(weight_dtype))
         return getattr(out, 'last_hidden_state', out[0])[:, 1:], None
-    return Encoder(transform, forward), vision
+    return Encoder(*split_transform(role, transform), forward), vision
 
 
 def build_encoder(role, name, pretrained, device, ptdtype, grid_size):
@@ -369,7 +392,10 @@ def build_encoder(role, name, pretrained, device, ptdtype, grid_size):
     else:
         encoder, module = open_clip_encoder(role, name, pretrained)
     module.to(device)
-    x = encoder.transform(Image.new('RGB', (64, 64), (127, 127, 127)))[None].to(device)
+    if device.type == 'cuda':  # the weights autocast would cast at every batch, once (the same values)
+        cast_for_autocast(module, ptdtype)
+    encoder.mean, encoder.std = encoder.mean.to(device), encoder.std.to(device)
+    x = encoder.normalize(encoder.crop(Image.new('RGB', (64, 64), (127, 127, 127)))[None].to(device))
     with torch.no_grad(), autocast(device, ptdtype):
         tokens, pooled = encoder.forward(x)
     if tokens.shape[1] != grid_size ** 2:
@@ -477,11 +503,18 @@ def write_batch(out, row, arrays, state_path, state):
     data.write_json(state_path, state)
 
 
-def float16_tokens(x, files, role, dtype, clamp):
-    """(x as float16, values beyond float16 per image, peak |x| per image); SystemExit naming the first image
-    whose features are non-finite, or beyond float16 unless clamp: then they are stored as +-65504."""
+def float16_tokens(x):
+    """(x as float16, values beyond float16 stored as +-65504; peak |x| per image; count of values beyond float16
+    per image), on x's device: nothing here waits for it."""
     x = x.float()
     peak = x.abs().flatten(1).amax(1)
+    over = (x.abs() > FLOAT16_MAX).flatten(1).sum(1)
+    return x.clamp_(-FLOAT16_MAX, FLOAT16_MAX).half(), peak, over
+
+
+def check_float16(peak, files, role, dtype, clamp):
+    """SystemExit naming the first image whose features (peak |x| per image, on the host) are non-finite, or beyond
+    float16 unless clamp: then they are stored as +-65504."""
     bad = ~torch.isfinite(peak) | (peak > FLOAT16_MAX) & (not clamp)
     if bad.any():
         j = int(bad.nonzero()[0])
@@ -489,8 +522,6 @@ def float16_tokens(x, files, role, dtype, clamp):
         problem = (f'non-finite{hint}' if not torch.isfinite(peak[j])
                    else f'up to {peak[j]:.4g}, beyond float16 (65504), the storage dtype')
         raise SystemExit(f"{role.upper()} features of {files[j]} are {problem}; stopping")
-    over = (x.abs() > FLOAT16_MAX).flatten(1).sum(1) if clamp and (peak > FLOAT16_MAX).any() else torch.zeros(len(x))
-    return x.clamp_(-FLOAT16_MAX, FLOAT16_MAX).half(), over.long().tolist(), peak.tolist()
 
 # --- one split --------------------------------------------------------------------------------------
 
@@ -561,62 +592,81 @@ def assign_rows(listing, out, clip, eva, batch_size, num_workers):
 
 def encode_rows(listing, out, clip, eva, device, state, mine, first_row, batch_size, num_workers):
     """Phase 3: encode this rank's images not yet done and write their rows; returns images/s."""
-    rank = rank_world()[0]
+    rank, cuda = rank_world()[0], device.type == 'cuda'
     files, keys = listing['files'], listing['keys']
     done, sums, sumsq = state['rows_done'], np.array(state['clip_sum']), np.array(state['clip_sumsq'])
     clamped, clamped_files = state['eva_clamped_values'], list(state['eva_clamped_files'])
     todo = mine[done:]
     probe = Image.fromarray(np.random.default_rng(0).integers(0, 256, (251, 317, 3), dtype=np.uint8))
-    shared = torch.equal(clip.transform(probe), eva.transform(probe))  # e.g. both 224 px, OpenAI mean/std: once
-    transforms = [clip.transform] if shared else [clip.transform, eva.transform]
-    images = Images([keys[i] for i in todo], listing['load'], transforms)
-    loader = torch.utils.data.DataLoader(images, batch_size=batch_size, num_workers=num_workers,
-                                         pin_memory=device.type == 'cuda')
-    t0, pending = time.time(), collections.deque()
+    shared = torch.equal(clip.crop(probe), eva.crop(probe))  # e.g. both 224 px: decoded and cropped once
+    images = Images([keys[i] for i in todo], listing['load'], [clip.crop] if shared else [clip.crop, eva.crop])
+    loader = torch.utils.data.DataLoader(images, batch_size=batch_size, num_workers=num_workers, pin_memory=cuda)
+
+    @torch.no_grad()
+    def launch(crops):
+        """A batch's device work, queued and not waited for: both towers on the crops (one [both] or [clip's,
+        eva's]), float16 tokens, the checks' values and the stats, all copied into (pinned) host tensors; and the
+        event after them (None on the CPU)."""
+        crops = [x.to(device, non_blocking=True) for x in crops]
+        with autocast(device, clip.dtype):
+            clip_tokens, clip_cls = clip.forward(clip.normalize(crops[0]))
+        with autocast(device, eva.dtype):
+            eva_tokens, _ = eva.forward(eva.normalize(crops[-1]))
+        clip16, clip_peak, _ = float16_tokens(clip_tokens)
+        eva16, eva_peak, eva_over = float16_tokens(eva_tokens)
+        cls32 = clip_cls.float()
+        c = clip16.double()  # stats of the stored float16 values, accumulated in float64
+        results = {'clip.npy': clip16, 'eva.npy': eva16, 'clip_cls.npy': cls32, 'clip_peak': clip_peak,
+                   'eva_peak': eva_peak, 'eva_over': eva_over, 'cls_finite': torch.isfinite(cls32).all(1),
+                   'sum': c.sum((0, 1)), 'sumsq': (c * c).sum((0, 1))}
+        # pinned: a pageable copy from the GPU runs several times slower, and would wait for the batch
+        host = {k: torch.empty(x.shape, dtype=x.dtype, pin_memory=cuda).copy_(x, non_blocking=True)
+                for k, x in results.items()}
+        ready = torch.cuda.Event() if cuda else None
+        if cuda:
+            ready.record()
+        return host, ready
+
+    t0, pending, queued = time.time(), collections.deque(), None
     with tqdm(total=len(mine), initial=done, unit='img', desc=f"{listing['source']['split']} encode",
               disable=rank != 0) as bar, ThreadPoolExecutor(1) as writer:  # one thread: batches land in order
-        for ks, *pixels in loader:  # pixels: [both] or [clip's, eva's]
-            batch_files = [files[todo[k]] for k in ks.tolist()]
-            x_clip = pixels[0].to(device, non_blocking=True)
-            x_eva = x_clip if shared else pixels[1].to(device, non_blocking=True)
-            with torch.no_grad():
-                with autocast(device, clip.dtype):
-                    clip_tokens, clip_cls = clip.forward(x_clip)
-                with autocast(device, eva.dtype):
-                    eva_tokens, _ = eva.forward(x_eva)
-            # CLIP targets are ln_post outputs: beyond float16 means a broken tower, and a clamped target is a
-            # wrong one. EVA's last hidden state can be pre-norm with a few huge channels (EVA-CLIP-8B): the DiT
-            # RMS-normalizes each token, where a value clamped to 65504 still dominates as the true one did.
-            # Per value, so a row does not depend on batch, rank or resume (a scale fitted on a first batch
-            # would, and could still overflow later); the clamped values are counted in meta.json.
-            clip16, _, _ = float16_tokens(clip_tokens, batch_files, 'clip', clip.dtype, clamp=False)
-            eva16, over, peak = float16_tokens(eva_tokens, batch_files, 'eva', eva.dtype, clamp=True)
-            for f, n, p in zip(batch_files, over, peak):
-                if n and len(clamped_files) < CLAMPED_LISTED:
-                    clamped_files.append(f)
-                    tqdm.write(f"warning: {n} EVA values of {f} (up to {p:.4g}) are beyond float16: stored as "
-                               f"+-65504")
-            clamped += sum(over)
-            cls32 = clip_cls.float()
-            if not torch.isfinite(cls32).all():
-                raise SystemExit(f"CLIP embedding of {batch_files[int((~torch.isfinite(cls32)).any(1).nonzero()[0])]} "
-                                 f"is non-finite; stopping")
-            c = clip16.double()  # stats of the stored float16 values, accumulated in float64
-            sums += c.sum((0, 1)).cpu().numpy()
-            sumsq += (c * c).sum((0, 1)).cpu().numpy()
-            host = {f: torch.empty(x.shape, dtype=x.dtype, pin_memory=device.type == 'cuda').copy_(x, non_blocking=True)
-                    for f, x in (('clip.npy', clip16), ('eva.npy', eva16), ('clip_cls.npy', cls32))}
-            if device.type == 'cuda':  # pinned: a pageable copy from the GPU runs several times slower
-                torch.cuda.current_stream(device).synchronize()
-            arrays = {f: x.numpy() for f, x in host.items()}
-            state.update(rows_done=done + len(ks), clip_sum=sums.tolist(), clip_sumsq=sumsq.tolist(),
-                         eva_clamped_values=clamped, eva_clamped_files=list(clamped_files))
-            pending.append(writer.submit(write_batch, out, first_row + done, arrays, state_file(out, rank),
-                                         dict(state)))
-            if len(pending) > 1:  # at most one batch waits for the disk: bounded memory
-                pending.popleft().result()
-            done += len(ks)
-            bar.update(len(ks))
+        # software pipeline: batch k + 1 is queued on the device before batch k is waited for, checked and written
+        for batch in itertools.chain(loader, [None]):  # None: finishes the last batch
+            launched = None if batch is None else (batch[0], *launch(batch[1:]))
+            if queued is not None:
+                ks, host, ready = queued
+                if ready is not None:
+                    ready.synchronize()  # batch k's copies only; batch k + 1 keeps the device busy meanwhile
+                batch_files = [files[todo[k]] for k in ks.tolist()]
+                # CLIP targets are ln_post outputs: beyond float16 means a broken tower, and a clamped target is a
+                # wrong one. EVA's last hidden state can be pre-norm with a few huge channels (EVA-CLIP-8B): the
+                # DiT RMS-normalizes each token, where a value clamped to 65504 still dominates as the true one
+                # did. Per value, so a row does not depend on batch, rank or resume (a scale fitted on a first
+                # batch would, and could still overflow later); the clamped values are counted in meta.json.
+                check_float16(host['clip_peak'], batch_files, 'clip', clip.dtype, clamp=False)
+                check_float16(host['eva_peak'], batch_files, 'eva', eva.dtype, clamp=True)
+                over = host['eva_over'].tolist()
+                for f, n, p in zip(batch_files, over, host['eva_peak'].tolist()):
+                    if n and len(clamped_files) < CLAMPED_LISTED:
+                        clamped_files.append(f)
+                        tqdm.write(f"warning: {n} EVA values of {f} (up to {p:.4g}) are beyond float16: stored as "
+                                   f"+-65504")
+                clamped += sum(over)
+                if not host['cls_finite'].all():
+                    raise SystemExit(f"CLIP embedding of {batch_files[int((~host['cls_finite']).nonzero()[0])]} "
+                                     f"is non-finite; stopping")
+                sums += host['sum'].numpy()
+                sumsq += host['sumsq'].numpy()
+                state.update(rows_done=done + len(ks), clip_sum=sums.tolist(), clip_sumsq=sumsq.tolist(),
+                             eva_clamped_values=clamped, eva_clamped_files=list(clamped_files))
+                arrays = {f: host[f].numpy() for f in ARRAYS}
+                pending.append(writer.submit(write_batch, out, first_row + done, arrays, state_file(out, rank),
+                                             dict(state)))
+                if len(pending) > 1:  # at most one batch waits for the disk: bounded memory
+                    pending.popleft().result()
+                done += len(ks)
+                bar.update(len(ks))
+            queued = launched
         for future in pending:
             future.result()
     return len(todo) / max(time.time() - t0, 1e-9)

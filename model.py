@@ -420,6 +420,19 @@ def peak_flops(device_name, dtype):
     return None if peak is None else peak / (2 if dtype == torch.float32 else 1)
 
 
+def cast_for_autocast(module, dtype):
+    """Cast in place, once, the weights and biases that autocast casts to dtype at every call anyway: those of Linear
+    and Conv layers and MultiheadAttention's input projection. The same rounding, so under autocast the outputs stay
+    the same; norms and other parameters keep their dtype (autocast keeps them too). Returns module."""
+    for layer in module.modules():
+        if isinstance(layer, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.MultiheadAttention)):
+            for name in ('weight', 'bias', 'in_proj_weight', 'in_proj_bias', 'q_proj_weight', 'k_proj_weight',
+                         'v_proj_weight'):
+                if isinstance(getattr(layer, name, None), torch.Tensor):
+                    getattr(layer, name).data = getattr(layer, name).data.to(dtype)
+    return module
+
+
 def autocast(device, dtype):
     """A stage's compute context: autocast to 'bfloat16' or 'float16' on the device's type; none for 'float32'."""
     if dtype == 'float32':

@@ -23,7 +23,7 @@ from tqdm import tqdm
 import data
 import flow
 from configurator import configure, require_positive
-from model import autocast, init_device
+from model import autocast, cast_for_autocast, init_device
 
 # -----------------------------------------------------------------------------
 out_dir = 'out'                # writes out_dir/samples/<name>/generated.npy and generated.json
@@ -59,6 +59,8 @@ ddp, master_process, ctx = dist.is_initialized(), rank == 0, autocast(device, dt
 ckpt = data.load_checkpoint(ckpt_path)
 objective = ckpt.get('objective', 'flow')
 model = data.model_from_checkpoint(ckpt, 'ema' if use_ema else 'model', ckpt_path).to(device).eval()
+if dtype != 'float32':  # the weights autocast would cast at every call, cast once: the same values
+    cast_for_autocast(model, getattr(torch, dtype))
 model = model.compile_blocks() if compile else model
 device_type = torch.device(device).type
 meta, target = data.open_target(holdout, train_data, val_data, val_fraction, ('eva',))

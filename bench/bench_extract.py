@@ -1,8 +1,9 @@
 """Benchmark extract.py: images/s of the two encoders' forward and of the whole per-split pipeline.
 
 Prints one JSON line. encode: both encoders on ready pixel tensors (what the GPU can do); pipeline:
-list_split + extract_split on synthetic images (drawn and preprocessed by DataLoader workers, rows written
-to the memmaps, state file after each batch), the model build excluded. With source='webdataset' the same
+list_split + extract_split on synthetic images (drawn and cropped by DataLoader workers, normalized on the device,
+rows written to the memmaps, state file after each batch), the model build excluded; pipeline_vs_encode: their
+ratio (1 = the device never waits for the host). With source='webdataset' the same
 images are first written as JPEG samples (quality 95, with .txt captions) into tar shards in a temporary
 folder, untimed; the pipeline then indexes the shards' headers and reads every image from them, twice (the
 decode check, then the encoding), as extract.py does.
@@ -118,5 +119,5 @@ print(json.dumps({'bench': 'extract', 'device': torch.cuda.get_device_name() if 
                   'eva_tokens': [eva.spec['tokens'], eva.spec['dim']],
                   'num_workers': num_workers, 'build_s': round(build_s, 1),
                   'encode_images_per_s': round(encode, 1), 'pipeline_images_per_s': round(pipeline, 1),
-                  'pipeline_images': images, 'list_s': round(list_s, 2),
+                  'pipeline_vs_encode': round(pipeline / encode, 3), 'pipeline_images': images, 'list_s': round(list_s, 2),
                   'peak_gpu_gb': round(torch.cuda.max_memory_allocated() / 1e9, 1) if device.type == 'cuda' else None}))

@@ -7,7 +7,10 @@ its CPU time, this process's and its C++ compilers' (steadier than wall time on 
 this process, one thread).
 
 python bench/bench_model.py [config/file.py] [--key=value]   e.g. bench/bench_model.py config/dit_large.py --batch_size=64
+`attention` forces one SDPA backend for the A/B of the kernels ('auto' = model.SDPA_PRIORITY, the model's order).
+
 python bench/bench_model.py config/demo.py --compile=True --compile_mode=full
+python bench/bench_model.py config/dit_large.py --compile=True --batch_size=64 --attention=flash   # GPU: the A/B
 """
 import dataclasses
 import functools
@@ -20,7 +23,8 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from configurator import configure  # noqa: E402
-from model import DiT, DiTConfig, autocast, peak_flops  # noqa: E402
+from torch.nn.attention import SDPBackend  # noqa: E402
+from model import SDPA_PRIORITY, DiT, DiTConfig, autocast, peak_flops  # noqa: E402
 
 # bench settings, then every DiTConfig field as a setting
 batch_size = 8
@@ -28,6 +32,7 @@ dtype = 'bfloat16'  # 'bfloat16' | 'float16' | 'float32' (autocast; weights stay
 compile = False
 compile_mode = 'regional'  # 'regional': DiT.compile_blocks() | 'full': torch.compile(model)
 compile_cache = False      # reuse inductor's on-disk caches (then first_step_s is no longer a cold compile)
+attention = 'auto'         # SDPA backend: 'auto' (model.SDPA_PRIORITY) | 'cudnn' | 'flash' | 'efficient' | 'math'
 device = 'auto'
 warmup_steps = 3
 steps = 10
@@ -89,6 +94,13 @@ if __name__ == '__main__':
     config = configure(globals())
     device = ('cuda' if torch.cuda.is_available() else 'cpu') if device == 'auto' else device
     ptdtype = getattr(torch, dtype)
+    backends = {'cudnn': SDPBackend.CUDNN_ATTENTION, 'flash': SDPBackend.FLASH_ATTENTION,
+                'efficient': SDPBackend.EFFICIENT_ATTENTION, 'math': SDPBackend.MATH}
+    if attention not in ('auto', *backends) or attention not in ('auto', 'math') and not device.startswith('cuda'):
+        raise SystemExit(f"attention should be 'auto' or 'math' on the CPU, or one of 'cudnn', 'flash', 'efficient' "
+                         f"on CUDA; got {attention!r} on {device}")
+    if attention != 'auto':  # Block.forward reads this list at every call: that one backend, or an error
+        SDPA_PRIORITY[:] = [backends[attention]]
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     cfg = DiTConfig(**{f.name: config[f.name] for f in dataclasses.fields(DiTConfig)})
     torch.manual_seed(0)
@@ -122,7 +134,7 @@ if __name__ == '__main__':
     print(json.dumps({
         'bench': 'model', 'device': name, 'dim': cfg.dim, 'n_layers': cfg.n_layers, 'n_heads': cfg.n_heads,
         'params': model.num_params(), 'batch_size': batch_size, 'dtype': dtype, 'compile': compile,
-        'compile_mode': compile_mode if compile else None, 'first_step_s': round(first_step, 2),
+        'compile_mode': compile_mode if compile else None, 'attention': attention, 'first_step_s': round(first_step, 2),
         'first_step_cpu_s': round(first_step_cpu, 2),
         'ms_per_step': round(1000 * seconds, 2), 'samples_per_s': round(batch_size / seconds, 2),
         'tokens_per_s': round(batch_size * cfg.grid_size ** 2 / seconds, 1), 'train_flops_per_sample': 3 * flops_per_sample,

@@ -1,7 +1,13 @@
-"""Benchmark sampling: samples/s for a DiT config and step count, and sample quality against steps.
+"""Benchmark sampling: samples/s and COCO val2017's time for a DiT config, and sample quality against steps.
 
 Throughput: a randomly initialized DiT of the config's size (no checkpoint needed: speed does not depend on the
-weights), random EVA tokens, sample.py's sampler (batched, bf16 autocast on CUDA), best batch of the timed ones.
+weights), random EVA tokens, sample.py's path: the weights cast once to the compute dtype (autocast on CUDA),
+compile_blocks when `compile`, flow.generate with the condition encoded once a batch, batches of sample_batch_size
+(sample.py pads the last one to it when compiled). One JSON line without guidance and one at guided_cfg_scale:
+start-up (model build on the device, compile and first batch) apart; the mean of the timed batches after it, and
+that times ceil(coco_images / batch) batches; executed TFLOP/s and MFU counting the FLOPs the cached forward runs
+(DiT.flops_per_sample less flops_skipped_per_sample per row and call, the null half's less its whole
+cross-attention, plus encode_cond once a batch), against model.peak_flops (none on the CPU).
 Quality: a trained checkpoint (ckpt_path, EMA weights) on the first quality_samples rows of val_data: cosine and
 relative L2 error (standardized space) between samples at quality_steps and a reference_steps Heun solution from
 the same noise, for each of quality_methods on each time grid of quality_shifts (flow.time_grid); the curve goes to
@@ -9,13 +15,15 @@ out_dir/bench_sample_quality.png (with matplotlib).
 
 python bench/bench_sample.py config/demo.py                                # CPU: demo DiT, quality on the demo run
 python bench/bench_sample.py config/demo.py --quality_methods="('heun', 'midpoint')" --quality_shifts="(1.0, 2.0)"
-python bench/bench_sample.py config/dit_large.py --quality=False           # GPU: dit_large throughput
+python bench/bench_sample.py config/dit_large.py --quality=False --sample_batch_size=128   # GPU: COCO-5K figures
 """
 import dataclasses
 import json
+import math
 import os
 import platform
 import sys
+import time
 
 import numpy as np
 import torch
@@ -24,16 +32,20 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import data  # noqa: E402
 import flow  # noqa: E402
-from bench_model import seconds_per_call  # noqa: E402
-from model import DiT, DiTConfig, autocast  # noqa: E402
+from bench_model import seconds_per_call, synchronize  # noqa: E402
+from model import DiT, DiTConfig, autocast, cast_for_autocast, peak_flops  # noqa: E402
 
 # -----------------------------------------------------------------------------
 # throughput: the DiT of these settings (DiTConfig fields; defaults = dit_large)
 globals().update({f.name: f.default for f in dataclasses.fields(DiTConfig)})
 sample_method, sample_steps = 'midpoint', 10  # sample.py's default sampler
-sample_shift, cfg_scale = 1.0, 1.0
+sample_shift = 1.0
+guided_cfg_scale = 2.0  # throughput: timed at 1.0 and at this (guidance runs the null half too)
+cfg_scale = 1.0  # quality
 sample_batch_size = 64
-throughput_batches = 3
+throughput_batches = 3  # timed batches, after the start-up's first one
+coco_images = 5000  # COCO val2017: the time for this many images, ceil(coco_images / batch) batches
+compile = torch.cuda.is_available()  # DiT.compile_blocks(), as sample.py
 # quality: a trained run
 quality = True
 out_dir = 'out'
@@ -61,36 +73,67 @@ ctx = autocast(device, dtype)
 
 
 @torch.no_grad()
-def generate(model, cond, x0, steps, method, shift=1.0):
+def generate(model, cond, x0, steps, method, shift, scale):
     with ctx:
-        return flow.sample(flow.guided(model, cond, cfg_scale), x0, steps, method, shift).float()
+        return flow.generate(model, cond, x0, 'flow', steps, method, shift, scale).float()
+
+
+def seconds(start):
+    """Wall seconds since start, the device's queued work included."""
+    synchronize(device)
+    return time.perf_counter() - start
 
 
 # throughput
 cfg = DiTConfig(**{f.name: globals()[f.name] for f in dataclasses.fields(DiTConfig)})
 g = torch.Generator().manual_seed(seed)
-model = DiT(cfg).to(device).eval()
 L = cfg.grid_size ** 2
 cond = torch.randn(sample_batch_size, L, cfg.cond_dim, generator=g).to(device)
 x0 = torch.randn(sample_batch_size, L, cfg.in_dim, generator=g).to(device)
-generate(model, cond, x0, 1, sample_method, sample_shift)  # warm-up: kernels, allocator
-times = [seconds_per_call(lambda: generate(model, cond, x0, sample_steps, sample_method, sample_shift), 1, device)
-         for _ in range(throughput_batches)]
-calls = flow.model_calls(sample_method, sample_steps, cfg_scale)
-result = {'bench': 'sample', 'device': device,
-          'machine': (torch.cuda.get_device_name() if device_type == 'cuda'
-                else f"{platform.machine()}, {os.cpu_count()} cpus"),
-          'dtype': dtype if device_type == 'cuda' else 'float32', 'torch_threads': torch.get_num_threads(),
-          'model': {k: getattr(cfg, k) for k in ('dim', 'n_layers', 'n_heads', 'in_dim', 'cond_dim', 'grid_size')},
-          'params': model.num_params(), 'sample_method': sample_method, 'sample_steps': sample_steps,
-          'sample_shift': sample_shift, 'cfg_scale': cfg_scale, 'batch': sample_batch_size,
-          'model_batch_forwards': calls,
-          'samples_per_s': round(sample_batch_size / min(times), 2), 'batch_s': [round(t, 3) for t in times],
-          'model_tflops_per_s': round(calls * sample_batch_size * model.flops_per_sample() / min(times) / 1e12, 3)}
-del model
+machine = torch.cuda.get_device_name() if device_type == 'cuda' else f"{platform.machine()}, {os.cpu_count()} cpus"
+peak = peak_flops(machine, getattr(torch, dtype)) if device_type == 'cuda' else None
+for scale in dict.fromkeys((1.0, guided_cfg_scale)):
+    torch._dynamo.reset()  # each scale compiles from scratch, as a sample.py run does
+    start = time.perf_counter()
+    with torch.device(device):  # sample.py loads a checkpoint instead; this builds on the device, no download
+        model = DiT(cfg).eval()
+    if dtype != 'float32':
+        cast_for_autocast(model, getattr(torch, dtype))
+    model = model.compile_blocks() if compile else model
+    build_s = seconds(start)
+    start = time.perf_counter()
+    generate(model, cond, x0, sample_steps, sample_method, sample_shift, scale)
+    first_s = seconds(start)  # holds the compilation
+    times = [seconds_per_call(lambda: generate(model, cond, x0, sample_steps, sample_method, sample_shift, scale),
+                              1, device) for _ in range(throughput_batches)]
+    batch_s = sum(times) / len(times)
+    # FLOPs run a row: each forward skips what encode_cond ran once a batch; a null row also its cross-attention
+    calls, full, encoded = flow.model_calls(sample_method, sample_steps), model.flops_per_sample(), \
+        model.flops_skipped_per_sample()
+    per_row = calls * (full - encoded) + encoded
+    if scale != 1.0:
+        per_row += calls * (full - model.flops_skipped_per_sample(dropped=True))
+    batches = math.ceil(coco_images / sample_batch_size)
+    print(json.dumps({
+        'bench': 'sample', 'device': device, 'machine': machine, 'dtype': dtype,
+        'torch_threads': torch.get_num_threads(),
+        'model': {k: getattr(cfg, k) for k in ('dim', 'n_layers', 'n_heads', 'in_dim', 'cond_dim', 'grid_size')},
+        'params': model.num_params(), 'sample_method': sample_method, 'sample_steps': sample_steps,
+        'sample_shift': sample_shift, 'cfg_scale': scale, 'batch': sample_batch_size, 'compile': compile,
+        'model_batch_forwards': flow.model_calls(sample_method, sample_steps, scale),
+        'startup_s': round(build_s + first_s, 2), 'build_s': round(build_s, 2), 'first_batch_s': round(first_s, 2),
+        'batch_s': [round(t, 3) for t in times], 'samples_per_s': round(sample_batch_size / batch_s, 2),
+        'coco_images': coco_images, 'coco_batches': batches, 'coco_s': round(batches * batch_s, 1),
+        'coco_s_with_startup': round(batches * batch_s + build_s + first_s, 1),
+        'executed_gflops_per_batch': round(sample_batch_size * per_row / 1e9, 3),
+        'executed_tflops_per_s': round(sample_batch_size * per_row / batch_s / 1e12, 4), 'peak_tflops': peak and round(peak / 1e12),
+        'mfu_executed': peak and round(sample_batch_size * per_row / batch_s / peak, 4)}))
+    del model
+    if device_type == 'cuda':
+        torch.cuda.empty_cache()
 
 # quality against steps
-result['quality'] = None
+result = {'bench': 'sample_quality', 'quality': None}
 eva_path = os.path.join(val_data, 'eva.npy')
 if quality and not (os.path.exists(ckpt_path) and os.path.exists(eva_path)):
     result['quality_note'] = (f"skipped: needs a trained checkpoint {ckpt_path} and its data {eva_path} "
@@ -104,13 +147,13 @@ elif quality:
     cond = torch.from_numpy(np.asarray(eva[:n], dtype=np.float32)).to(device)
     x0 = torch.randn(n, qcfg.grid_size ** 2, qcfg.in_dim, generator=g).to(device)
     # compared in the model's standardized space: de-standardized, the channel means would inflate every cosine
-    ref = generate(model, cond, x0, reference_steps, 'heun')
+    ref = generate(model, cond, x0, reference_steps, 'heun', 1.0, cfg_scale)
     curve = {}
     for method, shift in [(m, s) for s in quality_shifts for m in quality_methods]:
         label = method if shift == 1.0 else f"{method}-shift{shift:g}"
         curve[label] = {}
         for steps in quality_steps:
-            x = generate(model, cond, x0, steps, method, shift)
+            x = generate(model, cond, x0, steps, method, shift, cfg_scale)
             curve[label][steps] = {
                 'model_calls': flow.model_calls(method, steps, cfg_scale),
                 'token_cosine': round(float(F.cosine_similarity(x, ref, dim=-1).mean()), 6),
@@ -137,4 +180,5 @@ elif quality:
         result['quality']['plot'] = plot_path
     except ImportError:
         pass
-print(json.dumps(result))
+if quality:
+    print(json.dumps(result))

@@ -125,6 +125,64 @@ def test_folder_tokens_equal_open_clip_patch_tokens(folder_run, image_folder, we
     assert meta['clip']['pretrained'] == weights['tiny-clip']
 
 
+def old_way_arrays(images, batch_size, encoders):
+    """clip.npy, eva.npy, clip_cls.npy as extract.py computed them before the uint8 crops: each encoder's whole
+    open_clip transform per image in float32, batches of batch_size, open_clip's tower, float16 by clamp and round."""
+    arrays = {'clip': [], 'eva': [], 'clip_cls': []}
+    for s in range(0, len(images), batch_size):
+        for role, (model, transform) in encoders.items():
+            cls, tokens = reference_tokens(model, transform, images[s:s + batch_size])
+            arrays[role].append(np.clip(tokens, -65504, 65504).astype(np.float16))
+            arrays['clip_cls'] += [cls] if role == 'clip' else []
+    return {name: np.concatenate(rows) for name, rows in arrays.items()}
+
+
+def test_arrays_are_bytes_of_the_whole_transforms_and_towers(folder_run, image_folder, weights, tmp_path):
+    """uint8 crops normalized after the DataLoader, the software pipeline, the writes: every stored byte as the old
+    way, with one preprocessing for both encoders (both 64 px) and with two (the EVA stand-in at 48 px)."""
+    arrays, meta, _ = load_folder(folder_run)
+    images = [Image.open(os.path.join(image_folder, 'set', f)).convert('RGB') for f in meta['files']]
+    encoders = {role: open_clip_model(f'tiny-{role}', weights[f'tiny-{role}']) for role in ('clip', 'eva')}
+    for name, expected in old_way_arrays(images, 4, encoders).items():
+        assert arrays[name].tobytes() == expected.tobytes(), name
+
+    import open_clip
+    config = json.load(open(os.path.join(ROOT, 'config', 'encoders', 'tiny-eva.json')))
+    config['vision_cfg'].update(image_size=48, patch_size=12)  # the same 4 x 4 grid from other crops
+    os.makedirs(tmp_path / 'encoders')
+    json.dump(config, open(tmp_path / 'encoders' / 'tiny-eva-48.json', 'w'))
+    open_clip.add_model_config(str(tmp_path / 'encoders'))
+    run_extract(*TINY, '--source=synthetic', "--splits=('val',)", "--synthetic_counts={'val': 6}",
+                '--synthetic_image_size=64', '--clip_pretrained=', '--eva_model=tiny-eva-48', f'--data_dir={tmp_path}')
+    arrays, _, _ = load_folder(tmp_path / 'val')
+    sys.path.insert(0, ROOT)
+    import demo
+    images = [demo.synthetic_image(0, 'val', 64, i) for i in range(6)]
+    encoders = {'clip': open_clip_model('tiny-clip'), 'eva': open_clip_model('tiny-eva-48')}
+    assert encoders['eva'][1](images[0]).shape[-1] == 48
+    for name, expected in old_way_arrays(images, 4, encoders).items():
+        assert arrays[name].tobytes() == expected.tobytes(), name
+
+
+@pytest.mark.parametrize('dtype', [torch.float16, torch.bfloat16])
+def test_towers_cast_once_give_the_same_tokens_under_autocast(weights, dtype, monkeypatch):
+    """On CUDA build_encoder casts the weights autocast casts anyway (model.cast_for_autocast): the same tokens.
+    Checked under CPU autocast with MultiheadAttention's fast path off, as CUDA autocast turns it off (CPU autocast
+    does not, and the fast path then runs on the cast weights)."""
+    import extract
+    from model import cast_for_autocast
+    monkeypatch.setattr(torch.backends.mha, 'get_fastpath_enabled', lambda: False)
+    x = torch.randn(3, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    for role in ('clip', 'eva'):
+        (plain, _), (cast, tower) = (extract.open_clip_encoder(role, f'tiny-{role}', weights[f'tiny-{role}'])
+                                     for _ in range(2))
+        cast_for_autocast(tower, dtype)
+        assert tower.conv1.weight.dtype == dtype and tower.ln_post.weight.dtype == torch.float32
+        with torch.no_grad(), torch.autocast('cpu', dtype=dtype):
+            for ref, out in zip(plain.forward(x), cast.forward(x)):
+                assert out.dtype == dtype and torch.equal(out, ref), role
+
+
 def test_corrupt_images_are_skipped_and_recorded(folder_run):
     arrays, meta, captions = load_folder(folder_run)
     assert meta['files'] == ['a.jpg', 'b.png', 'c_gray.png', 'd_rgba.png', os.path.join('sub', 'e.jpg')]

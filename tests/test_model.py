@@ -1,3 +1,4 @@
+import copy
 import warnings
 
 import pytest
@@ -5,8 +6,9 @@ import torch
 from torch.nn.attention import SDPBackend
 from torch.utils.flop_counter import FlopCounterMode
 
+import flow
 import model as model_module
-from model import SDPA_PRIORITY, DiT, DiTConfig, apply_rope, grid_positions, rope_tables
+from model import SDPA_PRIORITY, DiT, DiTConfig, apply_rope, cast_for_autocast, grid_positions, rope_tables
 
 TINY = dict(dim=64, n_layers=2, n_heads=4, in_dim=8, cond_dim=12, grid_size=4)
 
@@ -275,6 +277,23 @@ def test_cached_forward_under_bf16_autocast():
     assert low.dtype == torch.bfloat16
     err = (low.float() - ref).norm() / ref.norm()
     assert err < 2e-2, err
+
+
+@pytest.mark.parametrize('dtype', [torch.bfloat16, torch.float16])
+def test_weights_cast_once_sample_bit_identically_under_autocast(dtype):
+    """sample.py's cast_for_autocast: the linears in the compute dtype, everything else as it was, and the sampler's
+    output under autocast bit for bit the uncast model's, with and without guidance."""
+    model = random_model(n_kv_heads=2).eval()
+    cast = cast_for_autocast(copy.deepcopy(model), dtype)
+    linears = {id(m.weight) for m in cast.modules() if isinstance(m, torch.nn.Linear)}
+    assert linears and all((p.dtype == dtype) == (id(p) in linears or name.endswith('.bias'))
+                           for name, p in cast.named_parameters())
+    x, _, cond = inputs(B=5)
+    for cfg_scale in (1.0, 2.0):
+        with torch.autocast('cpu', dtype=dtype):
+            ref = flow.generate(model, cond, x, steps=3, cfg_scale=cfg_scale)
+            out = flow.generate(cast, cond, x, steps=3, cfg_scale=cfg_scale)
+        assert torch.equal(out, ref), cfg_scale
 
 
 def test_regional_compile_with_cache_matches_eager():
