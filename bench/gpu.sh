@@ -5,7 +5,8 @@
 # H200 seconds per step (estimates from the last lent run: 226 s for steps 1, 3 and eval) in brackets:
 # 1. compiled dit_large training step (forward + backward, bf16): MFU at the largest batch that fits      [~70]
 # 2. the same step with attention forced to cuDNN, then flash: the kernel A/B (CPU smoke: math, eager)   [2 x ~55]
-# 3. the whole train.py step at that batch (data, optimizer, EMA, logging): overhead over step 1         [~60]
+# 3. the whole train.py step at that batch (data, optimizer, EMA, logging), parallel='ddp' and 'fsdp':
+#    overhead over step 1                                                                                 [~100]
 # 4. sample.py's path at COCO val2017 scale (5,000 images): midpoint 10 steps without and with guidance,
 #    compiled; start-up apart; MFU on the FLOPs executed                                                  [~110]
 # 5. extract.py's pipeline against the two towers' forward (ViT-L-14-quickgelu + EVA02-E-14-plus, random
@@ -42,14 +43,11 @@ for attention in $ATTENTION; do  # step 1 ran 'auto' (model.SDPA_PRIORITY: cuDNN
   LIMIT=$AB_LIMIT run bench/bench_model.py "$CONFIG" --batch_size="$batch" --attention="$attention" "${DEV[@]}" \
       "${AB[@]}" 2>/tmp/gpu_bench_attention.err | grep "^{" || failed "model attention=$attention" /tmp/gpu_bench_attention.err
 done
-train=$(run bench/bench_train.py "$CONFIG" --compile=True --batch_size="$batch" --gradient_accumulation_steps=2 \
-         --bench_warmup=3 --bench_iters=5 "${DEV[@]}" | tail -n 1)
-echo "$train"
-"$PY" -c 'import json, sys
-model, train = json.loads(sys.argv[1]), json.loads(sys.argv[2])["runs"][0]
-step = 2 * model["ms_per_step"]  # two micro-steps of forward + backward
-print(json.dumps({"bench": "train_overhead", "batch_size": model["batch_size"], "train_ms_per_iter": train["ms_per_iter"],
-                  "model_ms_for_two_micro_steps": step, "overhead": train["ms_per_iter"] / step - 1}))' "$model" "$train"
+# both parallel modes (FSDP over a group of one: its machinery's cost); overhead against step 1's ms/step
+step_ms=$("$PY" -c 'import json, sys; print(json.loads(sys.argv[1])["ms_per_step"])' "$model")
+run bench/bench_train.py "$CONFIG" --compile=True --batch_size="$batch" --gradient_accumulation_steps=2 \
+    --bench_warmup=3 --bench_iters=5 --model_ms_per_step="$step_ms" "${DEV[@]}" 2>/tmp/gpu_bench_train.err \
+    | grep "^{" || failed train /tmp/gpu_bench_train.err
 
 # one line without guidance, one with (bench_sample.py's guided_cfg_scale)
 LIMIT=$SAMPLE_LIMIT run bench/bench_sample.py "$CONFIG" --quality=False --compile=True "${SAMPLE[@]}" "${DEV[@]}" \
