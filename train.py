@@ -207,9 +207,10 @@ def renamed(state, keys):
 
 
 if checkpoint:
-    if parallel == 'fsdp':  # every rank reads the whole state and keeps its shards of it
+    if parallel == 'fsdp':  # every rank reads the whole state and keeps its shards of it; a parameter that never had
+        # a gradient (regression's null_cond) has no state, as optimizer.load_state_dict allows
         set_optimizer_state_dict(raw_model, optimizer, renamed(checkpoint['optimizer'], optimizer_names),
-                                 options=StateDictOptions(full_state_dict=True))
+                                 options=StateDictOptions(full_state_dict=True, strict=False))
     else:
         optimizer.load_state_dict(checkpoint['optimizer'])
     if checkpoint['scaler']:  # empty when saved by a disabled (non-float16) scaler

@@ -137,6 +137,19 @@ def test_fsdp_follows_the_same_curve_and_resumes_across_modes(run, data, tmp_pat
             assert evals[k][key] == pytest.approx(reference_evals[k][key], rel=1e-5), (evals[k]['iter'], key)
 
 
+def test_fsdp_resumes_a_regression_run_whose_null_token_has_no_optimizer_state(data, tmp_path):
+    """The regression objective never uses null_cond: AdamW holds no state for it, which FSDP's loader must accept."""
+    out = str(tmp_path / 'fsdp')
+    common = [f'--train_data={data}', '--val_fraction=0.25', '--objective=regression']
+    train(*common, f'--out_dir={out}', '--max_iters=10', '--parallel=fsdp')
+    shutil.copytree(out, str(tmp_path / 'ddp'))
+    for mode in ('fsdp', 'ddp'):
+        train(*common, f'--out_dir={tmp_path / mode}', '--max_iters=12', '--init_from=resume', f'--parallel={mode}')
+    fsdp, ddp = losses(out), losses(str(tmp_path / 'ddp'))
+    assert sorted(fsdp) == sorted(ddp) == list(range(12))
+    np.testing.assert_allclose([fsdp[i] for i in (10, 11)], [ddp[i] for i in (10, 11)], rtol=1e-6)
+
+
 def test_resume_after_sigkill_is_exact(run, data, tmp_path):
     out = str(tmp_path / 'killed')
     args = [sys.executable, 'train.py', *TINY, f'--train_data={data}', '--val_fraction=0.25', f'--out_dir={out}']
