@@ -19,6 +19,7 @@ TINY = ['--dim=32', '--n_layers=2', '--n_heads=2', '--in_dim=8', '--cond_dim=12'
         '--eval_interval=10', '--eval_iters=4', '--eval_gen_items=4', '--eval_gen_steps=2', '--log_interval=1',
         '--learning_rate=3e-3', '--warmup_iters=5', '--lr_decay_iters=100', '--min_lr=3e-4', '--ema_decay=0.9']
 ITERS = 30
+TORCHRUN = (sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2')
 
 
 def train(*args, launcher=(sys.executable,), check=True):
@@ -100,7 +101,7 @@ def test_keep_interval_keeps_small_sampling_checkpoints(run):
 def test_torchrun_two_ranks_follow_the_single_process_curve(run, data, tmp_path):
     out = str(tmp_path / 'ddp')
     train(f'--train_data={data}', '--val_fraction=0.25', f'--out_dir={out}', '--max_iters=8',
-          launcher=(sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2'))
+          launcher=TORCHRUN)
     single, ddp = losses(run), losses(out)
     assert sorted(ddp) == list(range(8))
     np.testing.assert_allclose([ddp[i] for i in range(8)], [single[i] for i in range(8)], rtol=1e-5)
@@ -110,10 +111,9 @@ def test_torchrun_two_ranks_follow_the_single_process_curve(run, data, tmp_path)
 def test_fsdp_follows_the_same_curve_and_resumes_across_modes(run, data, tmp_path):
     """FSDP (2 ranks, sharded) to 10, DDP resumes to 20, hybrid FSDP (2 replicas of 1 shard) to 24, one-process
     FSDP to 26: every leg on the single-process curve, every checkpoint in the one format."""
-    out, torchrun = str(tmp_path / 'modes'), (sys.executable, '-m', 'torch.distributed.run', '--standalone',
-                                              '--nproc_per_node=2')
+    out = str(tmp_path / 'modes')
     common = [f'--train_data={data}', '--val_fraction=0.25', f'--out_dir={out}']
-    train(*common, '--max_iters=10', '--parallel=fsdp', launcher=torchrun)
+    train(*common, '--max_iters=10', '--parallel=fsdp', launcher=TORCHRUN)
     ckpt, reference = (torch.load(os.path.join(d, 'ckpt.pt'), weights_only=True) for d in (out, run))
     assert ckpt['model'].keys() == reference['model'].keys() == ckpt['ema'].keys()
     assert all(ckpt['model'][k].shape == v.shape and ckpt['model'][k].device.type == 'cpu'
@@ -124,8 +124,8 @@ def test_fsdp_follows_the_same_curve_and_resumes_across_modes(run, data, tmp_pat
         [g['params'] for g in reference['optimizer']['param_groups']]
     assert all(ckpt['optimizer']['state'][i]['exp_avg'].shape == state['exp_avg'].shape
                for i, state in reference['optimizer']['state'].items())
-    train(*common, '--max_iters=20', '--init_from=resume', launcher=torchrun)
-    train(*common, '--max_iters=24', '--init_from=resume', '--parallel=fsdp', '--fsdp_shard_ranks=1', launcher=torchrun)
+    train(*common, '--max_iters=20', '--init_from=resume', launcher=TORCHRUN)
+    train(*common, '--max_iters=24', '--init_from=resume', '--parallel=fsdp', '--fsdp_shard_ranks=1', launcher=TORCHRUN)
     train(*common, '--max_iters=26', '--init_from=resume', '--parallel=fsdp')
     modes, single = losses(out), losses(run)
     assert sorted(modes) == list(range(26))
