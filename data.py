@@ -244,6 +244,11 @@ def target(meta, folder, start=0, count=None):
             'count': meta['count'] - start if count is None else count}
 
 
+def split_folders(data_dir, splits, train_data='', val_data=''):
+    """(train_data, val_data): data_dir/<split> for each, unless a config names the folder itself."""
+    return train_data or os.path.join(data_dir, splits[0]), val_data or os.path.join(data_dir, splits[1])
+
+
 def holdout_range(count, val_fraction, folder):
     """(start, count) of a training folder's held-out slice: its last round(count * val_fraction) rows."""
     n = round(count * val_fraction)

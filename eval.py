@@ -556,16 +556,16 @@ def plot(eval_dir, sims, recalls, intervals, k_values, labels, common):
 
 if __name__ == '__main__':
     from configurator import configure, require_positive
+    from runtime import resolve_device
     config = configure(globals())
-    val_data = val_data or os.path.join(data_dir, splits[1])
-    train_data = train_data or os.path.join(data_dir, splits[0])
+    train_data, val_data = data.split_folders(data_dir, splits, train_data, val_data)
     task_list = [t.strip() for t in tasks.split(',') if t.strip()]
     if not task_list or set(task_list) - {'alignment', 'recall'}:
         raise SystemExit(f"eval.py: tasks should be a comma list of 'alignment' and 'recall', got {tasks!r}")
     k_values = sorted(set(k_values))
     if not k_values or any(not isinstance(k, int) or k < 1 for k in k_values):
         raise SystemExit(f"eval.py: k_values should be positive integers, got {config['k_values']!r}")
-    device = ('cuda' if torch.cuda.is_available() else 'cpu') if device == 'auto' else device
+    device = resolve_device(device)
     t_start = time.time()
 
     require_positive(config, 'eval_batch_size')

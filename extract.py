@@ -60,7 +60,7 @@ from PIL import Image
 from tqdm import tqdm
 
 import data
-from model import cast_for_autocast
+from runtime import autocast, cast_for_autocast, resolve_device
 
 # -----------------------------------------------------------------------------
 # source
@@ -413,9 +413,6 @@ def build_encoder(role, name, pretrained, device, ptdtype, grid_size):
     return encoder
 
 
-def autocast(device, ptdtype):
-    return torch.autocast(device_type=device.type, dtype=ptdtype, enabled=ptdtype != torch.float32)
-
 # --- processes, files -------------------------------------------------------------------------------
 
 
@@ -732,8 +729,7 @@ if __name__ == '__main__':
     if int(os.environ.get('RANK', -1)) != -1:  # torchrun: gloo carries only small objects; ranks may finish far apart
         dist.init_process_group('gloo', timeout=timedelta(hours=12))
     rank, world = rank_world()
-    if device == 'auto':
-        device = 'cuda' if torch.cuda.is_available() else 'cpu'
+    device = resolve_device(device)
     if device == 'cuda' and world > 1:
         device = f"cuda:{os.environ.get('LOCAL_RANK', 0)}"
     device = torch.device(device)

@@ -138,14 +138,14 @@ def write_generated(folder, shape, rows_fn, depends_on, info, batch_size):
 
 if __name__ == '__main__':
     from configurator import configure
+    from runtime import resolve_device
     config = configure(globals())
-    train_data = train_data or os.path.join(data_dir, splits[0])
-    val_data = val_data or os.path.join(data_dir, splits[1])
+    train_data, val_data = data.split_folders(data_dir, splits, train_data, val_data)
     if not ridge_lambdas or not all(isinstance(v, (int, float)) and v > 0 for v in ridge_lambdas) \
             or ridge_batch_size < 1 or ridge_rows < 0:
         raise SystemExit(f"ridge.py: ridge_lambdas should be positive numbers (got {ridge_lambdas!r}), "
                          f"ridge_batch_size positive (got {ridge_batch_size}), ridge_rows >= 0 (got {ridge_rows})")
-    device = ('cuda' if torch.cuda.is_available() else 'cpu') if device == 'auto' else device
+    device = resolve_device(device)
     t_start = time.time()
     train = data.open_folder(train_data, arrays=('clip', 'eva'), setting='train_data')
     val = data.open_folder(val_data, arrays=('eva',), setting='val_data')

@@ -23,7 +23,7 @@ from tqdm import tqdm
 import data
 import flow
 from configurator import configure, require_positive
-from model import autocast, cast_for_autocast, init_device
+from runtime import autocast, cast_for_autocast, init_device
 
 # -----------------------------------------------------------------------------
 out_dir = 'out'                # writes out_dir/samples/<name>/generated.npy and generated.json
@@ -46,7 +46,7 @@ device = 'auto'                # 'auto' = cuda when available, else cpu; under t
 dtype = 'bfloat16' if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else 'float32'  # autocast on CUDA
 # -----------------------------------------------------------------------------
 config = configure(globals())
-train_data, val_data = train_data or os.path.join(data_dir, splits[0]), val_data or os.path.join(data_dir, splits[1])
+train_data, val_data = data.split_folders(data_dir, splits, train_data, val_data)
 ckpt_path = ckpt_path or os.path.join(out_dir, 'ckpt.pt')
 # -----------------------------------------------------------------------------
 

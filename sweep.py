@@ -292,7 +292,7 @@ if __name__ == '__main__':
     from configurator import configure, require_positive
     config = configure(globals())
     config_files = [a for a in sys.argv[1:] if not a.startswith('--')]
-    train_data, val_data = train_data or os.path.join(data_dir, splits[0]), val_data or os.path.join(data_dir, splits[1])
+    train_data, val_data = data.split_folders(data_dir, splits, train_data, val_data)
     check_grid(methods, steps, cfg_scales, shifts)
     require_positive(config, 'select_top')
     seed_list = tuple(seeds) or (seed,)

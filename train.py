@@ -43,7 +43,8 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 import data
 import flow
 from configurator import require_positive
-from model import DiT, DiTConfig, autocast, init_device, peak_flops
+from model import DiT, DiTConfig
+from runtime import autocast, init_device, peak_flops
 
 # -----------------------------------------------------------------------------
 # I/O
@@ -114,8 +115,7 @@ seed = 1337
 from configurator import configure  # noqa: E402
 config = configure(globals())
 config_files = ' '.join(a for a in sys.argv[1:] if not a.startswith('--')) or '<your config>'
-train_data = train_data or os.path.join(data_dir, splits[0])
-val_data = val_data or os.path.join(data_dir, splits[1])
+train_data, val_data = data.split_folders(data_dir, splits, train_data, val_data)
 # -----------------------------------------------------------------------------
 
 if init_from not in ('scratch', 'resume', 'auto') or objective not in ('flow', 'regression') or \

@@ -19,7 +19,8 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from bench_model import backward_step, random_inputs, seconds_per_call  # noqa: E402
 from configurator import configure  # noqa: E402
-from model import DiT, DiTConfig, autocast  # noqa: E402
+from model import DiT, DiTConfig  # noqa: E402
+from runtime import autocast  # noqa: E402
 
 # bench settings, then every DiTConfig field as a setting
 batch_size = 8

@@ -24,7 +24,8 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from configurator import configure  # noqa: E402
 from torch.nn.attention import SDPBackend  # noqa: E402
-from model import SDPA_PRIORITY, DiT, DiTConfig, autocast, peak_flops  # noqa: E402
+from model import SDPA_PRIORITY, DiT, DiTConfig  # noqa: E402
+from runtime import autocast, peak_flops  # noqa: E402
 
 # bench settings, then every DiTConfig field as a setting
 batch_size = 8

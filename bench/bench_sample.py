@@ -7,7 +7,7 @@ compile_blocks when `compile`, flow.generate with the condition encoded once a b
 start-up (model build on the device, compile and first batch) apart; the mean of the timed batches after it, and
 that times ceil(coco_images / batch) batches; executed TFLOP/s and MFU counting the FLOPs the cached forward runs
 (DiT.flops_per_sample less flops_skipped_per_sample per row and call, the null half's less its whole
-cross-attention, plus encode_cond once a batch), against model.peak_flops (none on the CPU).
+cross-attention, plus encode_cond once a batch), against runtime.peak_flops (none on the CPU).
 Quality: a trained checkpoint (ckpt_path, EMA weights) on the first quality_samples rows of val_data: cosine and
 relative L2 error (standardized space) between samples at quality_steps and a reference_steps Heun solution from
 the same noise, for each of quality_methods on each time grid of quality_shifts (flow.time_grid); the curve goes to
@@ -33,7 +33,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import data  # noqa: E402
 import flow  # noqa: E402
 from bench_model import seconds_per_call, synchronize  # noqa: E402
-from model import DiT, DiTConfig, autocast, cast_for_autocast, peak_flops  # noqa: E402
+from model import DiT, DiTConfig  # noqa: E402
+from runtime import autocast, cast_for_autocast, peak_flops  # noqa: E402
 
 # -----------------------------------------------------------------------------
 # throughput: the DiT of these settings (DiTConfig fields; defaults = dit_large)

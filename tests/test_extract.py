@@ -166,11 +166,11 @@ def test_arrays_are_bytes_of_the_whole_transforms_and_towers(folder_run, image_f
 
 @pytest.mark.parametrize('dtype', [torch.float16, torch.bfloat16])
 def test_towers_cast_once_give_the_same_tokens_under_autocast(weights, dtype, monkeypatch):
-    """On CUDA build_encoder casts the weights autocast casts anyway (model.cast_for_autocast): the same tokens.
+    """On CUDA build_encoder casts the weights autocast casts anyway (runtime.cast_for_autocast): the same tokens.
     Checked under CPU autocast with MultiheadAttention's fast path off, as CUDA autocast turns it off (CPU autocast
     does not, and the fast path then runs on the cast weights)."""
     import extract
-    from model import cast_for_autocast
+    from runtime import cast_for_autocast
     monkeypatch.setattr(torch.backends.mha, 'get_fastpath_enabled', lambda: False)
     x = torch.randn(3, 3, 64, 64, generator=torch.Generator().manual_seed(0))
     for role in ('clip', 'eva'):

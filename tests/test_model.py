@@ -8,7 +8,8 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import flow
 import model as model_module
-from model import SDPA_PRIORITY, DiT, DiTConfig, apply_rope, cast_for_autocast, grid_positions, rope_tables
+from model import SDPA_PRIORITY, DiT, DiTConfig, apply_rope, grid_positions, rope_tables
+from runtime import cast_for_autocast
 
 TINY = dict(dim=64, n_layers=2, n_heads=4, in_dim=8, cond_dim=12, grid_size=4)
 

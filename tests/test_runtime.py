@@ -3,7 +3,7 @@ import re
 import pytest
 import torch
 
-from model import init_device
+from runtime import init_device
 
 
 @pytest.fixture(autouse=True)
