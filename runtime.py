@@ -1,6 +1,7 @@
 """Where a stage runs and in what precision: the device rule, torchrun's process group, autocast, the weights cast
-once for it, and the peak FLOP/s that MFU divides by. Every stage takes these from here."""
+once for it, the peak FLOP/s that MFU divides by, and a rank's clean end. Every stage takes these from here."""
 import os
+import sys
 from contextlib import nullcontext
 from datetime import timedelta
 
@@ -75,3 +76,23 @@ def init_device(device, dtype):
     dist.init_process_group(backend='nccl' if cuda else 'gloo', timeout=timedelta(minutes=30),
                             device_id=torch.device(device) if cuda else None)
     return device, rank, local_rank, world_size
+
+
+def end_process_group(code=0, message=None):
+    """A torchrun rank's last call, made by every rank: wait for the others, tear the group down and end the
+    process with code (message, if any, to stderr first). Without a group it returns: the caller exits as usual.
+
+    It ends the process with os._exit, not by returning: gloo's worker threads outlive destroy_process_group (FSDP
+    and DDP keep the groups alive), and one may still be freeing the last collective's work (a barrier holding the
+    all-gather before it, whose tensors are Python objects). Freeing them takes the GIL; once the interpreter is
+    finalizing, CPython ends such a thread inside a C++ destructor and the finished rank dies of SIGABRT. Without
+    finalization there is no such race; the run's files are closed and renamed before this call."""
+    if not dist.is_initialized():
+        return
+    if message:
+        print(message, file=sys.stderr)
+    dist.barrier()
+    dist.destroy_process_group()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)

@@ -44,7 +44,7 @@ import data
 import flow
 from configurator import require_positive
 from model import DiT, DiTConfig
-from runtime import autocast, init_device, peak_flops
+from runtime import autocast, end_process_group, init_device, peak_flops
 
 # -----------------------------------------------------------------------------
 # I/O
@@ -387,11 +387,11 @@ def save_checkpoint(path=ckpt_path, keep=False):
 
 
 def stop(reason):
-    """End every rank with a message; the last good checkpoint stays as it is."""
-    if distributed:
-        dist.destroy_process_group()
+    """End every rank (all reach this together) with a message and exit code 1; the last good checkpoint stays."""
     kept = f"{ckpt_path} (iteration {saved_iter}) is kept" if saved_iter else "no checkpoint was saved yet"
-    raise SystemExit(f"{reason}: stopping; {kept}. Check the data for inf/NaN, or lower learning_rate")
+    message = f"{reason}: stopping; {kept}. Check the data for inf/NaN, or lower learning_rate"
+    end_process_group(1, message)
+    raise SystemExit(message)
 
 
 def read_losses():
@@ -516,5 +516,4 @@ if master_process:
     print(f"done: {iter_num} iterations, best val loss {best_val_loss:.4f}, checkpoint {ckpt_path}")
     if wandb_log:
         wandb.finish()
-if distributed:
-    dist.destroy_process_group()
+end_process_group()  # every rank: barrier, group torn down, exit 0 (runtime.py says why not by returning)
