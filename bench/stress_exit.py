@@ -36,7 +36,7 @@ def busy():
 def run_phase(folder, out_dir, args):
     command = [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2',
                'train.py', *TINY, f'--train_data={folder}', f'--out_dir={out_dir}', *args]
-    env = {**os.environ, 'OMP_NUM_THREADS': '1'}
+    env = {**os.environ, 'OMP_NUM_THREADS': '1', 'PYTHONFAULTHANDLER': '1'}  # a crash names its threads
     return subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600, env=env)
 
 
