@@ -33,6 +33,9 @@ import torch.nn.functional as F
 
 SCORE_CHUNK_ELEMENTS = 1 << 24  # scores per image chunk (64 MB of float32; three such buffers at once)
 DIRECTIONS = ('image_to_text', 'text_to_image')
+RESAMPLED = ('images, each with all its captions (alignment means and both recall directions; '
+             'text->image recall as the ratio of the drawn images\' caption hit sums to their caption '
+             'counts); the same draws for every method and task, so B - A and B - baseline are paired')
 TIES = ('never for the query: competitors whose embedding equals the best correct item\'s stand in a '
         'uniformly random order with it and recall is the expectation over that order (a constant '
         'embedding scores exactly chance); a different embedding with exactly the same score counts '
@@ -196,8 +199,11 @@ def bootstrap_ci(sums, counts, samples, seed, batch=100):
     Per unit (an image: its image->text hit rates and 1, or its captions' cosine or text->image
     hit sums and their count), sums [U, M] and counts [U]. Every column, and every call with the
     same seed and U, sees the same draws, so a column of B - A gives a paired interval.
+    No samples, no intervals: None for every column.
     """
     sums = torch.as_tensor(sums, dtype=torch.float64)
+    if not samples:
+        return [None] * sums.shape[1]
     counts = torch.as_tensor(counts, dtype=torch.float64)
     U, g = len(counts), torch.Generator().manual_seed(seed)
     ones, estimates = torch.ones(batch, U, dtype=torch.float64), []
@@ -229,6 +235,29 @@ def recall_intervals(hits, text_image, samples, seed):
              'text_to_image': (image_sums(hits['text_to_image'], text_image, N),
                                np.bincount(text_image, minlength=N))}
     return {d: bootstrap_ci(sums, counts, samples, seed) for d, (sums, counts) in units.items()}
+
+
+def recall_difference(recalls, ci, x, y, c, k_values):
+    """Recall@K of x - y ({column: {direction: {k: recall}}}; c the difference column), its paired
+    interval (ci[c, direction, k]) and relative change (percent of y's), in every direction."""
+    out = {}
+    for d in DIRECTIONS:
+        diff = {k: recalls[x][d][k] - recalls[y][d][k] for k in k_values}
+        out[d] = {**{f"recall@{k}_difference": diff[k] for k in k_values},
+                  **{f"recall@{k}_difference_ci95": ci[c, d, k] for k in k_values},
+                  **{f"recall@{k}_relative_change": (100 * diff[k] / recalls[y][d][k]
+                                                     if recalls[y][d][k] > 0 else None)
+                     for k in k_values}}
+    return out
+
+
+def with_ci(x, ci, difference=False, percent=False):
+    """A metric with its interval as a table cell: '23.6% [20.8, 26.4]', '0.2310 [0.2281, 0.2340]';
+    differences signed, in points for recall."""
+    scale, spec = (100, '.1f') if percent else (1, '.4f')
+    spec = '+' + spec if difference else spec
+    cell = f"{scale * x:{spec}}" + ('%' if percent and not difference else '')
+    return cell + (f" [{scale * ci[0]:{spec}}, {scale * ci[1]:{spec}}]" if ci else '')
 
 
 def cosine_stats(sims):
