@@ -4,37 +4,33 @@ Task 2 recall.
 Image embeddings, all in CLIP's joint image-text space (embed_dim, 768 for ViT-L/14):
   A = normalize(mean_tokens(clip.npy) @ visual.proj)  the seed's "CLIP baseline", from real tokens
   B = the same function of generated.npy (sample.py)  the model under test: same function, fair
-  R = normalize(clip_cls.npy)                          CLIP's own CLS embedding, as published numbers
+  R = normalize(clip_cls.npy)                          CLIP's CLS embedding, as published numbers
   mean tokens = the same function of train_data's mean tokens, one vector for every image: what a
   generator that ignores EVA gets (recall at chance, alignment the floor)
   baselines = the same function of other generators' arrays (ridge.py's linear map; a DiT trained
   by plain regression), each compared with B on the same bootstrap draws
 Without a generated.npy only A, R, mean tokens and any baselines are reported (the CLIP baseline).
-The metrics, their tie rule and their bootstrap intervals (images resampled with all their
-captions) are metrics.py's; the figures are plots.py's. Token fidelity is standardized in the DiT's
-own units: generated.json's data_stats (the checkpoint's), else train_data's meta.json.
-The summaries go next to the generated array (<its folder>/eval/; out_dir/eval/ without one) and
-name the checkpoint and sampler that made it; an array made for other rows (its generated.json
-'data') is refused, so an eval of another folder never overwrites the summaries of its own.
+The metrics, their tie rule and intervals (images resampled with all their captions) are
+metrics.py's, the figures plots.py's. Token fidelity is standardized in the DiT's own units:
+generated.json's data_stats (the checkpoint's), else train_data's meta.json. The summaries go next
+to the generated array (<its folder>/eval/; out_dir/eval/ without one) and name the checkpoint and
+sampler that made it; an array made for other rows (its generated.json 'data') is refused.
 
 python eval.py config/demo.py                 # the flow DiT's samples sample.py finished last
-python eval.py config/demo.py \\
-    --generated=out/demo/samples/ckpt_iter000400-euler10-cfg1-seed1337/generated.npy
-python eval.py config/demo.py --holdout=True  # train_data's held-out slice: where settings are chosen
+python eval.py config/demo.py --generated=out/demo/samples/<folder>/generated.npy
+python eval.py config/demo.py --holdout=True  # train_data's held-out slice: settings chosen there
 
 Why A is below R: CLIP was trained through its CLS token; its patch tokens were never trained to be
-mean-pooled and projected. Published CLIP COCO figures use R, on the Karpathy 5K test split of COCO
-2014, not val2017.
+mean-pooled and projected. Published CLIP COCO figures use R, on COCO 2014's Karpathy 5K test split.
 
 alignment_summary.json (Task 1, every image-caption pair): method_a, method_b, reference,
 mean_tokens, and baselines {label: ...}, each with mean_cosine_similarity (and _ci95), std_, min_,
-max_cosine_similarity; difference_mean (_ci95), difference_std (B - A per pair) and
-b_minus_<label> for each baseline; correlation (Pearson, per-pair A vs B), reference_correlation
-(A vs R); embedding_space, uses_visual_projection; token_fidelity (B's), mean_tokens_fidelity:
-token_cosine_mean/_std, token_cosine_standardized_mean/_std (after standardizing with
-token_fidelity_stats, named in the summary), image_vector_cosine_mean/_std (to A),
-mse_standardized; the data target (folder, id, start, count), counts, caption statistics, and
-sample.py's generated.json under sampling.
+max_cosine_similarity; difference_mean (_ci95), difference_std (B - A per pair) and b_minus_<label>
+for each baseline; correlation (Pearson, per-pair A vs B), reference_correlation (A vs R);
+embedding_space, uses_visual_projection; token_fidelity (B's), mean_tokens_fidelity:
+token_cosine_mean/_std, token_cosine_standardized_mean/_std (standardized with
+token_fidelity_stats), image_vector_cosine_mean/_std (to A), mse_standardized; the data target
+(folder, id, start, count), counts, caption statistics, sample.py's generated.json under sampling.
 recall_summary.json (Task 2): per method and baseline, image_to_text and text_to_image recall@K in
 [0, 1] with recall@K_ci95, and median_rank; difference (B - A) and b_minus_<label> per direction:
 recall@K_difference (_ci95) and recall@K_relative_change (percent). save_detailed=True adds
@@ -54,40 +50,40 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import data
-from metrics import (DIRECTIONS, RESAMPLED, TIES, bootstrap_ci, cosine_stats, duplicate_groups,
-                     expected_ranks, fidelity_summary, hit_rates, image_sums, pair_scores, pearson,
-                     recall_difference, recall_intervals, retrieval_counts, token_fidelity, with_ci)
+from metrics import (DIRECTIONS, RESAMPLED, TIES, alignment_columns, cosine_stats, duplicate_groups,
+                     fidelity_summary, pair_scores, pearson, recall_columns, recall_difference,
+                     retrieval_counts, token_fidelity, with_ci)
 from plots import plot_eval
 
 # -----------------------------------------------------------------------------
-out_dir = 'out'                    # A and R only: results go to out_dir/eval/
-data_dir = 'data'                  # extract.py's output: data_dir/<split>
+out_dir = 'out'  # A and R only: results go to out_dir/eval/
+data_dir = 'data'  # extract.py's output: data_dir/<split>
 splits = ('train2017', 'val2017')
-val_data = ''                      # folder with clip.npy, clip_cls.npy, captions.json; '' = data_dir/splits[1]
-train_data = ''                    # its clip.npy gives the mean-tokens row; '' = data_dir/splits[0]
-holdout = False                    # True: evaluate train_data's held-out slice (where settings are chosen)
-val_fraction = 0.0                 # the held-out slice: train_data's last val_fraction rows, as train.py's
-mean_tokens_rows = 10000           # evenly spaced train rows averaged for it (0 = all; never held-out ones)
-generated = ''                     # generated tokens; results go to <its folder>/eval/. '' = the samples
-                                   # folder finished last in out_dir/samples for this target (val or
-                                   # holdout), if any, else A and R only
+val_data = ''  # folder with clip.npy, clip_cls.npy, captions.json; '' = data_dir/splits[1]
+train_data = ''  # its clip.npy gives the mean-tokens row; '' = data_dir/splits[0]
+holdout = False  # True: evaluate train_data's held-out slice (where settings are chosen)
+val_fraction = 0.0  # the held-out slice: train_data's last val_fraction rows, as train.py's
+mean_tokens_rows = 10000  # evenly spaced train rows averaged for it (0 = all; never held-out ones)
+generated = ''  # generated tokens; results go to <its folder>/eval/. '' = the samples folder
+                # finished last in out_dir/samples for this target, if any, else A and R only
 clip_model = 'ViT-L-14-quickgelu'  # open_clip name: visual.proj and the text tower
-clip_pretrained = 'openai'         # tag or local weight file; '' = random init under torch.manual_seed(0)
+clip_pretrained = 'openai'  # tag or local weight file; '' = random init under torch.manual_seed(0)
 tasks = 'alignment,recall'
 k_values = (1, 5, 10)
-eval_batch_size = 256              # images per token chunk, captions per text-tower batch
-save_detailed = False              # also write per-sample arrays (npz)
-bootstrap_samples = 1000           # resamples for the 95% intervals (0 = none)
+eval_batch_size = 256  # images per token chunk, captions per text-tower batch
+save_detailed = False  # also write per-sample arrays (npz)
+bootstrap_samples = 1000  # resamples for the 95% intervals (0 = none)
 bootstrap_seed = 0
-baselines = ()                     # generated.npy arrays of baseline generators, each with its
-                                   # generated.json (ridge.py; a DiT trained by plain regression, sampled
-                                   # by sample.py): one more column each, B - baseline paired; one made
-                                   # for other rows is skipped
+baselines = ()  # generated.npy arrays of baseline generators (ridge.py; a regression DiT sampled by
+                # sample.py), each with its generated.json: a column each, B - baseline paired;
+                # one made for other rows is skipped
 device = 'auto'
 # -----------------------------------------------------------------------------
-METHODS = {'a': 'A: real tokens, mean-pooled + proj', 'b': 'B: generated tokens, mean-pooled + proj',
+METHODS = {'a': 'A: real tokens, mean-pooled + proj',
+           'b': 'B: generated tokens, mean-pooled + proj',
            'r': 'R: CLIP CLS embedding (clip_cls)',
-           'm': "mean tokens: the training set's mean CLIP tokens for every image, mean-pooled + proj"}
+           'm': "mean tokens: the training set's mean CLIP tokens for every image, "
+                "mean-pooled + proj"}
 COLUMNS = {'a': 'A real tokens', 'b': 'B generated', 'r': 'R CLIP CLS', 'm': 'mean tokens',
            'd': 'B - A'}
 SUMMARY_KEYS = {'a': 'method_a', 'b': 'method_b', 'r': 'reference', 'm': 'mean_tokens'}
@@ -103,6 +99,11 @@ def parse_tasks(tasks, k_values):
     if not ks or any(not isinstance(k, int) or k < 1 for k in ks):
         raise SystemExit(f"eval.py: k_values should be positive integers, got {k_values!r}")
     return task_list, ks
+
+
+def token_shape(meta):
+    """(tokens, dim) of the data folder's CLIP tokens: every generated array's row shape."""
+    return meta['clip']['tokens'], meta['clip']['dim']
 
 
 def pool_project(tokens, visual):
@@ -153,7 +154,8 @@ def text_cache_path(folder, name, pretrained, rows=''):
 
 
 @torch.no_grad()
-def text_features(model, tokenizer, captions, folder, name, pretrained, batch_size, device, rows=''):
+def text_features(model, tokenizer, captions, folder, name, pretrained, batch_size, device,
+                  rows=''):
     """L2-normalized text-tower features [T, embed_dim], cached in the data folder for this spec
     and caption order."""
     path = text_cache_path(folder, name, pretrained, rows)
@@ -167,8 +169,7 @@ def text_features(model, tokenizer, captions, folder, name, pretrained, batch_si
             if json.load(f) == key:
                 print(f"text features: cached {path}")
                 return np.load(path)
-    # a caption repeated across images is encoded once: its copies tie exactly (batches can round
-    # differently)
+    # a caption repeated across images is encoded once: its copies tie exactly
     unique, index = np.unique(np.array(captions, dtype=object), return_inverse=True)
     out = []
     for s in tqdm(range(0, len(unique), batch_size), desc='text features', unit='batch'):
@@ -181,38 +182,28 @@ def text_features(model, tokenizer, captions, folder, name, pretrained, batch_si
 
 
 @torch.no_grad()
-def mean_tokens(clip_path, token_shape, max_rows, batch_size, device, stop=None):
-    """Per-position, per-channel mean of clip.npy [tokens, dim] over at most max_rows evenly spaced
-    rows of the first `stop` (None = all; 0 = every row), read a chunk at a time; and the number of
-    rows averaged."""
-    n, *shape = data.open_array(clip_path, np.float16).shape
-    n = n if stop is None else stop
-    if tuple(shape) != tuple(token_shape):
-        raise SystemExit(f"eval.py: {clip_path} holds tokens of shape {shape}, the evaluated data "
-                         f"{list(token_shape)} (tokens, dim): train_data should be the same "
+def mean_tokens(train_data, val_fraction, meta, eval_data, max_rows, batch_size, device):
+    """The mean tokens [tokens, dim] and where they come from: the per-position, per-channel mean
+    of at most max_rows evenly spaced rows (0 = all) of train_data's clip.npy that train.py trains
+    on (never held-out ones), a chunk at a time; without it, the evaluated folder's channel means."""
+    train_clip = os.path.join(train_data, 'clip.npy')
+    if not os.path.exists(train_clip):
+        source = f"{eval_data}/meta.json clip_mean at every position (no {train_clip})"
+        print(f"eval: the mean-tokens row uses {source}")
+        return torch.tensor(meta['clip_mean'], dtype=torch.float32).expand(token_shape(meta)), source
+    n, *shape = data.open_array(train_clip, np.float16).shape
+    if tuple(shape) != token_shape(meta):
+        raise SystemExit(f"eval.py: {train_clip} holds tokens of shape {shape}, the evaluated data "
+                         f"{list(token_shape(meta))} (tokens, dim): train_data should be the same "
                          f"encoder's training folder")
-    rows = np.linspace(0, n, max_rows, endpoint=False).astype(int) if 0 < max_rows < n else np.arange(n)
+    n = data.holdout_range(n, val_fraction, train_data)[0] if val_fraction > 0 else n
+    rows = (np.linspace(0, n, max_rows, endpoint=False).astype(int) if 0 < max_rows < n
+            else np.arange(n))
     total = 0
     for s in tqdm(range(0, len(rows), batch_size), desc='mean tokens', unit='batch'):
-        chunk = np.load(clip_path, mmap_mode='r')[rows[s:s + batch_size]]
+        chunk = np.load(train_clip, mmap_mode='r')[rows[s:s + batch_size]]
         total = total + torch.from_numpy(chunk).to(device).float().sum(0).double()
-    return (total / len(rows)).float(), len(rows)
-
-
-def mean_tokens_row(train_data, val_fraction, meta, eval_data, max_rows, batch_size, device):
-    """The mean tokens [tokens, dim] (train_data's rows that train.py trains on, never held-out
-    ones; else the evaluated folder's channel means) and where they come from."""
-    token_shape = (meta['clip']['tokens'], meta['clip']['dim'])
-    train_clip = os.path.join(train_data, 'clip.npy')
-    if os.path.exists(train_clip):
-        n_train = len(np.load(train_clip, mmap_mode='r'))
-        stop = data.holdout_range(n_train, val_fraction, train_data)[0] if val_fraction > 0 else None
-        mean_tok, n_rows = mean_tokens(train_clip, token_shape, max_rows, batch_size, device, stop)
-        return mean_tok, f"{train_clip}: per-position mean of {n_rows} rows"
-    mean_tok = torch.tensor(meta['clip_mean'], dtype=torch.float32).expand(token_shape)
-    mean_source = f"{eval_data}/meta.json clip_mean at every position (no {train_clip})"
-    print(f"eval: the mean-tokens row uses {mean_source}")
-    return mean_tok, mean_source
+    return (total / len(rows)).float(), f"{train_clip}: per-position mean of {len(rows)} rows"
 
 
 def check_finite(gen, gen_path, first_row):
@@ -237,7 +228,8 @@ def embed_tokens(clip_path, gen_paths, mean_tok, visual, clip_mean, clip_std, ba
     N = np.load(clip_path, mmap_mode='r').shape[0] - start if N is None else N
     A = np.empty((N, visual.proj.shape[1]), np.float32)
     gens = {key: np.empty_like(A) for key in gen_paths}
-    mean, std = (torch.as_tensor(x, dtype=torch.float32, device=device) for x in (clip_mean, clip_std))
+    mean, std = (torch.as_tensor(x, dtype=torch.float32, device=device)
+                 for x in (clip_mean, clip_std))
     fidelity = {m: {} for m in [*gen_paths, 'm']}
     m_tokens = mean_tok.to(device)[None]
     m_vec = pool_project(m_tokens, visual)
@@ -248,8 +240,7 @@ def embed_tokens(clip_path, gen_paths, mean_tok, visual, clip_mean, clip_std, ba
 
     for s in tqdm(range(0, N, batch_size), desc='image vectors', unit='batch'):
         e = min(s + batch_size, N)
-        # a fresh memmap per chunk: a long-lived one keeps every page it touched resident
-        # (nanoGPT #287)
+        # a fresh memmap per chunk: a long-lived one keeps its pages resident (nanoGPT #287)
         real = np.load(clip_path, mmap_mode='r')[start + s:start + e].astype(np.float32)
         real = torch.from_numpy(real).to(device)
         a = pool_project(real, visual)
@@ -270,7 +261,8 @@ def load_captions(meta, target):
     the file and the values."""
     path = os.path.join(target['folder'], 'captions.json')
     if not os.path.exists(path):
-        raise SystemExit(f"eval.py: {path} not found: evaluation needs the captions extract.py writes")
+        raise SystemExit(f"eval.py: {path} not found: evaluation needs the captions extract.py "
+                         f"writes")
     captions_by_id = data.read_json(path)
     image_ids = meta['image_ids'][target['start']:target['start'] + target['count']]
     if not isinstance(captions_by_id, dict):
@@ -313,7 +305,7 @@ def load_generated(generated, out_dir, holdout, meta, target):
         print(f"eval: no samples in {out_dir}/samples for this target: reporting the CLIP baseline "
               f"(A and R) only")
     else:
-        expected = (target['count'], meta['clip']['tokens'], meta['clip']['dim'])
+        expected = (target['count'], *token_shape(meta))
         shape = data.open_array(gen_path, np.float16, remedy='regenerate it with sample.py').shape
         if shape != expected:
             raise SystemExit(f"eval.py: {gen_path} has shape {list(shape)}, but {target['folder']} "
@@ -341,7 +333,7 @@ def load_baseline(path, meta, target):
     info_path = os.path.splitext(path)[0] + '.json'
     info = data.read_json(info_path) if os.path.exists(info_path) else {}
     label = str(info.get('label') or os.path.basename(os.path.dirname(os.path.abspath(path))))
-    expected, val_data = (target['count'], meta['clip']['tokens'], meta['clip']['dim']), target['folder']
+    expected, val_data = (target['count'], *token_shape(meta)), target['folder']
     if 'data' not in info:
         print(f"eval: warning: baseline {label!r}: {info_path} has no 'data' (the rows it was made "
               f"for): checking its shape only")
@@ -352,10 +344,11 @@ def load_baseline(path, meta, target):
             return None
     if shape != expected:
         if 'data' in info:
-            raise SystemExit(f"eval.py: {path} has shape {list(shape)}, but {info_path} says it was "
-                             f"made for {val_data}, which holds {list(expected)}: regenerate it")
-        print(f"eval: warning: baseline {label!r} ({path}) skipped: shape {list(shape)}, {val_data} "
-              f"holds {list(expected)} (count, tokens, dim): made for other rows")
+            raise SystemExit(f"eval.py: {path} has shape {list(shape)}, but {info_path} says it "
+                             f"was made for {val_data}, which holds {list(expected)}: regenerate "
+                             f"it")
+        print(f"eval: warning: baseline {label!r} ({path}) skipped: shape {list(shape)}, "
+              f"{val_data} holds {list(expected)} (count, tokens, dim): made for other rows")
         return None
     return label, info
 
@@ -371,8 +364,9 @@ def load_baselines(paths, meta, target):
             continue
         label, info = loaded
         if f'baseline_{label}' in found:
-            raise SystemExit(f"eval.py: baselines {found[f'baseline_{label}'][1]} and {path} are both "
-                             f"labelled {label!r}: give one another 'label' in its generated.json")
+            raise SystemExit(f"eval.py: baselines {found[f'baseline_{label}'][1]} and {path} are "
+                             f"both labelled {label!r}: give one another 'label' in its "
+                             f"generated.json")
         found[f'baseline_{label}'] = (label, path, info)
     return found, skipped
 
@@ -386,11 +380,13 @@ def fidelity_stats(sampling, info_path, train_data, meta, val_data):
         stats, path = sampling['data_stats'], info_path
         source = f"{info_path} data_stats ({stats.get('source', 'no source given')})"
     elif os.path.exists(train_meta):
-        stats, path, source = data.read_json(train_meta), train_meta, f"{train_meta} (the training folder)"
+        stats, path = data.read_json(train_meta), train_meta
+        source = f"{train_meta} (the training folder)"
     else:
         source = (f"{os.path.join(val_data, 'meta.json')} (the evaluated folder: no data_stats and "
                   f"no {train_meta})")
-        print(f"eval: note: token fidelity is standardized with {source}, not in the DiT's own units")
+        print(f"eval: note: token fidelity is standardized with {source}, not in the DiT's own "
+              f"units")
         return meta['clip_mean'], meta['clip_std'], source
     D = meta['clip']['dim']
     mean, std = stats.get('clip_mean'), stats.get('clip_std')
@@ -425,12 +421,13 @@ def summary_header(target, holdout, gen_path, sampling, clip_model, clip_pretrai
             'checkpoint': made_by and {'path': made_by.get('checkpoint'),
                                        'iter_num': made_by.get('iter_num'),
                                        'use_ema': made_by.get('use_ema')},
-            'sampler': made_by and {k: made_by.get(k) for k in ('sample_method', 'sample_steps',
-                                                                'sample_shift', 'cfg_scale', 'seed')},
+            'sampler': made_by and {k: made_by.get(k) for k in
+                                    ('sample_method', 'sample_steps', 'sample_shift', 'cfg_scale',
+                                     'seed')},
             'model_calls': (sampling or {}).get('model_calls'), 'sampling': sampling,
             'clip_model': clip_model, 'clip_pretrained': clip_pretrained, 'num_images': N,
-            'num_captions': T,
-            'captions_per_image': {'min': int(counts.min()), 'max': int(counts.max()), 'mean': T / N},
+            'num_captions': T, 'captions_per_image': {'min': int(counts.min()),
+                                                      'max': int(counts.max()), 'mean': T / N},
             'embedding_space': embed_dim, 'uses_visual_projection': True, 'methods': methods,
             'mean_tokens_source': mean_source, 'baselines_skipped': skipped,
             'bootstrap': {'samples': bootstrap_samples, 'seed': bootstrap_seed,
@@ -448,11 +445,10 @@ def alignment_task(image_emb, ranked, text, text_image, differences, found, per_
         pair = (ranked[m][1] if m in ranked
                 else pair_scores(torch.from_numpy(emb).to(text.device), text, text_image_t))
         sims[m] = pair.cpu().numpy().astype(np.float64)
-    values = {**sims, **{d: sims[x] - sims[y] for d, (x, y) in differences.items()}}
-    sums = image_sums(np.stack(list(values.values()), 1), text_image, len(image_emb['a'])).numpy()
-    ci = dict(zip(values, bootstrap_ci(sums, np.bincount(text_image), *bootstrap)))
+    values, ci = alignment_columns(sims, differences, text_image, *bootstrap)
     stats = {m: {**cosine_stats(s), 'mean_cosine_similarity_ci95': ci[m]} for m, s in sims.items()}
-    summary = {'task': 'alignment', **common, **{SUMMARY_KEYS[m]: stats.get(m) for m in SUMMARY_KEYS},
+    summary = {'task': 'alignment', **common,
+               **{SUMMARY_KEYS[m]: stats.get(m) for m in SUMMARY_KEYS},
                'baselines': {label: {**stats[key], 'generated': path, 'generated_info': info,
                                      'correlation': pearson(sims['a'], sims[key]),
                                      'token_fidelity': fidelity_summary(per_image[key])}
@@ -466,8 +462,9 @@ def alignment_task(image_emb, ranked, text, text_image, differences, found, per_
                        difference_std=float(values['d'].std()),
                        correlation=pearson(sims['a'], sims['b']),
                        token_fidelity=fidelity_summary(per_image['b']))
-        summary.update({d: {'difference_mean': float(values[d].mean()), 'difference_mean_ci95': ci[d],
-                            'difference_std': float(values[d].std())} for d in differences if d != 'd'})
+        summary.update({d: {'difference_mean': float(values[d].mean()),
+                            'difference_mean_ci95': ci[d], 'difference_std': float(values[d].std())}
+                        for d in differences if d != 'd'})
     return sims, values, ci, summary
 
 
@@ -481,21 +478,10 @@ def alignment_table(sims, values, ci, differences):
 
 
 def recall_task(ranked, text_image, k_values, differences, found, common, bootstrap):
-    """Task 2 from retrieval_counts' counts: per-query hit rates and ranks, recall@K with
-    intervals; returns (hits, ranks, recalls, ci {(column, direction, k): interval}, summary)."""
-    hits, ranks, recalls = {}, {}, {}
-    for m, (by_direction, _) in ranked.items():
-        hits[m] = {d: hit_rates(*c, k_values).cpu().numpy() for d, c in by_direction.items()}
-        ranks[m] = {d: expected_ranks(*c).cpu().numpy() for d, c in by_direction.items()}
-        recalls[m] = {d: dict(zip(k_values, h.mean(0).tolist())) for d, h in hits[m].items()}
-    hits.update({c: {d: hits[x][d] - hits[y][d] for d in DIRECTIONS}
-                 for c, (x, y) in differences.items()})
-    columns = list(hits)
-    # [queries, columns x K]
-    per_query = {d: np.concatenate([hits[m][d] for m in columns], 1) for d in DIRECTIONS}
-    flat = recall_intervals(per_query, text_image, *bootstrap)
-    ci = {(m, d, k): flat[d][j * len(k_values) + i] for d in DIRECTIONS
-          for j, m in enumerate(columns) for i, k in enumerate(k_values)}
+    """Task 2 from retrieval_counts' counts: recall@K with intervals, median ranks; returns
+    (hits, ranks, recalls, ci, summary), metrics.recall_columns' and the summary."""
+    counts = {m: by_direction for m, (by_direction, _) in ranked.items()}
+    hits, ranks, recalls, ci = recall_columns(counts, differences, k_values, text_image, *bootstrap)
     per_method = {m: {**{d: {key: v for k in k_values
                              for key, v in ((f"recall@{k}", recalls[m][d][k]),
                                             (f"recall@{k}_ci95", ci[m, d, k]))}
@@ -529,8 +515,8 @@ def print_report(table, columns, headings, differences, bootstrap_samples, per_i
         print(f"{name:26s}" + ''.join(f"{row.get(m, ''):>{width}s}" for m in columns))
     if bootstrap_samples:
         paired = ''.join(f", {headings[c]}" for c in differences if c != 'd')
-        print(f"[95% interval: {bootstrap_samples} bootstrap resamples of images, each with all its "
-              f"captions (both recall directions and alignment); B - A{paired} paired; recall "
+        print(f"[95% interval: {bootstrap_samples} bootstrap resamples of images, each with all "
+              f"its captions (both recall directions and alignment); B - A{paired} paired; recall "
               f"differences in points]")
     tokens_line = lambda f: (f"per-token cosine {f['token_cosine_mean']:.4f} (standardized "
                              f"{f['token_cosine_standardized_mean']:.4f}), standardized MSE "
@@ -556,7 +542,8 @@ if __name__ == '__main__':
     bootstrap = (bootstrap_samples, bootstrap_seed)
 
     # load: the evaluated rows and their captions, the generated array, the baselines, CLIP
-    meta, target = data.open_target(holdout, train_data, val_data, val_fraction, ('clip', 'clip_cls'))
+    meta, target = data.open_target(holdout, train_data, val_data, val_fraction,
+                                    ('clip', 'clip_cls'))
     eval_data, start, N = target['folder'], target['start'], target['count']
     captions, text_image = load_captions(meta, target)
     T = len(captions)
@@ -570,16 +557,19 @@ if __name__ == '__main__':
           + (f", baselines {', '.join(l for l, _, _ in found.values())}" if found else ''))
 
     # embed: the captions, the mean tokens, then A, B and the baselines a chunk at a time, and R
-    rows = f"rows {start}+{N}" if holdout else ''  # the held-out slice's captions: a cache of their own
-    text = torch.from_numpy(text_features(model, tokenizer, captions, eval_data, clip_model,
-                                          clip_pretrained, eval_batch_size, device, rows)).to(device)
-    mean_tok, mean_source = mean_tokens_row(train_data, val_fraction, meta, eval_data,
-                                            mean_tokens_rows, eval_batch_size, device)
-    clip_mean, clip_std, stats_source = fidelity_stats(sampling, info_path, train_data, meta, eval_data)
+    rows = f"rows {start}+{N}" if holdout else ''  # the held-out slice's captions: their own cache
+    text = text_features(model, tokenizer, captions, eval_data, clip_model, clip_pretrained,
+                         eval_batch_size, device, rows)
+    text = torch.from_numpy(text).to(device)
+    mean_tok, mean_source = mean_tokens(train_data, val_fraction, meta, eval_data, mean_tokens_rows,
+                                        eval_batch_size, device)
+    clip_mean, clip_std, stats_source = fidelity_stats(sampling, info_path, train_data, meta,
+                                                       eval_data)
     gen_paths = {**({'b': gen_path} if gen_path else {}),
                  **{key: path for key, (_, path, _) in found.items()}}
-    A, gens, m_vec, per_image = embed_tokens(meta['paths']['clip'], gen_paths, mean_tok, model.visual,
-                                             clip_mean, clip_std, eval_batch_size, device, start, N)
+    A, gens, m_vec, per_image = embed_tokens(meta['paths']['clip'], gen_paths, mean_tok,
+                                             model.visual, clip_mean, clip_std, eval_batch_size,
+                                             device, start, N)
     R = np.load(meta['paths']['clip_cls'])[start:start + N]
     R = F.normalize(torch.from_numpy(R).float(), dim=-1).numpy()
     # the columns: A, B, the baselines, R, mean tokens (one vector for every image), then B's paired

@@ -237,6 +237,37 @@ def recall_intervals(hits, text_image, samples, seed):
     return {d: bootstrap_ci(sums, counts, samples, seed) for d, (sums, counts) in units.items()}
 
 
+def alignment_columns(sims, differences, text_image, samples, seed):
+    """Per-pair cosines of every column {column: [T]} and of the differences {column: (x, y)},
+    x - y on the same pairs; and each column's mean's 95% interval (None without samples),
+    resampling images with all their captions on the same draws, so differences are paired."""
+    values = {**sims, **{d: sims[x] - sims[y] for d, (x, y) in differences.items()}}
+    counts = np.bincount(text_image)
+    sums = image_sums(np.stack(list(values.values()), 1), text_image, len(counts)).numpy()
+    return values, dict(zip(values, bootstrap_ci(sums, counts, samples, seed)))
+
+
+def recall_columns(counts, differences, k_values, text_image, samples, seed):
+    """Recall of every column from retrieval_counts' counts {column: {direction: (greater, ties,
+    correct)}}: per-query hit rates {column: {direction: [Q, K]}} (and of the differences
+    {column: (x, y)}, x - y per query), expected 0-based ranks, recall@K {column: {direction: {k:
+    r}}} and 95% intervals {(column, direction, k): [lo, hi] or None}, paired as in
+    recall_intervals."""
+    hits, ranks, recalls = {}, {}, {}
+    for m, by_direction in counts.items():
+        hits[m] = {d: hit_rates(*c, k_values).cpu().numpy() for d, c in by_direction.items()}
+        ranks[m] = {d: expected_ranks(*c).cpu().numpy() for d, c in by_direction.items()}
+        recalls[m] = {d: dict(zip(k_values, h.mean(0).tolist())) for d, h in hits[m].items()}
+    hits.update({c: {d: hits[x][d] - hits[y][d] for d in DIRECTIONS}
+                 for c, (x, y) in differences.items()})
+    # [queries, columns x K]
+    per_query = {d: np.concatenate([h[d] for h in hits.values()], 1) for d in DIRECTIONS}
+    flat = recall_intervals(per_query, text_image, samples, seed)
+    ci = {(m, d, k): flat[d][j * len(k_values) + i] for d in DIRECTIONS
+          for j, m in enumerate(hits) for i, k in enumerate(k_values)}
+    return hits, ranks, recalls, ci
+
+
 def recall_difference(recalls, ci, x, y, c, k_values):
     """Recall@K of x - y ({column: {direction: {k: recall}}}; c the difference column), its paired
     interval (ci[c, direction, k]) and relative change (percent of y's), in every direction."""
