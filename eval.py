@@ -107,14 +107,12 @@ def token_shape(meta):
 
 
 def pool_project(tokens, visual):
-    """Image vector of methods A and B: open_clip's pool_type='avg' (tokens already carry ln_post),
-    proj, L2 norm."""
+    """Image vector of A and B: open_clip's pool_type='avg' (tokens carry ln_post), proj, norm."""
     return F.normalize(tokens.float().mean(1) @ visual.proj.float(), dim=-1)
 
 
 def load_clip(name, pretrained, device):
-    """open_clip model and tokenizer; pretrained '' = random init under torch.manual_seed(0), as
-    extract.py does."""
+    """open_clip model and tokenizer; pretrained '' = random init under torch.manual_seed(0)."""
     import open_clip
     try:
         model = data.open_clip_model(name, pretrained)[0]
@@ -156,8 +154,7 @@ def text_cache_path(folder, name, pretrained, rows=''):
 @torch.no_grad()
 def text_features(model, tokenizer, captions, folder, name, pretrained, batch_size, device,
                   rows=''):
-    """L2-normalized text-tower features [T, embed_dim], cached in the data folder for this spec
-    and caption order."""
+    """L2-normalized text features [T, embed_dim], cached in the data folder per spec, captions."""
     path = text_cache_path(folder, name, pretrained, rows)
     weights = os.stat(pretrained) if pretrained and os.path.isfile(pretrained) else None
     key = {'clip_model': name, 'clip_pretrained': pretrained, 'count': len(captions),
@@ -185,12 +182,13 @@ def text_features(model, tokenizer, captions, folder, name, pretrained, batch_si
 def mean_tokens(train_data, val_fraction, meta, eval_data, max_rows, batch_size, device):
     """The mean tokens [tokens, dim] and where they come from: the per-position, per-channel mean
     of at most max_rows evenly spaced rows (0 = all) of train_data's clip.npy that train.py trains
-    on (never held-out ones), a chunk at a time; without it, the evaluated folder's channel means."""
+    on (never held-out ones), a chunk at a time; without it, the evaluated data's channel means."""
     train_clip = os.path.join(train_data, 'clip.npy')
     if not os.path.exists(train_clip):
         source = f"{eval_data}/meta.json clip_mean at every position (no {train_clip})"
         print(f"eval: the mean-tokens row uses {source}")
-        return torch.tensor(meta['clip_mean'], dtype=torch.float32).expand(token_shape(meta)), source
+        channel_mean = torch.tensor(meta['clip_mean'], dtype=torch.float32)
+        return channel_mean.expand(token_shape(meta)), source
     n, *shape = data.open_array(train_clip, np.float16).shape
     if tuple(shape) != token_shape(meta):
         raise SystemExit(f"eval.py: {train_clip} holds tokens of shape {shape}, the evaluated data "
@@ -283,8 +281,7 @@ def load_captions(meta, target):
 
 
 def other_rows(made_for, target):
-    """Why generated.json's 'data' ({folder, id, start, count}) is not the evaluated rows; None when
-    it is."""
+    """Why generated.json's 'data' (folder, id, start, count) is not the evaluated rows, or None."""
     theirs, ours = ({k: d.get(k) for k in ('id', 'start', 'count')} for d in (made_for, target))
     if theirs == ours:
         return None
@@ -438,7 +435,7 @@ def summary_header(target, holdout, gen_path, sampling, clip_model, clip_pretrai
 def alignment_task(image_emb, ranked, text, text_image, differences, found, per_image, common,
                    stats_source, bootstrap):
     """Task 1: every column's per-pair cosines (read from the recall's score matrix where it ran),
-    their statistics and intervals; returns (sims, values with the differences, ci, summary)."""
+    their statistics and intervals; returns (sims, summary, the printed table's rows)."""
     text_image_t = torch.from_numpy(text_image).to(text.device)
     sims = {}
     for m, emb in image_emb.items():
@@ -465,21 +462,17 @@ def alignment_task(image_emb, ranked, text, text_image, differences, found, per_
         summary.update({d: {'difference_mean': float(values[d].mean()),
                             'difference_mean_ci95': ci[d], 'difference_std': float(values[d].std())}
                         for d in differences if d != 'd'})
-    return sims, values, ci, summary
-
-
-def alignment_table(sims, values, ci, differences):
-    """Task 1's rows of the printed table: mean cosines with intervals, correlation with A."""
     correlations = {m: pearson(sims['a'], s) for m, s in sims.items()}
-    return [('alignment mean cosine', {m: with_ci(v.mean(), ci[m], m in differences)
+    rows = [('alignment mean cosine', {m: with_ci(v.mean(), ci[m], m in differences)
                                        for m, v in values.items()}),
             ('correlation with A', {m: 'n/a' if c is None else f"{c:.4f}"
                                     for m, c in correlations.items()})]
+    return sims, summary, rows
 
 
 def recall_task(ranked, text_image, k_values, differences, found, common, bootstrap):
     """Task 2 from retrieval_counts' counts: recall@K with intervals, median ranks; returns
-    (hits, ranks, recalls, ci, summary), metrics.recall_columns' and the summary."""
+    metrics.recall_columns' (hits, ranks, recalls, ci), the summary and the printed table's rows."""
     counts = {m: by_direction for m, (by_direction, _) in ranked.items()}
     hits, ranks, recalls, ci = recall_columns(counts, differences, k_values, text_image, *bootstrap)
     per_method = {m: {**{d: {key: v for k in k_values
@@ -496,15 +489,11 @@ def recall_task(ranked, text_image, k_values, differences, found, common, bootst
                               if 'd' in differences else None),
                **{c: recall_difference(recalls, ci, *differences[c], c, k_values)
                   for c in differences if c != 'd'}}
-    return hits, ranks, recalls, ci, summary
-
-
-def recall_table(hits, ci, k_values, differences):
-    """Task 2's rows of the printed table: recall@K in percent with intervals, both directions."""
-    return [(f"{short} R@{k}", {m: with_ci(h[d][:, i].mean(), ci[m, d, k], m in differences,
+    rows = [(f"{short} R@{k}", {m: with_ci(h[d][:, i].mean(), ci[m, d, k], m in differences,
                                            percent=True) for m, h in hits.items()})
             for d, short in (('image_to_text', 'image->text'), ('text_to_image', 'text->image'))
             for i, k in enumerate(k_values)]
+    return hits, ranks, recalls, ci, summary, rows
 
 
 def print_report(table, columns, headings, differences, bootstrap_samples, per_image, stats_source):
@@ -572,8 +561,7 @@ if __name__ == '__main__':
                                              device, start, N)
     R = np.load(meta['paths']['clip_cls'])[start:start + N]
     R = F.normalize(torch.from_numpy(R).float(), dim=-1).numpy()
-    # the columns: A, B, the baselines, R, mean tokens (one vector for every image), then B's paired
-    # differences
+    # the columns: A, B, the baselines, R, mean tokens (one vector for every image), differences
     image_emb = {'a': A, **gens, 'r': R, 'm': np.tile(m_vec, (N, 1))}
     names, headings, differences = describe_columns(found, 'b' in gens)
     columns = list(image_emb) + list(differences)
@@ -597,12 +585,11 @@ if __name__ == '__main__':
 
     # task 1: alignment
     if 'alignment' in task_list:
-        sims, values, ci_align, summary = alignment_task(image_emb, ranked, text, text_image,
-                                                         differences, found, per_image, common,
-                                                         stats_source, bootstrap)
+        sims, summary, rows = alignment_task(image_emb, ranked, text, text_image, differences,
+                                             found, per_image, common, stats_source, bootstrap)
         summary['seconds'] = time.time() - t_start
         data.write_json(os.path.join(eval_dir, 'alignment_summary.json'), summary, indent=2)
-        table += alignment_table(sims, values, ci_align, differences)
+        table += rows
         if save_detailed:
             extra = {f'{k}_per_image_{m}': v for m, f in per_image.items() for k, v in f.items()}
             np.savez(os.path.join(eval_dir, 'alignment_detailed.npz'), text_image=text_image,
@@ -614,11 +601,11 @@ if __name__ == '__main__':
     # task 2: recall
     if 'recall' in task_list:
         t_recall = time.time()
-        hits, ranks, recalls, ci, summary = recall_task(ranked, text_image, k_values, differences,
-                                                        found, common, bootstrap)
+        hits, ranks, recalls, ci, summary, rows = recall_task(ranked, text_image, k_values,
+                                                              differences, found, common, bootstrap)
         summary['seconds'] = seconds_recall + time.time() - t_recall
         data.write_json(os.path.join(eval_dir, 'recall_summary.json'), summary, indent=2)
-        table += recall_table(hits, ci, k_values, differences)
+        table += rows
         if save_detailed:
             np.savez(os.path.join(eval_dir, 'recall_detailed.npz'), text_image=text_image,
                      k_values=k_values,

@@ -3,15 +3,16 @@
 Nothing here reads a file or a config: `from metrics import recall_at_k` works anywhere.
 
 Task 2, retrieval (higher is better):
-  recall@K       image -> text: the share of images with one of their captions in their top K captions;
-                 text -> image: the share of captions whose image is in their top K images. In [0, 1].
-  median_rank    1-based rank of the first correct item, the median over queries (lower is better).
+  recall@K     image -> text: the share of images with one of their captions in their top K;
+               text -> image: the share of captions whose image is in their top K. In [0, 1].
+  median_rank  1-based rank of the first correct item, the median over queries (lower is better).
   Ties: every score, the query's own and its competitors', is read from one score matrix
-  (retrieval_counts), so equal embeddings score exactly equal. Competitors whose embedding equals the
-  query's best correct item stand in a random order with it and recall is the expectation over that
-  order: a constant embedding scores exactly chance (K/N text -> image), never above it. A different
-  embedding with exactly the same score counts against the query. The seed's rule (ties for the query,
-  the own score from a separate product) gave 1,000 identical images 65% text -> image R@1.
+  (retrieval_counts), so equal embeddings score exactly equal. Competitors whose embedding equals
+  the query's best correct item stand in a random order with it and recall is the expectation
+  over that order: a constant embedding scores exactly chance (K/N text -> image), never above.
+  A different embedding with exactly the same score counts against the query. The seed's rule
+  (ties for the query, the own score from a separate product) gave 1,000 identical images 65%
+  text -> image R@1.
 Task 1, alignment (higher is better):
   mean_cosine_similarity  cosine of every image-caption pair, averaged over pairs (cosine_stats);
   correlation             Pearson correlation of two methods' per-pair cosines (1: same ordering).
@@ -31,19 +32,20 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-SCORE_CHUNK_ELEMENTS = 1 << 24  # scores per image chunk (64 MB of float32; three such buffers at once)
+SCORE_CHUNK_ELEMENTS = 1 << 24  # scores per image chunk (64 MB of float32; three buffers at once)
 DIRECTIONS = ('image_to_text', 'text_to_image')
 RESAMPLED = ('images, each with all its captions (alignment means and both recall directions; '
-             'text->image recall as the ratio of the drawn images\' caption hit sums to their caption '
-             'counts); the same draws for every method and task, so B - A and B - baseline are paired')
-TIES = ('never for the query: competitors whose embedding equals the best correct item\'s stand in a '
-        'uniformly random order with it and recall is the expectation over that order (a constant '
-        'embedding scores exactly chance); a different embedding with exactly the same score counts '
-        'against the query')
+             'text->image recall as the ratio of the drawn images\' caption hit sums to their '
+             'caption counts); the same draws for every method and task, so B - A and B - '
+             'baseline are paired')
+TIES = ('never for the query: competitors whose embedding equals the best correct item\'s stand '
+        'in a uniformly random order with it and recall is the expectation over that order (a '
+        'constant embedding scores exactly chance); a different embedding with exactly the same '
+        'score counts against the query')
 
 
 def duplicate_groups(emb):
-    """Group id of every row [R]: rows with exactly equal embeddings share one (their scores tie)."""
+    """Group id of every row [R]: rows with exactly equal embeddings share one (scores tie)."""
     return torch.unique(emb, dim=0, return_inverse=True)[1]
 
 
@@ -51,8 +53,8 @@ def check_retrieval_inputs(image_emb, text_emb, text_image):
     """Shapes [N, D], [T, D], [T], every caption's image row in [0, N), every image captioned."""
     (N, D), (T, D_text) = image_emb.shape, text_emb.shape
     if D != D_text or text_image.shape != (T,):
-        raise ValueError(f"recall: image_emb [N, D], text_emb [T, D] and text_image [T] expected, got "
-                         f"{list(image_emb.shape)}, {list(text_emb.shape)}, "
+        raise ValueError(f"recall: image_emb [N, D], text_emb [T, D] and text_image [T] expected, "
+                         f"got {list(image_emb.shape)}, {list(text_emb.shape)}, "
                          f"{list(text_image.shape)}")
     if T == 0 or text_image.min() < 0 or text_image.max() >= N:
         raise ValueError(f"recall: text_image should hold image rows in [0, {N}), got "
@@ -80,7 +82,8 @@ def caption_blocks(text_image, N, chunk_images):
     chunk = owner // r
     per_chunk = torch.bincount(chunk, minlength=n)
     w = int(per_chunk.max())  # caption rows per chunk, padded to the fullest
-    row = chunk * w + torch.arange(T, device=device) - (torch.cumsum(per_chunk, 0) - per_chunk)[chunk]
+    first = torch.cumsum(per_chunk, 0) - per_chunk  # each chunk's first sorted caption
+    row = chunk * w + torch.arange(T, device=device) - first[chunk]
     return n, r, w, order, owner, chunk, row
 
 
@@ -293,7 +296,8 @@ def with_ci(x, ci, difference=False, percent=False):
 
 def cosine_stats(sims):
     """Task 1's statistics of per-pair cosines."""
-    return {'mean_cosine_similarity': float(sims.mean()), 'std_cosine_similarity': float(sims.std()),
+    return {'mean_cosine_similarity': float(sims.mean()),
+            'std_cosine_similarity': float(sims.std()),
             'min_cosine_similarity': float(sims.min()), 'max_cosine_similarity': float(sims.max())}
 
 
@@ -310,7 +314,8 @@ def token_fidelity(tokens, real, vec, a, mean, std):
     longer dominate."""
     z, z_real = (tokens - mean) / std, (real - mean) / std
     return {'token_cosine': F.cosine_similarity(tokens, real, dim=-1).mean(1).cpu().numpy(),
-            'token_cosine_standardized': F.cosine_similarity(z, z_real, dim=-1).mean(1).cpu().numpy(),
+            'token_cosine_standardized':
+                F.cosine_similarity(z, z_real, dim=-1).mean(1).cpu().numpy(),
             'image_vector_cosine': (a * vec).sum(1).cpu().numpy(),
             'mse_standardized': ((z - z_real) ** 2).mean((1, 2)).cpu().numpy()}
 

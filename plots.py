@@ -49,8 +49,8 @@ def plot_title(common):
     """What a plot shows, a line each: the evaluated rows, the checkpoint that made B, and its
     sampler."""
     rows = common['data']
-    where = (f"{common['val_data']}: held-out rows {rows['start']}-{rows['start'] + rows['count'] - 1}"
-             if common['holdout']
+    last = rows['start'] + rows['count'] - 1
+    where = (f"{common['val_data']}: held-out rows {rows['start']}-{last}" if common['holdout']
              else f"{common['val_data']}: {rows['count']} images (not the held-out slice)")
     if not common['generated']:
         return f"{where}\nno generated array: the CLIP baseline only"
@@ -136,10 +136,11 @@ def plot_eval(eval_dir, sims, recalls, intervals, k_values, labels, common):
         return
     colors, title = method_colors(labels), plot_title(common)
     if sims:
-        alignment_hist(plt, os.path.join(eval_dir, 'alignment_hist.png'), sims, labels, colors, title)
+        alignment_hist(plt, os.path.join(eval_dir, 'alignment_hist.png'), sims, labels, colors,
+                       title)
     if 'a' in sims and 'b' in sims:
-        alignment_scatter(plt, os.path.join(eval_dir, 'alignment_scatter.png'), sims['a'], sims['b'],
-                          title)
+        alignment_scatter(plt, os.path.join(eval_dir, 'alignment_scatter.png'), sims['a'],
+                          sims['b'], title)
     if recalls:
         recall_bars(plt, os.path.join(eval_dir, 'recall.png'), recalls, intervals, k_values, labels,
                     colors, title)
