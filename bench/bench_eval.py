@@ -22,7 +22,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from bench_model import synchronize  # noqa: E402
-from eval import bootstrap_ci, cosine_stats, duplicate_groups, hit_rates, retrieval_counts  # noqa: E402
+from metrics import bootstrap_ci, cosine_stats, duplicate_groups, hit_rates, retrieval_counts  # noqa: E402
 
 # -----------------------------------------------------------------------------
 n_images, captions_per_image = 5000, 5  # COCO 2017 val's scale: 5,000 images, ~25,000 captions
