@@ -55,7 +55,8 @@ def test_method_a_is_open_clip_avg_pooling(tiny_clip):
         expected = avg.encode_image(images, normalize=True)
     assert tokens.shape == (5, 16, 8)
     torch.testing.assert_close(a, expected, rtol=1e-5, atol=1e-6)
-    assert not torch.allclose(a, F.normalize(cls, dim=-1), atol=1e-3)  # A is not the CLS embedding R
+    # A is not the CLS embedding R
+    assert not torch.allclose(a, F.normalize(cls, dim=-1), atol=1e-3)
 
 
 def test_repeated_captions_get_identical_features(tiny_clip, tmp_path):
@@ -136,7 +137,8 @@ def test_end_to_end_writes_every_field(eval_setup, monkeypatch, capsys):
             for s in ('mean', 'std')} | {'mse_standardized'}
     assert set(fid) == keys and set(mean_fid) == keys
     assert 0 < fid['token_cosine_mean'] < 1 and 0 < fid['image_vector_cosine_mean'] < 1
-    assert 0 < fid['token_cosine_standardized_mean'] < fid['token_cosine_mean']  # offsets no longer help
+    # offsets no longer help
+    assert 0 < fid['token_cosine_standardized_mean'] < fid['token_cosine_mean']
     # the noise is 0.5 per channel, so the standardized MSE is 0.25 / std^2 averaged over channels
     meta = json.load(open(os.path.join(data, 'meta.json')))
     expected_mse = np.mean(0.25 / np.square(meta['clip_std']))
@@ -150,7 +152,8 @@ def test_end_to_end_writes_every_field(eval_setup, monkeypatch, capsys):
     assert mean_fid['mse_standardized'] > 0.9 > fid['mse_standardized']
     assert mean_fid['image_vector_cosine_std'] > 0
     text_image = detailed['text_image']
-    best_captions = np.argsort(-detailed['similarity_m'], kind='stable')  # every image ranks them alike
+    # every image ranks them alike
+    best_captions = np.argsort(-detailed['similarity_m'], kind='stable')
     for k in (1, 5, 10):
         assert recall['mean_tokens']['text_to_image'][f'recall@{k}'] == pytest.approx(k / 24, rel=1e-12)
         assert recall['mean_tokens']['text_to_image'][f'recall@{k}_ci95'] == pytest.approx([k / 24] * 2, rel=1e-12)
@@ -197,7 +200,8 @@ def test_end_to_end_writes_every_field(eval_setup, monkeypatch, capsys):
     assert all(v == 0 for d in recall2['difference'].values() for k, v in d.items() if k.endswith('_difference'))
     assert all(v == [0, 0] for d in recall2['difference'].values() for k, v in d.items() if k.endswith('_ci95'))
     assert '7 rows' in align2['mean_tokens_source']
-    rows = np.load(os.path.join(train, 'clip.npy'))[[0, 4, 8, 12, 17, 21, 25]]  # 7 evenly spaced rows of 30
+    # 7 evenly spaced rows of 30
+    rows = np.load(os.path.join(train, 'clip.npy'))[[0, 4, 8, 12, 17, 21, 25]]
     np.testing.assert_allclose(np.load(out / 'eval' / 'alignment_detailed.npz')['mean_tokens'],
                                rows.astype(np.float64).mean(0), rtol=1e-6, atol=1e-6)
 
@@ -277,7 +281,8 @@ def test_default_finds_what_sample_py_wrote_and_names_its_maker(eval_setup, monk
             json.dump({'settings': settings, 'model_calls': 10, 'method': method}, f)
         folders.append(folder)
         time.sleep(0.01)  # distinct modification times: the newest is the last one finished
-    os.utime(folders[0] / 'generated.json')  # heun finished after euler: it is the last flow samples for val
+    # heun finished after euler: it is the last flow samples for val
+    os.utime(folders[0] / 'generated.json')
     run_eval(monkeypatch, *args)
     align, recall = load_summaries(folders[0])
     assert not os.path.exists(out / 'eval') and not os.path.exists(folders[1] / 'eval')
@@ -292,7 +297,8 @@ def test_default_finds_what_sample_py_wrote_and_names_its_maker(eval_setup, monk
 
 
 @pytest.mark.parametrize('value, expected', [
-    ('a red circle', r"image 105: expected a non-empty list of caption strings, got str 'a red circle'"),  # not letters
+    # not letters
+    ('a red circle', r"image 105: expected a non-empty list of caption strings, got str 'a red circle'"),
     (['a red circle', 7], r"image 105: expected non-blank caption strings, got int 7"),
     (['a red circle', '  '], r"image 105: expected non-blank caption strings, got str '  '"),
     ([], r"no captions for 1 of 24 images \(image ids \[105\]\); every image needs at least one: expected a "
@@ -356,7 +362,8 @@ def test_baselines_beside_b(eval_setup, monkeypatch, capsys):
         ours = {'folder': data, 'id': hashlib.sha1(f.read()).hexdigest(), 'start': 0, 'count': 24}
     arrays = {'b': clip + rng.normal(0, 0.5, clip.shape), 'noisier': clip + rng.normal(0, 1.5, clip.shape)}
     arrays['twin'], arrays['other'], arrays['slice'] = arrays['b'], clip, clip
-    infos = {'b': {'data': ours}, 'noisier': {'label': 'noisier', 'data': ours}, 'twin': {},  # twin: no 'data'
+    # twin: no 'data'
+    infos = {'b': {'data': ours}, 'noisier': {'label': 'noisier', 'data': ours}, 'twin': {},
              'other': {'label': 'other', 'data': {**ours, 'id': 'another-extraction'}},
              'slice': {'label': 'slice', 'data': {**ours, 'start': 4, 'count': 20}}}
     for name, array in arrays.items():

@@ -29,19 +29,23 @@ def naive_recall(image_emb, text_emb, text_image, k_values):
 def test_recall_hand_built_known_answers():
     # images 0, 1, 2 own 1, 5 and 7 captions; identity image vectors make text_emb[t] the scores of
     # caption t
+    # image 0: own t0 = 0.5, t1 and t6 beat it -> rank 2; image 1: best own t1 = 0.95 is the top ->
+    # rank 0; image 2: best own 0.6, t0..t4 beat it -> rank 5
     scores = torch.tensor([
         # t0   t1    t2   t3    t4   t5   t6   t7   t8   t9   t10  t11  t12
-        [0.5, 0.9, 0.1, 0.1, 0.1, 0.1, 0.8, 0.1, 0.1, 0.1, 0.1, 0.1, 0.1],     # own t0 = 0.5: t1, t6 beat it -> rank 2
-        [0.2, 0.95, 0.3, 0.3, 0.3, 0.3, 0.2, 0.2, 0.2, 0.2, 0.2, 0.2, 0.2],    # best own t1 = 0.95 is the top -> rank 0
-        [0.7, 0.75, 0.8, 0.85, 0.9, 0.1, 0.6, 0.5, 0.5, 0.5, 0.5, 0.5, 0.5]])  # best own 0.6: t0..t4 beat it -> rank 5
+        [0.5, 0.9, 0.1, 0.1, 0.1, 0.1, 0.8, 0.1, 0.1, 0.1, 0.1, 0.1, 0.1],
+        [0.2, 0.95, 0.3, 0.3, 0.3, 0.3, 0.2, 0.2, 0.2, 0.2, 0.2, 0.2, 0.2],
+        [0.7, 0.75, 0.8, 0.85, 0.9, 0.1, 0.6, 0.5, 0.5, 0.5, 0.5, 0.5, 0.5]])
     text_image = torch.tensor([0] + [1] * 5 + [2] * 7)
     counts, pair = retrieval_counts(torch.eye(3), scores.T, text_image, chunk_images=2)
     assert [c.tolist() for c in counts['image_to_text']] == [[2, 0, 5], [0, 0, 0], [1, 1, 1]]
     assert counts['text_to_image'][0].tolist() == [1, 0, 1, 1, 1, 0, 1, 0, 0, 0, 0, 0, 0]
     assert counts['text_to_image'][1].tolist() == [0] * 13  # no ties
-    assert pair.tolist() == scores[text_image, torch.arange(13)].tolist()  # each caption's own score, exactly
+    # each caption's own score, exactly
+    assert pair.tolist() == scores[text_image, torch.arange(13)].tolist()
     r = recall_at_k(torch.eye(3), scores.T, text_image, k_values=(1, 2, 3, 5, 6, 10))
-    assert r['image_to_text'] == pytest.approx({1: 1 / 3, 2: 1 / 3, 3: 2 / 3, 5: 2 / 3, 6: 1.0, 10: 1.0})
+    assert r['image_to_text'] == pytest.approx({1: 1 / 3, 2: 1 / 3, 3: 2 / 3, 5: 2 / 3, 6: 1.0,
+                                                10: 1.0})
     assert r['text_to_image'] == pytest.approx({1: 8 / 13, 2: 1.0, 3: 1.0, 5: 1.0, 6: 1.0, 10: 1.0})
     # captions in any order (not grouped by image) give the same answers
     perm = torch.randperm(13, generator=torch.Generator().manual_seed(0))
@@ -55,24 +59,29 @@ def test_recall_matches_naive_full_matrix(chunk_images):
     text_image = torch.repeat_interleave(torch.arange(60), counts)
     text_image = text_image[torch.randperm(len(text_image), generator=g)]
     images = F.normalize(torch.randn(60, 16, generator=g), dim=-1)
-    texts = F.normalize(images[text_image] + 1.2 * torch.randn(len(text_image), 16, generator=g), dim=-1)
+    noise = torch.randn(len(text_image), 16, generator=g)
+    texts = F.normalize(images[text_image] + 1.2 * noise, dim=-1)
     k_values = (1, 5, 10, 50)
-    got = recall_at_k(images, texts, text_image, k_values, **({'chunk_images': chunk_images} if chunk_images else {}))
+    tile = {'chunk_images': chunk_images} if chunk_images else {}
+    got = recall_at_k(images, texts, text_image, k_values, **tile)
     naive = naive_recall(images, texts, text_image, k_values)
     for d in ('image_to_text', 'text_to_image'):
         assert got[d] == pytest.approx(naive[d])
-    assert 0 < got['image_to_text'][1] < got['image_to_text'][10] < 1  # the data is neither trivial nor hopeless
+    # the data is neither trivial nor hopeless
+    assert 0 < got['image_to_text'][1] < got['image_to_text'][10] < 1
     assert 0 < got['text_to_image'][1] < got['text_to_image'][10] < 1
 
 
 def brute_force_recall(images, texts, text_image, k):
-    """Expected recall@k by enumerating every order of the tied candidates: those whose embedding equals the query's
-    best correct item's, and its correct items at that score; a different embedding at the same score counts above."""
+    """Expected recall@k by enumerating every order of the tied candidates: those whose embedding
+    equals the query's best correct item's, and its correct items at that score; a different
+    embedding at the same score counts above."""
     scores = images @ texts.T
 
     def expected_hit(candidate_scores, correct, embeddings):
         best = max(s for s, c in zip(candidate_scores, correct) if c)
-        best_embeddings = [e for s, c, e in zip(candidate_scores, correct, embeddings) if c and s == best]
+        best_embeddings = [e for s, c, e in zip(candidate_scores, correct, embeddings)
+                           if c and s == best]
         tied, above = [], 0
         for s, c, e in zip(candidate_scores, correct, embeddings):
             if s == best and (c or any(torch.equal(e, b) for b in best_embeddings)):
@@ -83,8 +92,10 @@ def brute_force_recall(images, texts, text_image, k):
         return sum(any(o[:max(k - above, 0)]) for o in orders) / len(orders)
 
     n, t = scores.shape
-    i2t = [expected_hit(scores[i].tolist(), (text_image == i).tolist(), list(texts)) for i in range(n)]
-    t2i = [expected_hit(scores[:, j].tolist(), (torch.arange(n) == text_image[j]).tolist(), list(images))
+    i2t = [expected_hit(scores[i].tolist(), (text_image == i).tolist(), list(texts))
+           for i in range(n)]
+    t2i = [expected_hit(scores[:, j].tolist(), (torch.arange(n) == text_image[j]).tolist(),
+                        list(images))
            for j in range(t)]
     return sum(i2t) / n, sum(t2i) / t
 
@@ -95,13 +106,16 @@ def test_recall_with_ties_matches_brute_force(seed):
     # and different
     # embeddings with equal integer scores (float coincidences, which count against the query)
     g = torch.Generator().manual_seed(seed)
-    images = torch.tensor([[1., 0, 1], [0, 1, 1], [1, 1, 0]])[torch.randint(0, 3, (5,), generator=g)]
-    texts = torch.tensor([[1., 0, 0], [0, 1, 0], [1, 1, 1], [0, 0, 1]])[torch.randint(0, 4, (8,), generator=g)]
+    images = torch.tensor([[1., 0, 1], [0, 1, 1], [1, 1, 0]])
+    images = images[torch.randint(0, 3, (5,), generator=g)]
+    texts = torch.tensor([[1., 0, 0], [0, 1, 0], [1, 1, 1], [0, 0, 1]])
+    texts = texts[torch.randint(0, 4, (8,), generator=g)]
     text_image = torch.tensor([0, 0, 1, 2, 2, 2, 3, 4])
     for k in (1, 2, 3, 5):
         expected = brute_force_recall(images, texts, text_image, k)
         got = recall_at_k(images, texts, text_image, (k,), chunk_images=2)
-        assert (got['image_to_text'][k], got['text_to_image'][k]) == pytest.approx(expected, abs=1e-12)
+        got = (got['image_to_text'][k], got['text_to_image'][k])
+        assert got == pytest.approx(expected, abs=1e-12)
 
 
 def test_hit_rates_closed_form():
@@ -113,7 +127,8 @@ def test_hit_rates_closed_form():
     assert hits.flatten().tolist() == pytest.approx([2 / 5, 7 / 10, 9 / 10, 1, 0, 2 / 3, 1, 1])
 
 
-CUDA = pytest.param('cuda', marks=pytest.mark.skipif(not torch.cuda.is_available(), reason='no GPU'))
+CUDA = pytest.param('cuda', marks=pytest.mark.skipif(not torch.cuda.is_available(),
+                                                     reason='no GPU'))
 
 
 @pytest.mark.parametrize('device', ['cpu', CUDA])
@@ -125,7 +140,8 @@ def test_constant_image_embeddings_score_exactly_chance(chunk_images, device):
     # block's GEMM
     # to give equal inputs equal outputs, which the device's BLAS decides: hence the GPU case.
     g = torch.Generator().manual_seed(3)
-    text_image = torch.repeat_interleave(torch.arange(200), torch.randint(1, 8, (200,), generator=g)).to(device)
+    per_image = torch.randint(1, 8, (200,), generator=g)
+    text_image = torch.repeat_interleave(torch.arange(200), per_image).to(device)
     N, T, k_values = 200, len(text_image), (1, 5, 10, 50)
     image = F.normalize(torch.randn(1, 32, generator=g), dim=-1).expand(N, 32).to(device)
     texts = F.normalize(torch.randn(T, 32, generator=g), dim=-1).to(device)
@@ -138,12 +154,14 @@ def test_constant_image_embeddings_score_exactly_chance(chunk_images, device):
     ranking = (texts @ image[0]).argsort(descending=True)
     assert got['image_to_text'] == pytest.approx({k: len(set(text_image[ranking[:k]].tolist())) / N
                                                   for k in k_values}, rel=1e-12)
-    assert len(set(text_image[ranking[:50]].tolist())) < 50  # some images own two of the 50 best: below K / N
+    # some images own two of the 50 best: below K / N
+    assert len(set(text_image[ranking[:50]].tolist())) < 50
     # all captions constant too: everything ties, and an image with c of the T captions hits with 1
     # - C(T-c,K)/C(T,K)
     got = recall_at_k(image, texts[:1].expand(T, 32), text_image, k_values, **tile)
     per_image = torch.bincount(text_image).tolist()  # 1 to 7 captions
-    chance = {k: sum(1 - math.comb(T - c, k) / math.comb(T, k) for c in per_image) / N for k in k_values}
+    chance = {k: sum(1 - math.comb(T - c, k) / math.comb(T, k) for c in per_image) / N
+              for k in k_values}
     assert got['image_to_text'] == pytest.approx(chance, rel=1e-9)
     assert got['text_to_image'] == pytest.approx({k: k / N for k in k_values}, rel=1e-12)
 
@@ -160,8 +178,10 @@ def test_duplicate_captions_across_images_tie():
     texts, text_image = shared.repeat_interleave(2, 0), torch.arange(20)
     got = recall_at_k(images, texts, text_image, (1, 2))
     assert got == {'image_to_text': {1: 0.5, 2: 1.0}, 'text_to_image': {1: 0.5, 2: 1.0}}
-    counts, _ = retrieval_counts(images, texts, text_image)  # (greater, ties, correct) = (0, 1, 1) for every image
-    assert counts['image_to_text'][1].tolist() == [1] * 20 and counts['image_to_text'][2].tolist() == [1] * 20
+    # (greater, ties, correct) = (0, 1, 1) for every image
+    counts, _ = retrieval_counts(images, texts, text_image)
+    assert counts['image_to_text'][1].tolist() == [1] * 20
+    assert counts['image_to_text'][2].tolist() == [1] * 20
 
 
 def test_near_equal_image_embeddings_stay_at_chance():
@@ -173,8 +193,10 @@ def test_near_equal_image_embeddings_stay_at_chance():
     images = F.normalize(c * torch.rand(N, 1, generator=g).add(0.5), dim=-1)
     assert len(torch.unique(images, dim=0)) > 1  # they do differ in the last bits
     texts = F.normalize(torch.randn(N * per_image, 64, generator=g), dim=-1)
-    got = recall_at_k(images, texts, torch.arange(N).repeat_interleave(per_image), (1, 5, 10), chunk_images=64)
-    for k in (1, 5, 10):  # rounding orders them at random: chance, give or take sampling noise (the old rule: 0.5)
+    text_image = torch.arange(N).repeat_interleave(per_image)
+    got = recall_at_k(images, texts, text_image, (1, 5, 10), chunk_images=64)
+    # rounding orders them at random: chance, give or take sampling noise (the old rule: 0.5)
+    for k in (1, 5, 10):
         for d, queries in (('image_to_text', N), ('text_to_image', N * per_image)):
             assert got[d][k] <= k / N + 4 * math.sqrt(k / N / queries), (d, k, got[d][k])
 
@@ -193,7 +215,8 @@ def test_bootstrap_interval_matches_the_binomial_and_pairs_columns():
     half = 1.96 * np.sqrt(a.mean() * (1 - a.mean()) / 4000)
     assert lo_hi[0] == pytest.approx([a.mean() - half, a.mean() + half], abs=0.15 * half)
     paired = lo_hi[2][1] - lo_hi[2][0]
-    assert paired < 0.35 * (lo_hi[0][1] - lo_hi[0][0])  # paired: the shared draws cancel, unlike A's own spread
+    # paired: the shared draws cancel, unlike A's own spread
+    assert paired < 0.35 * (lo_hi[0][1] - lo_hi[0][0])
     assert lo_hi[2][0] <= (b - a).mean() <= lo_hi[2][1]
     assert bootstrap_ci(a[:, None], np.ones(4000), 1000, 0) == [lo_hi[0]]  # seeded
     assert bootstrap_ci(a[:, None], np.ones(4000), 1000, 1) != [lo_hi[0]]
@@ -213,9 +236,10 @@ def test_text_to_image_interval_resamples_images_with_their_captions():
     counts = rng.integers(5, 16, N)
     text_image = np.repeat(np.arange(N), counts)
     easy = rng.random(N) < 0.5
-    t2i = (rng.random(len(text_image)) < np.where(easy, 0.95, 0.05)[text_image]).astype(float)[:, None]
-    got = recall_intervals({'image_to_text': easy[:, None].astype(float), 'text_to_image': t2i}, text_image,
-                           1000, 0)
+    hit = rng.random(len(text_image)) < np.where(easy, 0.95, 0.05)[text_image]
+    t2i = hit.astype(float)[:, None]
+    got = recall_intervals({'image_to_text': easy[:, None].astype(float), 'text_to_image': t2i},
+                           text_image, 1000, 0)
     lo, hi = got['text_to_image'][0]
     # independently: the same seeded draws of N images, each with all its captions, and a plain loop
     # over them
