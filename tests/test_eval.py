@@ -65,9 +65,12 @@ def test_repeated_captions_get_identical_features(tiny_clip, tmp_path):
     import open_clip
     from eval import load_clip, text_features
     model, tokenizer = load_clip(tiny_clip, '', 'cpu')
-    captions = ['a red circle', 'a blue square', 'two shapes', 'a red circle', 'a green triangle', 'a red circle']
+    captions = ['a red circle', 'a blue square', 'two shapes', 'a red circle', 'a green triangle',
+                'a red circle']
     feats = text_features(model, tokenizer, captions, str(tmp_path), tiny_clip, '', 2, 'cpu')
-    assert feats.shape == (6, 6) and np.array_equal(feats[0], feats[3]) and np.array_equal(feats[0], feats[5])
+    assert feats.shape == (6, 6)
+    assert np.array_equal(feats[0], feats[3])
+    assert np.array_equal(feats[0], feats[5])
     assert not np.array_equal(feats[0], feats[1])
     with torch.no_grad():
         alone = F.normalize(model.encode_text(open_clip.get_tokenizer(tiny_clip)(['a blue square'])), dim=-1)
@@ -102,11 +105,13 @@ def load_summaries(out):
 def test_end_to_end_writes_every_field(eval_setup, monkeypatch, capsys):
     data, out, args = eval_setup
     clip = np.load(os.path.join(data, 'clip.npy'))
-    train = make_data_folder(str(out.parent / 'train'), n=30, tokens=16, clip_dim=8, embed_dim=6, seed=1)
+    train = make_data_folder(str(out.parent / 'train'), n=30, tokens=16, clip_dim=8, embed_dim=6,
+                             seed=1)
     os.makedirs(out)
     noisy = clip.astype(np.float32) + np.random.default_rng(0).normal(0, 0.5, clip.shape)
     write_generated(out / 'generated.npy', noisy)
-    run_eval(monkeypatch, *args, f'--generated={out / "generated.npy"}', '--save_detailed=True', f'--train_data={train}')
+    run_eval(monkeypatch, *args, f'--generated={out / "generated.npy"}', '--save_detailed=True',
+             f'--train_data={train}')
     align, recall = load_summaries(out)
     for s in (align, recall):
         assert s['embedding_space'] == 6 and s['uses_visual_projection'] is True
@@ -115,18 +120,21 @@ def test_end_to_end_writes_every_field(eval_setup, monkeypatch, capsys):
         assert s['bootstrap']['samples'] == 1000 and s['mean_tokens_source'].startswith(train)
     assert recall['ties'].startswith('never for the query')
     for m in ('method_a', 'method_b', 'reference', 'mean_tokens'):
-        assert set(align[m]) == {'mean_cosine_similarity', 'std_cosine_similarity', 'min_cosine_similarity',
+        assert set(align[m]) == {'mean_cosine_similarity', 'std_cosine_similarity',
+                                 'min_cosine_similarity',
                                  'max_cosine_similarity', 'mean_cosine_similarity_ci95'}
         stats = [align[m][f'{s}_cosine_similarity'] for s in ('min', 'mean', 'max')]
         assert -1 <= stats[0] <= stats[1] <= stats[2] <= 1
         lo, hi = align[m]['mean_cosine_similarity_ci95']
         assert stats[0] <= lo < stats[1] < hi <= stats[2]
         for d in ('image_to_text', 'text_to_image'):
-            assert set(recall[m][d]) == {f'recall@{k}{s}' for k in (1, 5, 10) for s in ('', '_ci95')}
+            assert set(recall[m][d]) == {f'recall@{k}{s}' for k in (1, 5, 10)
+                                         for s in ('', '_ci95')}
             assert 0 <= recall[m][d]['recall@1'] <= recall[m][d]['recall@5'] <= recall[m][d]['recall@10'] <= 1
             for k in (1, 5, 10):
                 lo, hi = recall[m][d][f'recall@{k}_ci95']
-                assert 0 <= lo <= hi <= 1 and lo - 1e-12 <= recall[m][d][f"recall@{k}"] <= hi + 1e-12
+                assert 0 <= lo <= hi <= 1
+                assert lo - 1e-12 <= recall[m][d][f"recall@{k}"] <= hi + 1e-12
     assert align['difference_mean'] == pytest.approx(align['method_b']['mean_cosine_similarity']
                                                      - align['method_a']['mean_cosine_similarity'], abs=1e-9)
     lo, hi = align['difference_mean_ci95']
@@ -155,10 +163,12 @@ def test_end_to_end_writes_every_field(eval_setup, monkeypatch, capsys):
     # every image ranks them alike
     best_captions = np.argsort(-detailed['similarity_m'], kind='stable')
     for k in (1, 5, 10):
-        assert recall['mean_tokens']['text_to_image'][f'recall@{k}'] == pytest.approx(k / 24, rel=1e-12)
+        assert recall['mean_tokens']['text_to_image'][f'recall@{k}'] == pytest.approx(k / 24,
+                                                                                      rel=1e-12)
         assert recall['mean_tokens']['text_to_image'][f'recall@{k}_ci95'] == pytest.approx([k / 24] * 2, rel=1e-12)
         distinct = len(set(text_image[best_captions[:k]]))
-        assert recall['mean_tokens']['image_to_text'][f'recall@{k}'] == pytest.approx(distinct / 24, rel=1e-12)
+        assert recall['mean_tokens']['image_to_text'][f'recall@{k}'] == pytest.approx(distinct / 24,
+                                                                                      rel=1e-12)
     for d in ('image_to_text', 'text_to_image'):
         diff = recall['difference'][d]
         for k in (1, 5, 10):
@@ -167,7 +177,8 @@ def test_end_to_end_writes_every_field(eval_setup, monkeypatch, capsys):
             lo, hi = diff[f'recall@{k}_difference_ci95']
             assert -1 <= lo <= b - a <= hi <= 1
             assert diff[f'recall@{k}_relative_change'] == (pytest.approx(100 * (b - a) / a) if a else None)
-    assert detailed['similarity_a'].shape == (104,) and detailed['image_embedding_b'].shape == (24, 6)
+    assert detailed['similarity_a'].shape == (104,)
+    assert detailed['image_embedding_b'].shape == (24, 6)
     assert np.load(out / 'eval' / 'recall_detailed.npz')['rank_text_to_image_r'].shape == (104,)
     printed = capsys.readouterr().out
     if importlib.util.find_spec('matplotlib'):  # an optional dependency
@@ -176,7 +187,10 @@ def test_end_to_end_writes_every_field(eval_setup, monkeypatch, capsys):
     else:
         assert 'plots: matplotlib not installed, skipped' in printed
     table = printed[printed.index('A real tokens'):]
-    assert 'image->text R@1' in table and 'B generated' in table and 'mean tokens' in table and 'B - A' in table
+    assert 'image->text R@1' in table
+    assert 'B generated' in table
+    assert 'mean tokens' in table
+    assert 'B - A' in table
     r5 = recall['method_b']['image_to_text']
     assert f"{100 * r5['recall@5']:.1f}% [{100 * r5['recall@5_ci95'][0]:.1f}, {100 * r5['recall@5_ci95'][1]:.1f}]" \
         in table
@@ -185,7 +199,8 @@ def test_end_to_end_writes_every_field(eval_setup, monkeypatch, capsys):
 
     # the real tokens fed as generated: B is A exactly; the cached text features are reused
     write_generated(out / 'generated.npy', clip)
-    run_eval(monkeypatch, *args, f'--generated={out / "generated.npy"}', f'--train_data={train}', '--mean_tokens_rows=7',
+    run_eval(monkeypatch, *args, f'--generated={out / "generated.npy"}', f'--train_data={train}',
+             '--mean_tokens_rows=7',
              '--save_detailed=True')
     align2, recall2 = load_summaries(out)
     assert 'text features: cached' in capsys.readouterr().out
@@ -194,11 +209,14 @@ def test_end_to_end_writes_every_field(eval_setup, monkeypatch, capsys):
     assert align2['difference_mean_ci95'] == [0, 0]
     assert align2['correlation'] == pytest.approx(1.0, abs=1e-12)
     assert align2['token_fidelity']['token_cosine_mean'] == pytest.approx(1.0, abs=1e-6)
-    assert align2['token_fidelity']['token_cosine_standardized_mean'] == pytest.approx(1.0, abs=1e-6)
+    assert align2['token_fidelity']['token_cosine_standardized_mean'] == pytest.approx(1.0,
+                                                                                       abs=1e-6)
     assert align2['token_fidelity']['mse_standardized'] == 0
     assert recall2['method_b'] == recall2['method_a']
-    assert all(v == 0 for d in recall2['difference'].values() for k, v in d.items() if k.endswith('_difference'))
-    assert all(v == [0, 0] for d in recall2['difference'].values() for k, v in d.items() if k.endswith('_ci95'))
+    assert all(v == 0 for d in recall2['difference'].values() for k, v in d.items()
+               if k.endswith('_difference'))
+    assert all(v == [0, 0] for d in recall2['difference'].values() for k, v in d.items()
+               if k.endswith('_ci95'))
     assert '7 rows' in align2['mean_tokens_source']
     # 7 evenly spaced rows of 30
     rows = np.load(os.path.join(train, 'clip.npy'))[[0, 4, 8, 12, 17, 21, 25]]
@@ -208,18 +226,24 @@ def test_end_to_end_writes_every_field(eval_setup, monkeypatch, capsys):
 
 def test_without_generated_reports_the_clip_baseline(eval_setup, monkeypatch, capsys):
     data, out, args = eval_setup
-    run_eval(monkeypatch, *args, '--tasks=recall,alignment', '--k_values=(1, 3)', '--bootstrap_samples=0')
+    run_eval(monkeypatch, *args, '--tasks=recall,alignment', '--k_values=(1, 3)',
+             '--bootstrap_samples=0')
     align, recall = load_summaries(out)
-    assert align['method_b'] is None and align['difference_mean'] is None and align['token_fidelity'] is None
+    assert align['method_b'] is None
+    assert align['difference_mean'] is None
+    assert align['token_fidelity'] is None
     assert recall['method_b'] is None and recall['difference'] is None
-    assert set(recall['method_a']['image_to_text']) == {'recall@1', 'recall@3', 'recall@1_ci95', 'recall@3_ci95'}
-    assert recall['method_a']['image_to_text']['recall@3_ci95'] is None and recall['bootstrap'] is None
+    assert set(recall['method_a']['image_to_text']) == {'recall@1', 'recall@3', 'recall@1_ci95',
+                                                        'recall@3_ci95'}
+    assert recall['method_a']['image_to_text']['recall@3_ci95'] is None
+    assert recall['bootstrap'] is None
     assert align['generated'] is None
     assert align['method_a']['mean_cosine_similarity'] != align['reference']['mean_cosine_similarity']
     # no train folder: the mean tokens fall back to the evaluated folder's per-channel mean, still
     # at chance
     assert 'meta.json clip_mean' in align['mean_tokens_source']
-    assert recall['mean_tokens']['text_to_image'] == {'recall@1': pytest.approx(1 / 24), 'recall@1_ci95': None,
+    assert recall['mean_tokens']['text_to_image'] == {'recall@1': pytest.approx(1 / 24),
+                                                      'recall@1_ci95': None,
                                                       'recall@3': pytest.approx(3 / 24), 'recall@3_ci95': None}
     table = capsys.readouterr().out.split('A real tokens')[1]
     assert 'mean tokens' in table and 'B - A' not in table and '[' not in table
@@ -242,7 +266,8 @@ def test_bad_generated_shape_count_and_values(eval_setup, monkeypatch):
         run_eval(monkeypatch, *args, '--generated=nowhere.npy')
     write_generated(out / 'generated.npy', clip)
     os.truncate(out / 'generated.npy', 1000)  # a copy cut short
-    with pytest.raises(SystemExit, match=r"generated.npy is truncated or corrupt: expected 6,272 bytes "
+    with pytest.raises(SystemExit,
+                       match=r"generated.npy is truncated or corrupt: expected 6,272 bytes "
                                          r"\(float16 \[24, 16, 8\]\), the file has 1,000 bytes"):
         run_eval(monkeypatch, *args)
 
@@ -261,7 +286,8 @@ def test_images_without_captions_named(eval_setup, monkeypatch):
 def test_clip_model_that_does_not_fit_the_data(tmp_path, tiny_clip, monkeypatch):
     data = make_data_folder(str(tmp_path / 'data'), n=4, tokens=16, clip_dim=12, embed_dim=6)
     with pytest.raises(SystemExit, match=r"projects 8 -> 6, but .* token dim 12"):
-        run_eval(monkeypatch, f'--val_data={data}', f'--out_dir={tmp_path}', f'--clip_model={tiny_clip}',
+        run_eval(monkeypatch, f'--val_data={data}', f'--out_dir={tmp_path}',
+                 f'--clip_model={tiny_clip}',
                  '--clip_pretrained=')
 
 
@@ -269,10 +295,12 @@ def test_default_finds_what_sample_py_wrote_and_names_its_maker(eval_setup, monk
     """With no --generated, eval.py takes the flow DiT's samples folder finished last in out_dir/samples for the
     target (val or held-out), writes its summaries there, and records the checkpoint and the sampler."""
     data_dir, out, args = eval_setup
-    settings = {'checkpoint': str(out / 'ckpt.pt'), 'iter_num': 800, 'use_ema': True, 'sample_method': 'heun',
+    settings = {'checkpoint': str(out / 'ckpt.pt'), 'iter_num': 800, 'use_ema': True,
+                'sample_method': 'heun',
                 'sample_steps': 5, 'sample_shift': 1.0, 'cfg_scale': 1.0, 'seed': 1337}
     folders = []
-    for method, name in (('flow', 'ckpt-heun5-cfg1-seed1337'), ('flow', 'ckpt-euler5-cfg1-seed1337'),
+    for method, name in (('flow', 'ckpt-heun5-cfg1-seed1337'),
+                         ('flow', 'ckpt-euler5-cfg1-seed1337'),
                          ('ridge', 'ridge'), ('flow', 'ckpt-euler5-cfg1-seed1337-holdout')):
         folder = out / 'samples' / name
         os.makedirs(folder)
@@ -289,7 +317,8 @@ def test_default_finds_what_sample_py_wrote_and_names_its_maker(eval_setup, monk
     for s in (align, recall):
         assert s['generated'] == str(folders[0] / 'generated.npy') and s['model_calls'] == 10
         assert s['checkpoint'] == {'path': str(out / 'ckpt.pt'), 'iter_num': 800, 'use_ema': True}
-        assert s['sampler'] == {'sample_method': 'heun', 'sample_steps': 5, 'sample_shift': 1.0, 'cfg_scale': 1.0,
+        assert s['sampler'] == {'sample_method': 'heun', 'sample_steps': 5, 'sample_shift': 1.0,
+                                'cfg_scale': 1.0,
                                 'seed': 1337}
     assert recall['method_b'] == recall['method_a']
     for folder in folders:
@@ -322,19 +351,23 @@ def write_info(npy_path, info):
 def test_token_fidelity_in_the_dits_units(eval_setup, monkeypatch, capsys):
     """Standardized fidelity uses generated.json's data_stats, else train_data's meta.json, else val_data's (noted)."""
     data, out, args = eval_setup
-    train = make_data_folder(str(out.parent / 'train'), n=30, tokens=16, clip_dim=8, embed_dim=6, seed=1)
+    train = make_data_folder(str(out.parent / 'train'), n=30, tokens=16, clip_dim=8, embed_dim=6,
+                             seed=1)
     os.makedirs(out)
     clip = np.load(os.path.join(data, 'clip.npy')).astype(np.float32)
     noisy = clip + np.random.default_rng(0).normal(0, 0.5, clip.shape)
     write_generated(out / 'generated.npy', noisy)
-    args = [*args, f'--generated={out / "generated.npy"}', '--tasks=alignment', '--bootstrap_samples=0']
+    args = [*args, f'--generated={out / "generated.npy"}', '--tasks=alignment',
+            '--bootstrap_samples=0']
     write_info(out / 'generated.npy', {'data_stats': {'clip_mean': [0.0] * 8, 'clip_std': [1.0] * 8,
                                                       'source': 'identity stats'}})
     run_eval(monkeypatch, *args, f'--train_data={train}')
     align = json.load(open(out / 'eval' / 'alignment_summary.json'))
-    assert 'identity stats' in align['token_fidelity_stats'] and 'generated.json' in align['token_fidelity_stats']
+    assert 'identity stats' in align['token_fidelity_stats']
+    assert 'generated.json' in align['token_fidelity_stats']
     fid = align['token_fidelity']
-    assert fid['token_cosine_standardized_mean'] == pytest.approx(fid['token_cosine_mean'], abs=1e-6)
+    assert fid['token_cosine_standardized_mean'] == pytest.approx(fid['token_cosine_mean'],
+                                                                  abs=1e-6)
     os.remove(out / 'generated.json')
     run_eval(monkeypatch, *args, f'--train_data={train}')  # the training folder's
     train_align = json.load(open(out / 'eval' / 'alignment_summary.json'))
@@ -345,10 +378,12 @@ def test_token_fidelity_in_the_dits_units(eval_setup, monkeypatch, capsys):
     val_align = json.load(open(out / 'eval' / 'alignment_summary.json'))
     assert val_align['token_fidelity_stats'].startswith(os.path.join(data, 'meta.json'))
     assert 'note: token fidelity is standardized with' in capsys.readouterr().out
-    cosines = [s['token_fidelity']['token_cosine_standardized_mean'] for s in (align, train_align, val_align)]
+    cosines = [s['token_fidelity']['token_cosine_standardized_mean'] for s in (align, train_align,
+                                                                               val_align)]
     assert len(set(cosines)) == 3  # the standardized cosine depends on the statistics used
     assert align['token_fidelity']['token_cosine_mean'] == val_align['token_fidelity']['token_cosine_mean']
-    write_info(out / 'generated.npy', {'data_stats': {'clip_mean': [0.0] * 7, 'clip_std': [1.0] * 8}})
+    write_info(out / 'generated.npy', {'data_stats': {'clip_mean': [0.0] * 7,
+                                                      'clip_std': [1.0] * 8}})
     with pytest.raises(SystemExit, match=r"generated.json: clip_mean and clip_std should be 8 numbers each .* got 7 "
                                          r"values and 8 values"):
         run_eval(monkeypatch, *args)
@@ -360,7 +395,8 @@ def test_baselines_beside_b(eval_setup, monkeypatch, capsys):
     rng = np.random.default_rng(0)
     with open(os.path.join(data, 'meta.json'), 'rb') as f:
         ours = {'folder': data, 'id': hashlib.sha1(f.read()).hexdigest(), 'start': 0, 'count': 24}
-    arrays = {'b': clip + rng.normal(0, 0.5, clip.shape), 'noisier': clip + rng.normal(0, 1.5, clip.shape)}
+    arrays = {'b': clip + rng.normal(0, 0.5, clip.shape), 'noisier': clip + rng.normal(0, 1.5,
+                                                                                       clip.shape)}
     arrays['twin'], arrays['other'], arrays['slice'] = arrays['b'], clip, clip
     # twin: no 'data'
     infos = {'b': {'data': ours}, 'noisier': {'label': 'noisier', 'data': ours}, 'twin': {},
@@ -371,7 +407,8 @@ def test_baselines_beside_b(eval_setup, monkeypatch, capsys):
         write_generated(out / name / 'generated.npy', array)
         write_info(out / name / 'generated.npy', infos[name])
     baselines = tuple(str(out / n / 'generated.npy') for n in ('noisier', 'twin', 'other', 'slice'))
-    run_eval(monkeypatch, *args, f'--generated={out / "b" / "generated.npy"}', f'--baselines={baselines!r}')
+    run_eval(monkeypatch, *args, f'--generated={out / "b" / "generated.npy"}',
+             f'--baselines={baselines!r}')
     align, recall = load_summaries(out / 'b')
     printed = capsys.readouterr().out
     assert "baseline 'twin'" in printed and "has no 'data'" in printed  # compared on its shape only
@@ -379,16 +416,20 @@ def test_baselines_beside_b(eval_setup, monkeypatch, capsys):
            f"evaluated data is {data} (id {ours['id']}, rows 0 + 24)" in printed
     assert "baseline 'slice'" in printed and "rows 4 + 20" in printed
     for s in (align, recall):
-        assert set(s['baselines']) == {'noisier', 'twin'} and s['baselines_skipped'] == list(baselines[2:])
+        assert set(s['baselines']) == {'noisier', 'twin'}
+        assert s['baselines_skipped'] == list(baselines[2:])
     # the same array as B gets B's numbers exactly, and a zero paired difference
     twin = {k: v for k, v in recall['baselines']['twin'].items() if k != 'generated'}
     assert twin == recall['method_b'] and recall['baselines']['twin']['generated'] == baselines[1]
     assert {k: align['baselines']['twin'][k] for k in align['method_b']} == align['method_b']
     assert align['baselines']['twin']['token_fidelity'] == align['token_fidelity']
     assert align['baselines']['twin']['correlation'] == align['correlation']
-    assert align['b_minus_twin'] == {'difference_mean': 0, 'difference_mean_ci95': [0, 0], 'difference_std': 0}
-    assert all(v == 0 for d in recall['b_minus_twin'].values() for k, v in d.items() if k.endswith('_difference'))
-    assert all(v == [0, 0] for d in recall['b_minus_twin'].values() for k, v in d.items() if k.endswith('_ci95'))
+    assert align['b_minus_twin'] == {'difference_mean': 0, 'difference_mean_ci95': [0, 0],
+                                     'difference_std': 0}
+    assert all(v == 0 for d in recall['b_minus_twin'].values() for k, v in d.items()
+               if k.endswith('_difference'))
+    assert all(v == [0, 0] for d in recall['b_minus_twin'].values() for k, v in d.items()
+               if k.endswith('_ci95'))
     # a worse baseline: its own rows, and B - baseline with paired intervals
     noisier, b = align['baselines']['noisier'], align['method_b']
     assert noisier['token_fidelity']['mse_standardized'] > align['token_fidelity']['mse_standardized']
@@ -404,16 +445,21 @@ def test_baselines_beside_b(eval_setup, monkeypatch, capsys):
             lo, hi = recall['baselines']['noisier'][d][f'recall@{k}_ci95']
             assert lo - 1e-12 <= y <= hi + 1e-12
     table = printed[printed.index('A real tokens'):]
-    assert 'noisier' in table and 'B - noisier' in table and 'B - twin' in table and 'B - A' in table
+    assert 'noisier' in table
+    assert 'B - noisier' in table
+    assert 'B - twin' in table
+    assert 'B - A' in table
     assert 'B - A, B - noisier, B - twin paired' in table
     # the evaluated array itself made for other rows is an error, not a skip
     write_info(out / 'b' / 'generated.npy', infos['other'])
-    with pytest.raises(SystemExit, match=r"b/generated.json says it was made for .* \(id another-extraction"):
+    with pytest.raises(SystemExit,
+                       match=r"b/generated.json says it was made for .* \(id another-extraction"):
         run_eval(monkeypatch, *args, f'--generated={out / "b" / "generated.npy"}')
 
 
 def test_plots_are_titled_with_the_rows_checkpoint_and_sampler(tmp_path):
-    common = {'val_data': '/d/train', 'data': {'start': 1600, 'count': 400}, 'holdout': True, 'generated': '/o/g.npy',
+    common = {'val_data': '/d/train', 'data': {'start': 1600, 'count': 400}, 'holdout': True,
+              'generated': '/o/g.npy',
               'checkpoint': {'path': '/o/demo/ckpt_iter000800.pt', 'iter_num': 800, 'use_ema': True},
               'sampler': {'sample_method': 'midpoint', 'sample_steps': 5, 'sample_shift': 1.0, 'cfg_scale': 2.0,
                           'seed': 1337}, 'model_calls': 10, 'sampling': {}}
@@ -422,17 +468,23 @@ def test_plots_are_titled_with_the_rows_checkpoint_and_sampler(tmp_path):
     regression = {**common, 'holdout': False, 'sampler': dict.fromkeys(common['sampler'])}
     assert plot_title(regression).endswith('(not the held-out slice)\nB: demo/ckpt_iter000800, iteration 800, EMA '
                                            'weights\nregression: one forward pass')
-    ridge = {**common, 'checkpoint': dict.fromkeys(common['checkpoint']), 'sampling': {'label': 'ridge'}}
+    ridge = {**common, 'checkpoint': dict.fromkeys(common['checkpoint']),
+             'sampling': {'label': 'ridge'}}
     assert plot_title(ridge).endswith('\nB: /o/g.npy\nridge')
-    assert plot_title({**common, 'generated': None}).endswith('\nno generated array: the CLIP baseline only')
+    assert plot_title({**common,
+                       'generated': None}).endswith('\nno generated array: the CLIP baseline only')
     if importlib.util.find_spec('matplotlib'):  # an optional dependency
-        sims = {m: np.random.default_rng(0).uniform(-1, 1, 50) for m in ('a', 'b', 'baseline_ridge')}
-        recalls = {m: {d: {1: 0.2, 5: 0.5} for d in ('image_to_text', 'text_to_image')} for m in sims}
-        intervals = {(m, d, k): [0.9 * v, min(1, 1.1 * v)] for m, r in recalls.items() for d, by_k in r.items()
+        sims = {m: np.random.default_rng(0).uniform(-1, 1, 50) for m in ('a', 'b',
+                                                                         'baseline_ridge')}
+        recalls = {m: {d: {1: 0.2, 5: 0.5} for d in ('image_to_text',
+                                                     'text_to_image')} for m in sims}
+        intervals = {(m, d, k): [0.9 * v, min(1, 1.1 * v)] for m, r in recalls.items() for d,
+                     by_k in r.items()
                      for k, v in by_k.items()}
         labels = {'a': 'A', 'b': 'B', 'baseline_ridge': 'ridge'}
         plot_eval(str(tmp_path), sims, recalls, intervals, (1, 5), labels, common)
-        assert sorted(os.listdir(tmp_path)) == ['alignment_hist.png', 'alignment_scatter.png', 'recall.png']
+        assert sorted(os.listdir(tmp_path)) == ['alignment_hist.png', 'alignment_scatter.png',
+                                                'recall.png']
 
 
 def test_plots_skip_without_matplotlib(tmp_path, monkeypatch, capsys):
