@@ -30,6 +30,7 @@ import torch
 
 import data
 import flow
+import plots
 
 # -----------------------------------------------------------------------------
 out_dir = 'out'                # samples go to out_dir/samples/<name>/, the table to out_dir/<sweep_name>.*
@@ -206,18 +207,16 @@ def write_table(path, table, rows):
 
 
 def plot(path, rows, baseline, title):
-    """<path>.png: B's R@5 in both directions (95% intervals) and the token cosine against model calls, a colour per
-    checkpoint and sampler setting, a line style per seed, A's R@5 (its interval shaded) for reference; False where
-    matplotlib is not installed (it is optional)."""
-    try:
-        import matplotlib
-        matplotlib.use('Agg')
-        import matplotlib.pyplot as plt
-        from matplotlib.lines import Line2D
-    except ImportError:
-        print("plot: matplotlib not installed, skipped")
+    """<path>.png: B's R@5 in both directions (95% intervals) and the token cosine against model
+    calls, a colour per checkpoint and sampler setting, a line style per seed, A's R@5 (its
+    interval shaded) for reference; False where matplotlib is not installed (it is optional)."""
+    plt = plots.pyplot()
+    if plt is None:
         return False
-    panels = [('i2t_recall@5', 'image->text R@5 (%)', 100), ('t2i_recall@5', 'text->image R@5 (%)', 100),
+    from matplotlib.lines import Line2D
+    from matplotlib.ticker import NullFormatter
+    panels = [('i2t_recall@5', 'image->text R@5 (%)', 100),
+              ('t2i_recall@5', 'text->image R@5 (%)', 100),
               ('token_cosine_mean', 'token cosine to the real tokens (axis not from 0)', 1)]
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.6))
     calls = sorted({r['model_calls'] for r in rows})
@@ -225,29 +224,35 @@ def plot(path, rows, baseline, title):
     def setting(row):
         """A row's checkpoint and sampler, its seed aside."""
         stem = os.path.splitext(os.path.basename(row['checkpoint']))[0]
-        stem += '' if f"iter{row['iter_num']:06d}" in stem else f" iter {row['iter_num']}"  # ckpt.pt names none
+        # ckpt.pt names no iteration
+        stem += '' if f"iter{row['iter_num']:06d}" in stem else f" iter {row['iter_num']}"
         if row['method'] == 'regression':  # one forward pass: no sampler, no guidance
             return f"{stem} regression"
-        return (f"{stem} {row['method']}" + (f" shift {row['shift']:g}" if row['shift'] != 1 else '')
-                + f" cfg {row['cfg_scale']:g}")
+        shift = f" shift {row['shift']:g}" if row['shift'] != 1 else ''
+        return f"{stem} {row['method']}{shift} cfg {row['cfg_scale']:g}"
     lines = {}
     for row in rows:
         lines.setdefault((setting(row), row['seed']), []).append(row)
-    settings, seeds = list(dict.fromkeys(s for s, _ in lines)), list(dict.fromkeys(s for _, s in lines))
+    settings = list(dict.fromkeys(s for s, _ in lines))
+    seeds = list(dict.fromkeys(s for _, s in lines))
     palette = plt.get_cmap('tab10' if len(settings) <= 10 else 'tab20').colors
     color = {s: palette[i % len(palette)] for i, s in enumerate(settings)}
-    style = {s: dict(ls=('-', '--', ':', '-.')[i % 4], marker='os^Dv'[i % 5]) for i, s in enumerate(seeds)}
-    step = min(1.04, 1.3 ** (1 / max(len(lines) - 1, 1)))  # lines side by side, intervals at one call count apart
+    style = {s: dict(ls=('-', '--', ':', '-.')[i % 4], marker='os^Dv'[i % 5])
+             for i, s in enumerate(seeds)}
+    # lines side by side, intervals at one call count apart
+    step = min(1.04, 1.3 ** (1 / max(len(lines) - 1, 1)))
     for ax, (key, name, scale) in zip(axes, panels):
         for j, ((label, seed), points) in enumerate(lines.items()):
             points = sorted(points, key=lambda r: r['model_calls'])
             dodge = step ** (j - (len(lines) - 1) / 2)
             x, y = [dodge * r['model_calls'] for r in points], [scale * r[key] for r in points]
             err = None
-            if f'{key}_ci95_lo' in points[0]:  # a percentile bound may sit a rounding error past the point
+            # a percentile bound may sit a rounding error past the point
+            if f'{key}_ci95_lo' in points[0]:
                 err = [[max(0, v - scale * r[f'{key}_ci95_lo']) for v, r in zip(y, points)],
                        [max(0, scale * r[f'{key}_ci95_hi'] - v) for v, r in zip(y, points)]]
-            ax.errorbar(x, y, yerr=err, color=color[label], ms=4, lw=1.2, elinewidth=0.8, capsize=2, **style[seed])
+            ax.errorbar(x, y, yerr=err, color=color[label], ms=4, lw=1.2, elinewidth=0.8, capsize=2,
+                        **style[seed])
         if key != 'token_cosine_mean':
             a = baseline[DIRECTIONS[key[:3]]]
             ax.axhline(100 * a['recall@5'], color='k', ls='--', lw=0.8)
@@ -255,21 +260,21 @@ def plot(path, rows, baseline, title):
                 ax.axhspan(*(100 * v for v in a['recall@5_ci95']), color='k', alpha=0.08, lw=0)
             ax.set_ylim(0, 100)
         ax.set(xscale='log', xlabel='model calls per sample (points dodged sideways)', title=name)
-        ax.set_xticks(calls, [str(c) for c in calls])  # the grid's own call counts, not powers of ten
-        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+        ax.set_xticks(calls, [str(c) for c in calls])  # the grid's own call counts, not 10^k
+        ax.xaxis.set_minor_formatter(NullFormatter())
     # below the axes: the seeds' line styles and A, and above them a colour per setting
-    keys = [Line2D([], [], color='k', ms=4, label=f'seed {s}' if s is not None else 'no seed (regression)',
-                   **style[s]) for s in seeds]
-    keys.append(Line2D([], [], color='k', ls='--', lw=0.8, label='A: real tokens (shaded: its 95% interval)'))
-    height = lambda legend: legend.get_window_extent(fig.canvas.get_renderer()).height / fig.bbox.height
-    below = height(fig.legend(handles=keys, loc='lower center', ncol=len(keys), fontsize=7, frameon=False))
-    below += height(fig.legend(handles=[Line2D([], [], color=color[s], lw=2, label=s) for s in settings],
-                               loc='lower center', bbox_to_anchor=(0.5, below), ncol=min(4, len(settings)),
-                               fontsize=7, frameon=False))
+    keys = [Line2D([], [], color='k', ms=4, **style[s],
+                   label=f'seed {s}' if s is not None else 'no seed (regression)') for s in seeds]
+    keys.append(Line2D([], [], color='k', ls='--', lw=0.8,
+                       label='A: real tokens (shaded: its 95% interval)'))
+    below = plots.legend_height(fig, fig.legend(handles=keys, loc='lower center', ncol=len(keys),
+                                                fontsize=7, frameon=False))
+    below += plots.legend_height(fig, fig.legend(
+        handles=[Line2D([], [], color=color[s], lw=2, label=s) for s in settings],
+        loc='lower center', bbox_to_anchor=(0.5, below), ncol=min(4, len(settings)), fontsize=7,
+        frameon=False))
     fig.suptitle(title, fontsize=9)
-    fig.tight_layout(rect=(0, below, 1, 1))
-    fig.savefig(path + '.png', dpi=120)
-    plt.close(fig)
+    plots.save(fig, path + '.png', below)
     return True
 
 

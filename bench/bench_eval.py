@@ -1,12 +1,13 @@
-"""Benchmark eval.py's two tasks at COCO val scale: 5,000 images x 25,000 captions x 768 dims, random unit vectors.
+"""Benchmark eval.py's two tasks at COCO val scale: 5,000 images x 25,000 captions x 768 dims,
+random unit vectors.
 
-Prints one JSON line: seconds for both tasks on one image embedding (Task 2 Recall@1/5/10 both directions, and
-Task 1's per-pair cosines and their stats, read from the same score matrix, as eval.py does when both tasks run;
-eval.py runs this for A, B, R and the mean tokens), next to two references
-timed in the same run: a naive full-matrix implementation (CLIP_benchmark style: whole [N, T] score matrix, top-K,
-membership) and the floor, one float32 matmul of the text and image embeddings. Each is the best of `repeats`
-interleaved runs. `bootstrap_s`: the 95% intervals of one method's recalls and alignment mean (eval.py draws them
-once for all methods together).
+Prints one JSON line: seconds for both tasks on one image embedding (Task 2 Recall@1/5/10 both
+directions, and Task 1's per-pair cosines and their stats, read from the same score matrix, as
+eval.py does when both tasks run; eval.py runs this for A, B, R and the mean tokens), next to two
+references timed in the same run: a naive full-matrix implementation (CLIP_benchmark style: whole
+[N, T] score matrix, top-K, membership) and the floor, one float32 matmul of the text and image
+embeddings. Each is the best of `repeats` interleaved runs. `bootstrap_s`: the 95% intervals of one
+method's recalls and alignment mean (eval.py draws them once for all methods together).
 
 python bench/bench_eval.py
 python bench/bench_eval.py --device=cuda
@@ -22,7 +23,8 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from bench_model import synchronize  # noqa: E402
-from eval import bootstrap_ci, cosine_stats, duplicate_groups, hit_rates, retrieval_counts  # noqa: E402
+# noqa: E402
+from metrics import bootstrap_ci, cosine_stats, duplicate_groups, hit_rates, retrieval_counts
 
 # -----------------------------------------------------------------------------
 n_images, captions_per_image = 5000, 5  # COCO 2017 val's scale: 5,000 images, ~25,000 captions
@@ -40,21 +42,26 @@ config = configure(globals())
 
 
 def both_tasks(images, texts, text_image):
-    """What eval.py does per method: per-pair cosine statistics, then ranks and Recall@K both directions."""
+    """What eval.py does per method: per-pair cosine statistics, then ranks and Recall@K both
+    directions."""
     counts, pair = retrieval_counts(images, texts, text_image, text_groups=text_groups)
-    return cosine_stats(pair.double().cpu().numpy()), {d: dict(zip(k_values, hit_rates(*c, k_values).mean(0).tolist()))
-                                                       for d, c in counts.items()}
+    recalls = {d: dict(zip(k_values, hit_rates(*c, k_values).mean(0).tolist()))
+               for d, c in counts.items()}
+    return cosine_stats(pair.double().cpu().numpy()), recalls
 
 
 def intervals(images, texts, text_image):
-    """What eval.py adds per method: bootstrap intervals of its recalls (both directions) and alignment mean."""
+    """What eval.py adds per method: bootstrap intervals of its recalls (both directions) and
+    alignment mean."""
     counts, pair = retrieval_counts(images, texts, text_image, text_groups=text_groups)
     sims = pair.double().cpu()
     hits = {d: hit_rates(*c, k_values).cpu() for d, c in counts.items()}
     t0 = time.perf_counter()
-    per_image = torch.cat([hits['image_to_text'], torch.zeros(n_images, 1, dtype=torch.float64).index_add_(
-        0, text_image.cpu(), sims[:, None])], 1)
-    bootstrap_ci(per_image, torch.full((n_images,), float(captions_per_image)), bootstrap_samples, seed)
+    cosine_sums = torch.zeros(n_images, 1, dtype=torch.float64).index_add_(0, text_image.cpu(),
+                                                                          sims[:, None])
+    per_image = torch.cat([hits['image_to_text'], cosine_sums], 1)
+    bootstrap_ci(per_image, torch.full((n_images,), float(captions_per_image)), bootstrap_samples,
+                 seed)
     bootstrap_ci(hits['text_to_image'], torch.ones(len(sims)), bootstrap_samples, seed)
     return time.perf_counter() - t0
 
@@ -66,9 +73,10 @@ def naive(images, texts, text_image):
     positive[text_image, torch.arange(len(text_image), device=scores.device)] = True
     top_texts = scores.topk(max(k_values), dim=1).indices
     top_images = scores.T.topk(max(k_values), dim=1).indices
-    return {'image_to_text': {k: positive.gather(1, top_texts[:, :k]).any(1).double().mean().item() for k in k_values},
-            'text_to_image': {k: (top_images[:, :k] == text_image[:, None]).any(1).double().mean().item()
-                              for k in k_values}}
+    return {'image_to_text': {k: positive.gather(1, top_texts[:, :k]).any(1).double().mean().item()
+                              for k in k_values},
+            'text_to_image': {k: (top_images[:, :k] == text_image[:, None]).any(1).double().mean()
+                              .item() for k in k_values}}
 
 
 def floor(images, texts, text_image):
@@ -83,7 +91,8 @@ texts = F.normalize(torch.randn(n_images * captions_per_image, dim, generator=g)
 text_image = torch.arange(n_images).repeat_interleave(captions_per_image).to(device)
 text_groups = duplicate_groups(texts)  # eval.py finds the repeated captions once, for every method
 times = {'eval': [], 'naive': [], 'floor': []}
-cpu = {'eval': [], 'naive': [], 'floor': []}  # process CPU seconds: steadier than wall time on a shared box
+# process CPU seconds: steadier than wall time on a shared box
+cpu = {'eval': [], 'naive': [], 'floor': []}
 results = {}
 for _ in range(repeats):
     for name, fn in (('floor', floor), ('eval', both_tasks), ('naive', naive)):
@@ -98,14 +107,17 @@ for _ in range(repeats):
         del out
 best = {k: min(v) for k, v in times.items()}
 bootstrap_s = intervals(images, texts, text_image)
-agree = all(results['eval'][1][d][k] == results['naive'][d][k] for d in results['naive'] for k in k_values)
+agree = all(results['eval'][1][d][k] == results['naive'][d][k] for d in results['naive']
+            for k in k_values)
 print(json.dumps({
     'bench': 'eval', 'images': n_images, 'captions': n_images * captions_per_image, 'dim': dim,
     'k_values': list(k_values), 'device': device, 'torch_threads': torch.get_num_threads(),
     'machine': (torch.cuda.get_device_name() if device.startswith('cuda')
                 else f"{platform.machine()}, {os.cpu_count()} cpus"),
-    'eval_s': round(best['eval'], 3), 'naive_s': round(best['naive'], 3), 'floor_matmul_s': round(best['floor'], 3),
-    'ratio_to_floor': round(best['eval'] / best['floor'], 3), 'ratio_to_naive': round(best['eval'] / best['naive'], 3),
+    'eval_s': round(best['eval'], 3), 'naive_s': round(best['naive'], 3),
+    'floor_matmul_s': round(best['floor'], 3),
+    'ratio_to_floor': round(best['eval'] / best['floor'], 3),
+    'ratio_to_naive': round(best['eval'] / best['naive'], 3),
     'cpu_s': {k: round(min(v), 3) for k, v in cpu.items()}, 'recall_agrees_with_naive': agree,
     'cpu_ratio_to_floor': round(min(cpu['eval']) / min(cpu['floor']), 3),
     'bootstrap_samples': bootstrap_samples, 'bootstrap_s': round(bootstrap_s, 3),

@@ -1,9 +1,8 @@
-"""eval.py: recall on hand-built embeddings, method A against open_clip's own avg pooling, end to end, bad input."""
+"""eval.py: method A against open_clip's own avg pooling, text features, end to end, bad input,
+plots."""
 import hashlib
 import importlib.util
-import itertools
 import json
-import math
 import os
 import re
 import runpy
@@ -17,11 +16,12 @@ import torch
 import torch.nn.functional as F
 
 from conftest import ROOT, make_data_folder
-from eval import (bootstrap_ci, hit_rates, plot, plot_title, pool_project, recall_at_k, recall_intervals,
-                  retrieval_counts)
+from eval import pool_project
+from plots import plot_eval, plot_title
 
 EVAL = os.path.join(ROOT, 'eval.py')
-# A tiny CLIP: 16 tokens of width 8 (4x4 patches of a 16 px image), joint space 6, one layer per tower.
+# A tiny CLIP: 16 tokens of width 8 (4x4 patches of a 16 px image), joint space 6, one layer per
+# tower.
 TINY_CLIP = {'embed_dim': 6, 'quick_gelu': True,
              'vision_cfg': {'image_size': 16, 'layers': 1, 'width': 8, 'head_width': 8, 'patch_size': 4},
              'text_cfg': {'context_length': 16, 'vocab_size': 49408, 'width': 8, 'heads': 1, 'layers': 1}}
@@ -41,214 +41,6 @@ def tiny_clip(tmp_path_factory):
     return 'eval-test-tiny-clip'
 
 
-def naive_recall(image_emb, text_emb, text_image, k_values):
-    """CLIP_benchmark's way: the full score matrix, top-K indices, membership."""
-    scores = image_emb @ text_emb.T
-    positive = torch.zeros_like(scores, dtype=torch.bool)
-    positive[text_image, torch.arange(len(text_image))] = True
-    out = {'image_to_text': {}, 'text_to_image': {}}
-    for k in k_values:
-        top_t = scores.topk(min(k, scores.shape[1]), dim=1).indices
-        out['image_to_text'][k] = positive.gather(1, top_t).any(1).float().mean().item()
-        top_i = scores.T.topk(min(k, scores.shape[0]), dim=1).indices
-        out['text_to_image'][k] = (top_i == text_image[:, None]).any(1).float().mean().item()
-    return out
-
-
-def test_recall_hand_built_known_answers():
-    # images 0, 1, 2 own 1, 5 and 7 captions; identity image vectors make text_emb[t] the scores of caption t
-    scores = torch.tensor([
-        # t0   t1    t2   t3    t4   t5   t6   t7   t8   t9   t10  t11  t12
-        [0.5, 0.9, 0.1, 0.1, 0.1, 0.1, 0.8, 0.1, 0.1, 0.1, 0.1, 0.1, 0.1],     # own t0 = 0.5: t1, t6 beat it -> rank 2
-        [0.2, 0.95, 0.3, 0.3, 0.3, 0.3, 0.2, 0.2, 0.2, 0.2, 0.2, 0.2, 0.2],    # best own t1 = 0.95 is the top -> rank 0
-        [0.7, 0.75, 0.8, 0.85, 0.9, 0.1, 0.6, 0.5, 0.5, 0.5, 0.5, 0.5, 0.5]])  # best own 0.6: t0..t4 beat it -> rank 5
-    text_image = torch.tensor([0] + [1] * 5 + [2] * 7)
-    counts, pair = retrieval_counts(torch.eye(3), scores.T, text_image, chunk_images=2)
-    assert [c.tolist() for c in counts['image_to_text']] == [[2, 0, 5], [0, 0, 0], [1, 1, 1]]
-    assert counts['text_to_image'][0].tolist() == [1, 0, 1, 1, 1, 0, 1, 0, 0, 0, 0, 0, 0]
-    assert counts['text_to_image'][1].tolist() == [0] * 13  # no ties
-    assert pair.tolist() == scores[text_image, torch.arange(13)].tolist()  # each caption's own score, exactly
-    r = recall_at_k(torch.eye(3), scores.T, text_image, k_values=(1, 2, 3, 5, 6, 10))
-    assert r['image_to_text'] == pytest.approx({1: 1 / 3, 2: 1 / 3, 3: 2 / 3, 5: 2 / 3, 6: 1.0, 10: 1.0})
-    assert r['text_to_image'] == pytest.approx({1: 8 / 13, 2: 1.0, 3: 1.0, 5: 1.0, 6: 1.0, 10: 1.0})
-    # captions in any order (not grouped by image) give the same answers
-    perm = torch.randperm(13, generator=torch.Generator().manual_seed(0))
-    assert recall_at_k(torch.eye(3), scores.T[perm], text_image[perm], (1, 2, 3, 5, 6, 10)) == r
-
-
-@pytest.mark.parametrize('chunk_images', [None, 1, 7])
-def test_recall_matches_naive_full_matrix(chunk_images):
-    g = torch.Generator().manual_seed(1)
-    counts = torch.randint(1, 8, (60,), generator=g)  # 1 to 7 captions per image
-    text_image = torch.repeat_interleave(torch.arange(60), counts)
-    text_image = text_image[torch.randperm(len(text_image), generator=g)]
-    images = F.normalize(torch.randn(60, 16, generator=g), dim=-1)
-    texts = F.normalize(images[text_image] + 1.2 * torch.randn(len(text_image), 16, generator=g), dim=-1)
-    k_values = (1, 5, 10, 50)
-    got = recall_at_k(images, texts, text_image, k_values, **({'chunk_images': chunk_images} if chunk_images else {}))
-    naive = naive_recall(images, texts, text_image, k_values)
-    for d in ('image_to_text', 'text_to_image'):
-        assert got[d] == pytest.approx(naive[d])
-    assert 0 < got['image_to_text'][1] < got['image_to_text'][10] < 1  # the data is neither trivial nor hopeless
-    assert 0 < got['text_to_image'][1] < got['text_to_image'][10] < 1
-
-
-def brute_force_recall(images, texts, text_image, k):
-    """Expected recall@k by enumerating every order of the tied candidates: those whose embedding equals the query's
-    best correct item's, and its correct items at that score; a different embedding at the same score counts above."""
-    scores = images @ texts.T
-
-    def expected_hit(candidate_scores, correct, embeddings):
-        best = max(s for s, c in zip(candidate_scores, correct) if c)
-        best_embeddings = [e for s, c, e in zip(candidate_scores, correct, embeddings) if c and s == best]
-        tied, above = [], 0
-        for s, c, e in zip(candidate_scores, correct, embeddings):
-            if s == best and (c or any(torch.equal(e, b) for b in best_embeddings)):
-                tied.append(c)
-            elif s >= best:
-                above += 1
-        orders = list(itertools.permutations(tied))
-        return sum(any(o[:max(k - above, 0)]) for o in orders) / len(orders)
-
-    n, t = scores.shape
-    i2t = [expected_hit(scores[i].tolist(), (text_image == i).tolist(), list(texts)) for i in range(n)]
-    t2i = [expected_hit(scores[:, j].tolist(), (torch.arange(n) == text_image[j]).tolist(), list(images))
-           for j in range(t)]
-    return sum(i2t) / n, sum(t2i) / t
-
-
-@pytest.mark.parametrize('seed', range(6))
-def test_recall_with_ties_matches_brute_force(seed):
-    # embeddings drawn from a few small integer vectors: repeated images and captions (exact ties), and different
-    # embeddings with equal integer scores (float coincidences, which count against the query)
-    g = torch.Generator().manual_seed(seed)
-    images = torch.tensor([[1., 0, 1], [0, 1, 1], [1, 1, 0]])[torch.randint(0, 3, (5,), generator=g)]
-    texts = torch.tensor([[1., 0, 0], [0, 1, 0], [1, 1, 1], [0, 0, 1]])[torch.randint(0, 4, (8,), generator=g)]
-    text_image = torch.tensor([0, 0, 1, 2, 2, 2, 3, 4])
-    for k in (1, 2, 3, 5):
-        expected = brute_force_recall(images, texts, text_image, k)
-        got = recall_at_k(images, texts, text_image, (k,), chunk_images=2)
-        assert (got['image_to_text'][k], got['text_to_image'][k]) == pytest.approx(expected, abs=1e-12)
-
-
-def test_hit_rates_closed_form():
-    # 2 correct captions level with 3 wrong ones at the top: the first of 5 random places is correct with p 2/5,
-    # one of the first two with 1 - (3/5)(2/4) = 7/10, one of the first three with 1 - (3/5)(2/4)(1/3) = 9/10
-    hits = hit_rates(torch.tensor([0, 1]), torch.tensor([3, 1]), torch.tensor([2, 2]), (1, 2, 3, 4))
-    assert hits.flatten().tolist() == pytest.approx([2 / 5, 7 / 10, 9 / 10, 1, 0, 2 / 3, 1, 1])
-
-
-CUDA = pytest.param('cuda', marks=pytest.mark.skipif(not torch.cuda.is_available(), reason='no GPU'))
-
-
-@pytest.mark.parametrize('device', ['cpu', CUDA])
-@pytest.mark.parametrize('chunk_images', [None, 7])
-def test_constant_image_embeddings_score_exactly_chance(chunk_images, device):
-    # the seed's rule (ties count for the query, the own score from another product) gave text->image R@1 = 0.65
-    # for 1000 constant images: a collapsed generator must not beat chance. Exact chance needs every block's GEMM
-    # to give equal inputs equal outputs, which the device's BLAS decides: hence the GPU case.
-    g = torch.Generator().manual_seed(3)
-    text_image = torch.repeat_interleave(torch.arange(200), torch.randint(1, 8, (200,), generator=g)).to(device)
-    N, T, k_values = 200, len(text_image), (1, 5, 10, 50)
-    image = F.normalize(torch.randn(1, 32, generator=g), dim=-1).expand(N, 32).to(device)
-    texts = F.normalize(torch.randn(T, 32, generator=g), dim=-1).to(device)
-    tile = {'chunk_images': chunk_images} if chunk_images else {}
-    got = recall_at_k(image, texts, text_image, k_values, **tile)
-    # text -> image: all N images tie, so the own one is in the top K with probability K / N exactly
-    assert got['text_to_image'] == pytest.approx({k: k / N for k in k_values}, rel=1e-12)
-    # image -> text: every image ranks the captions alike, so exactly the owners of the K best captions are hits
-    ranking = (texts @ image[0]).argsort(descending=True)
-    assert got['image_to_text'] == pytest.approx({k: len(set(text_image[ranking[:k]].tolist())) / N
-                                                  for k in k_values}, rel=1e-12)
-    assert len(set(text_image[ranking[:50]].tolist())) < 50  # some images own two of the 50 best: below K / N
-    # all captions constant too: everything ties, and an image with c of the T captions hits with 1 - C(T-c,K)/C(T,K)
-    got = recall_at_k(image, texts[:1].expand(T, 32), text_image, k_values, **tile)
-    per_image = torch.bincount(text_image).tolist()  # 1 to 7 captions
-    chance = {k: sum(1 - math.comb(T - c, k) / math.comb(T, k) for c in per_image) / N for k in k_values}
-    assert got['image_to_text'] == pytest.approx(chance, rel=1e-9)
-    assert got['text_to_image'] == pytest.approx({k: k / N for k in k_values}, rel=1e-12)
-
-
-def test_duplicate_captions_across_images_tie():
-    # images 2j and 2j+1 have one caption each, the same string (identical text embeddings), closer to image 2j.
-    # image -> text: each image's caption ties with its twin, a coin flip at K = 1. Text -> image: both copies rank
-    # image 2j first, so the copy of image 2j+1 misses at K = 1. A perfect model of this data can do no better.
-    images = torch.eye(20)
-    shared = F.normalize(images[0::2] + 0.5 * images[1::2], dim=-1)
-    texts, text_image = shared.repeat_interleave(2, 0), torch.arange(20)
-    got = recall_at_k(images, texts, text_image, (1, 2))
-    assert got == {'image_to_text': {1: 0.5, 2: 1.0}, 'text_to_image': {1: 0.5, 2: 1.0}}
-    counts, _ = retrieval_counts(images, texts, text_image)  # (greater, ties, correct) = (0, 1, 1) for every image
-    assert counts['image_to_text'][1].tolist() == [1] * 20 and counts['image_to_text'][2].tolist() == [1] * 20
-
-
-def test_near_equal_image_embeddings_stay_at_chance():
-    # mathematically equal image vectors that differ only by float32 rounding (each normalized from its own scale)
-    g = torch.Generator().manual_seed(4)
-    N, per_image = 300, 5
-    c = torch.randn(1, 64, generator=g)
-    images = F.normalize(c * torch.rand(N, 1, generator=g).add(0.5), dim=-1)
-    assert len(torch.unique(images, dim=0)) > 1  # they do differ in the last bits
-    texts = F.normalize(torch.randn(N * per_image, 64, generator=g), dim=-1)
-    got = recall_at_k(images, texts, torch.arange(N).repeat_interleave(per_image), (1, 5, 10), chunk_images=64)
-    for k in (1, 5, 10):  # rounding orders them at random: chance, give or take sampling noise (the old rule: 0.5)
-        for d, queries in (('image_to_text', N), ('text_to_image', N * per_image)):
-            assert got[d][k] <= k / N + 4 * math.sqrt(k / N / queries), (d, k, got[d][k])
-
-
-def test_recall_rejects_images_without_captions():
-    with pytest.raises(ValueError, match='1 of 3 images have no caption'):
-        recall_at_k(torch.eye(3), torch.eye(3)[:2], torch.tensor([0, 2]))
-
-
-def test_bootstrap_interval_matches_the_binomial_and_pairs_columns():
-    rng = np.random.default_rng(0)
-    a = (rng.random(4000) < 0.3).astype(float)
-    b = a.copy()
-    b[rng.choice(4000, 80, replace=False)] = 1 - b[:80]  # B differs from A on 2% of the units
-    lo_hi = bootstrap_ci(np.stack([a, b, b - a], 1), np.ones(4000), samples=1000, seed=0)
-    half = 1.96 * np.sqrt(a.mean() * (1 - a.mean()) / 4000)
-    assert lo_hi[0] == pytest.approx([a.mean() - half, a.mean() + half], abs=0.15 * half)
-    paired = lo_hi[2][1] - lo_hi[2][0]
-    assert paired < 0.35 * (lo_hi[0][1] - lo_hi[0][0])  # paired: the shared draws cancel, unlike A's own spread
-    assert lo_hi[2][0] <= (b - a).mean() <= lo_hi[2][1]
-    assert bootstrap_ci(a[:, None], np.ones(4000), 1000, 0) == [lo_hi[0]]  # seeded
-    assert bootstrap_ci(a[:, None], np.ones(4000), 1000, 1) != [lo_hi[0]]
-    # a ratio of sums: images with 1 and 3 captions; every draw of only 3-caption images averages 1.0
-    sums, counts = np.array([[0.0], [3.0]]), np.array([1.0, 3.0])
-    lo, hi = bootstrap_ci(sums, counts, 500, 0)[0]
-    assert lo == 0.0 and hi == 1.0
-
-
-def test_text_to_image_interval_resamples_images_with_their_captions():
-    # 300 images with 5 to 15 captions each; an image is easy or hard, and its captions hit (or miss) together: they
-    # share its embedding. Resampling captions as if independent is about 3x too narrow here.
-    rng = np.random.default_rng(0)
-    N = 300
-    counts = rng.integers(5, 16, N)
-    text_image = np.repeat(np.arange(N), counts)
-    easy = rng.random(N) < 0.5
-    t2i = (rng.random(len(text_image)) < np.where(easy, 0.95, 0.05)[text_image]).astype(float)[:, None]
-    got = recall_intervals({'image_to_text': easy[:, None].astype(float), 'text_to_image': t2i}, text_image,
-                           1000, 0)
-    lo, hi = got['text_to_image'][0]
-    # independently: the same seeded draws of N images, each with all its captions, and a plain loop over them
-    sums, g, estimates = np.bincount(text_image, t2i[:, 0], N), torch.Generator().manual_seed(0), []
-    for _ in range(10):  # bootstrap_ci draws 100 resamples at a time
-        for drawn in torch.randint(N, (100, N), generator=g).numpy():
-            estimates.append(sums[drawn].sum() / counts[drawn].sum())
-    assert [lo, hi] == pytest.approx(np.quantile(estimates, [0.025, 0.975]).tolist(), abs=1e-12)
-    # the width agrees with the delta method for a ratio of per-image sums (within 10%), not with captions' width
-    residual = sums - t2i.mean() * counts
-    delta = 2 * 1.96 * np.sqrt((residual ** 2).sum()) / N / counts.mean()
-    assert hi - lo == pytest.approx(delta, rel=0.1)
-    caption_lo, caption_hi = bootstrap_ci(t2i, np.ones(len(t2i)), 1000, 0)[0]
-    assert caption_hi - caption_lo < 0.5 * (hi - lo)  # measured: 0.035 against 0.106
-    assert lo < t2i.mean() < hi
-    # image -> text sees the same draws: its per-image hits as alignment's per-image sums with count 1
-    assert got['image_to_text'] == bootstrap_ci(easy[:, None].astype(float), np.ones(N), 1000, 0)
-
-
 def test_method_a_is_open_clip_avg_pooling(tiny_clip):
     import open_clip
     torch.manual_seed(0)
@@ -263,17 +55,22 @@ def test_method_a_is_open_clip_avg_pooling(tiny_clip):
         expected = avg.encode_image(images, normalize=True)
     assert tokens.shape == (5, 16, 8)
     torch.testing.assert_close(a, expected, rtol=1e-5, atol=1e-6)
-    assert not torch.allclose(a, F.normalize(cls, dim=-1), atol=1e-3)  # A is not the CLS embedding R
+    # A is not the CLS embedding R
+    assert not torch.allclose(a, F.normalize(cls, dim=-1), atol=1e-3)
 
 
 def test_repeated_captions_get_identical_features(tiny_clip, tmp_path):
-    # encoded in different batches, one string could round differently; encoded once, its copies tie exactly
+    # encoded in different batches, one string could round differently; encoded once, its copies tie
+    # exactly
     import open_clip
     from eval import load_clip, text_features
     model, tokenizer = load_clip(tiny_clip, '', 'cpu')
-    captions = ['a red circle', 'a blue square', 'two shapes', 'a red circle', 'a green triangle', 'a red circle']
+    captions = ['a red circle', 'a blue square', 'two shapes', 'a red circle', 'a green triangle',
+                'a red circle']
     feats = text_features(model, tokenizer, captions, str(tmp_path), tiny_clip, '', 2, 'cpu')
-    assert feats.shape == (6, 6) and np.array_equal(feats[0], feats[3]) and np.array_equal(feats[0], feats[5])
+    assert feats.shape == (6, 6)
+    assert np.array_equal(feats[0], feats[3])
+    assert np.array_equal(feats[0], feats[5])
     assert not np.array_equal(feats[0], feats[1])
     with torch.no_grad():
         alone = F.normalize(model.encode_text(open_clip.get_tokenizer(tiny_clip)(['a blue square'])), dim=-1)
@@ -308,11 +105,13 @@ def load_summaries(out):
 def test_end_to_end_writes_every_field(eval_setup, monkeypatch, capsys):
     data, out, args = eval_setup
     clip = np.load(os.path.join(data, 'clip.npy'))
-    train = make_data_folder(str(out.parent / 'train'), n=30, tokens=16, clip_dim=8, embed_dim=6, seed=1)
+    train = make_data_folder(str(out.parent / 'train'), n=30, tokens=16, clip_dim=8, embed_dim=6,
+                             seed=1)
     os.makedirs(out)
     noisy = clip.astype(np.float32) + np.random.default_rng(0).normal(0, 0.5, clip.shape)
     write_generated(out / 'generated.npy', noisy)
-    run_eval(monkeypatch, *args, f'--generated={out / "generated.npy"}', '--save_detailed=True', f'--train_data={train}')
+    run_eval(monkeypatch, *args, f'--generated={out / "generated.npy"}', '--save_detailed=True',
+             f'--train_data={train}')
     align, recall = load_summaries(out)
     for s in (align, recall):
         assert s['embedding_space'] == 6 and s['uses_visual_projection'] is True
@@ -321,18 +120,21 @@ def test_end_to_end_writes_every_field(eval_setup, monkeypatch, capsys):
         assert s['bootstrap']['samples'] == 1000 and s['mean_tokens_source'].startswith(train)
     assert recall['ties'].startswith('never for the query')
     for m in ('method_a', 'method_b', 'reference', 'mean_tokens'):
-        assert set(align[m]) == {'mean_cosine_similarity', 'std_cosine_similarity', 'min_cosine_similarity',
+        assert set(align[m]) == {'mean_cosine_similarity', 'std_cosine_similarity',
+                                 'min_cosine_similarity',
                                  'max_cosine_similarity', 'mean_cosine_similarity_ci95'}
         stats = [align[m][f'{s}_cosine_similarity'] for s in ('min', 'mean', 'max')]
         assert -1 <= stats[0] <= stats[1] <= stats[2] <= 1
         lo, hi = align[m]['mean_cosine_similarity_ci95']
         assert stats[0] <= lo < stats[1] < hi <= stats[2]
         for d in ('image_to_text', 'text_to_image'):
-            assert set(recall[m][d]) == {f'recall@{k}{s}' for k in (1, 5, 10) for s in ('', '_ci95')}
+            assert set(recall[m][d]) == {f'recall@{k}{s}' for k in (1, 5, 10)
+                                         for s in ('', '_ci95')}
             assert 0 <= recall[m][d]['recall@1'] <= recall[m][d]['recall@5'] <= recall[m][d]['recall@10'] <= 1
             for k in (1, 5, 10):
                 lo, hi = recall[m][d][f'recall@{k}_ci95']
-                assert 0 <= lo <= hi <= 1 and lo - 1e-12 <= recall[m][d][f"recall@{k}"] <= hi + 1e-12
+                assert 0 <= lo <= hi <= 1
+                assert lo - 1e-12 <= recall[m][d][f"recall@{k}"] <= hi + 1e-12
     assert align['difference_mean'] == pytest.approx(align['method_b']['mean_cosine_similarity']
                                                      - align['method_a']['mean_cosine_similarity'], abs=1e-9)
     lo, hi = align['difference_mean_ci95']
@@ -343,12 +145,14 @@ def test_end_to_end_writes_every_field(eval_setup, monkeypatch, capsys):
             for s in ('mean', 'std')} | {'mse_standardized'}
     assert set(fid) == keys and set(mean_fid) == keys
     assert 0 < fid['token_cosine_mean'] < 1 and 0 < fid['image_vector_cosine_mean'] < 1
-    assert 0 < fid['token_cosine_standardized_mean'] < fid['token_cosine_mean']  # offsets no longer help
+    # offsets no longer help
+    assert 0 < fid['token_cosine_standardized_mean'] < fid['token_cosine_mean']
     # the noise is 0.5 per channel, so the standardized MSE is 0.25 / std^2 averaged over channels
     meta = json.load(open(os.path.join(data, 'meta.json')))
     expected_mse = np.mean(0.25 / np.square(meta['clip_std']))
     assert fid['mse_standardized'] == pytest.approx(expected_mse, rel=0.1)
-    # the mean tokens: the train folder's per-position mean; a constant, so its recall is chance exactly
+    # the mean tokens: the train folder's per-position mean; a constant, so its recall is chance
+    # exactly
     detailed = np.load(out / 'eval' / 'alignment_detailed.npz')
     train_mean = np.load(os.path.join(train, 'clip.npy')).astype(np.float64).mean(0)
     np.testing.assert_allclose(detailed['mean_tokens'], train_mean, rtol=1e-6, atol=1e-6)
@@ -356,12 +160,15 @@ def test_end_to_end_writes_every_field(eval_setup, monkeypatch, capsys):
     assert mean_fid['mse_standardized'] > 0.9 > fid['mse_standardized']
     assert mean_fid['image_vector_cosine_std'] > 0
     text_image = detailed['text_image']
-    best_captions = np.argsort(-detailed['similarity_m'], kind='stable')  # every image ranks them alike
+    # every image ranks them alike
+    best_captions = np.argsort(-detailed['similarity_m'], kind='stable')
     for k in (1, 5, 10):
-        assert recall['mean_tokens']['text_to_image'][f'recall@{k}'] == pytest.approx(k / 24, rel=1e-12)
+        assert recall['mean_tokens']['text_to_image'][f'recall@{k}'] == pytest.approx(k / 24,
+                                                                                      rel=1e-12)
         assert recall['mean_tokens']['text_to_image'][f'recall@{k}_ci95'] == pytest.approx([k / 24] * 2, rel=1e-12)
         distinct = len(set(text_image[best_captions[:k]]))
-        assert recall['mean_tokens']['image_to_text'][f'recall@{k}'] == pytest.approx(distinct / 24, rel=1e-12)
+        assert recall['mean_tokens']['image_to_text'][f'recall@{k}'] == pytest.approx(distinct / 24,
+                                                                                      rel=1e-12)
     for d in ('image_to_text', 'text_to_image'):
         diff = recall['difference'][d]
         for k in (1, 5, 10):
@@ -370,7 +177,8 @@ def test_end_to_end_writes_every_field(eval_setup, monkeypatch, capsys):
             lo, hi = diff[f'recall@{k}_difference_ci95']
             assert -1 <= lo <= b - a <= hi <= 1
             assert diff[f'recall@{k}_relative_change'] == (pytest.approx(100 * (b - a) / a) if a else None)
-    assert detailed['similarity_a'].shape == (104,) and detailed['image_embedding_b'].shape == (24, 6)
+    assert detailed['similarity_a'].shape == (104,)
+    assert detailed['image_embedding_b'].shape == (24, 6)
     assert np.load(out / 'eval' / 'recall_detailed.npz')['rank_text_to_image_r'].shape == (104,)
     printed = capsys.readouterr().out
     if importlib.util.find_spec('matplotlib'):  # an optional dependency
@@ -379,7 +187,10 @@ def test_end_to_end_writes_every_field(eval_setup, monkeypatch, capsys):
     else:
         assert 'plots: matplotlib not installed, skipped' in printed
     table = printed[printed.index('A real tokens'):]
-    assert 'image->text R@1' in table and 'B generated' in table and 'mean tokens' in table and 'B - A' in table
+    assert 'image->text R@1' in table
+    assert 'B generated' in table
+    assert 'mean tokens' in table
+    assert 'B - A' in table
     r5 = recall['method_b']['image_to_text']
     assert f"{100 * r5['recall@5']:.1f}% [{100 * r5['recall@5_ci95'][0]:.1f}, {100 * r5['recall@5_ci95'][1]:.1f}]" \
         in table
@@ -388,7 +199,8 @@ def test_end_to_end_writes_every_field(eval_setup, monkeypatch, capsys):
 
     # the real tokens fed as generated: B is A exactly; the cached text features are reused
     write_generated(out / 'generated.npy', clip)
-    run_eval(monkeypatch, *args, f'--generated={out / "generated.npy"}', f'--train_data={train}', '--mean_tokens_rows=7',
+    run_eval(monkeypatch, *args, f'--generated={out / "generated.npy"}', f'--train_data={train}',
+             '--mean_tokens_rows=7',
              '--save_detailed=True')
     align2, recall2 = load_summaries(out)
     assert 'text features: cached' in capsys.readouterr().out
@@ -397,30 +209,41 @@ def test_end_to_end_writes_every_field(eval_setup, monkeypatch, capsys):
     assert align2['difference_mean_ci95'] == [0, 0]
     assert align2['correlation'] == pytest.approx(1.0, abs=1e-12)
     assert align2['token_fidelity']['token_cosine_mean'] == pytest.approx(1.0, abs=1e-6)
-    assert align2['token_fidelity']['token_cosine_standardized_mean'] == pytest.approx(1.0, abs=1e-6)
+    assert align2['token_fidelity']['token_cosine_standardized_mean'] == pytest.approx(1.0,
+                                                                                       abs=1e-6)
     assert align2['token_fidelity']['mse_standardized'] == 0
     assert recall2['method_b'] == recall2['method_a']
-    assert all(v == 0 for d in recall2['difference'].values() for k, v in d.items() if k.endswith('_difference'))
-    assert all(v == [0, 0] for d in recall2['difference'].values() for k, v in d.items() if k.endswith('_ci95'))
+    assert all(v == 0 for d in recall2['difference'].values() for k, v in d.items()
+               if k.endswith('_difference'))
+    assert all(v == [0, 0] for d in recall2['difference'].values() for k, v in d.items()
+               if k.endswith('_ci95'))
     assert '7 rows' in align2['mean_tokens_source']
-    rows = np.load(os.path.join(train, 'clip.npy'))[[0, 4, 8, 12, 17, 21, 25]]  # 7 evenly spaced rows of 30
+    # 7 evenly spaced rows of 30
+    rows = np.load(os.path.join(train, 'clip.npy'))[[0, 4, 8, 12, 17, 21, 25]]
     np.testing.assert_allclose(np.load(out / 'eval' / 'alignment_detailed.npz')['mean_tokens'],
                                rows.astype(np.float64).mean(0), rtol=1e-6, atol=1e-6)
 
 
 def test_without_generated_reports_the_clip_baseline(eval_setup, monkeypatch, capsys):
     data, out, args = eval_setup
-    run_eval(monkeypatch, *args, '--tasks=recall,alignment', '--k_values=(1, 3)', '--bootstrap_samples=0')
+    run_eval(monkeypatch, *args, '--tasks=recall,alignment', '--k_values=(1, 3)',
+             '--bootstrap_samples=0')
     align, recall = load_summaries(out)
-    assert align['method_b'] is None and align['difference_mean'] is None and align['token_fidelity'] is None
+    assert align['method_b'] is None
+    assert align['difference_mean'] is None
+    assert align['token_fidelity'] is None
     assert recall['method_b'] is None and recall['difference'] is None
-    assert set(recall['method_a']['image_to_text']) == {'recall@1', 'recall@3', 'recall@1_ci95', 'recall@3_ci95'}
-    assert recall['method_a']['image_to_text']['recall@3_ci95'] is None and recall['bootstrap'] is None
+    assert set(recall['method_a']['image_to_text']) == {'recall@1', 'recall@3', 'recall@1_ci95',
+                                                        'recall@3_ci95'}
+    assert recall['method_a']['image_to_text']['recall@3_ci95'] is None
+    assert recall['bootstrap'] is None
     assert align['generated'] is None
     assert align['method_a']['mean_cosine_similarity'] != align['reference']['mean_cosine_similarity']
-    # no train folder: the mean tokens fall back to the evaluated folder's per-channel mean, still at chance
+    # no train folder: the mean tokens fall back to the evaluated folder's per-channel mean, still
+    # at chance
     assert 'meta.json clip_mean' in align['mean_tokens_source']
-    assert recall['mean_tokens']['text_to_image'] == {'recall@1': pytest.approx(1 / 24), 'recall@1_ci95': None,
+    assert recall['mean_tokens']['text_to_image'] == {'recall@1': pytest.approx(1 / 24),
+                                                      'recall@1_ci95': None,
                                                       'recall@3': pytest.approx(3 / 24), 'recall@3_ci95': None}
     table = capsys.readouterr().out.split('A real tokens')[1]
     assert 'mean tokens' in table and 'B - A' not in table and '[' not in table
@@ -443,7 +266,8 @@ def test_bad_generated_shape_count_and_values(eval_setup, monkeypatch):
         run_eval(monkeypatch, *args, '--generated=nowhere.npy')
     write_generated(out / 'generated.npy', clip)
     os.truncate(out / 'generated.npy', 1000)  # a copy cut short
-    with pytest.raises(SystemExit, match=r"generated.npy is truncated or corrupt: expected 6,272 bytes "
+    with pytest.raises(SystemExit,
+                       match=r"generated.npy is truncated or corrupt: expected 6,272 bytes "
                                          r"\(float16 \[24, 16, 8\]\), the file has 1,000 bytes"):
         run_eval(monkeypatch, *args)
 
@@ -462,7 +286,8 @@ def test_images_without_captions_named(eval_setup, monkeypatch):
 def test_clip_model_that_does_not_fit_the_data(tmp_path, tiny_clip, monkeypatch):
     data = make_data_folder(str(tmp_path / 'data'), n=4, tokens=16, clip_dim=12, embed_dim=6)
     with pytest.raises(SystemExit, match=r"projects 8 -> 6, but .* token dim 12"):
-        run_eval(monkeypatch, f'--val_data={data}', f'--out_dir={tmp_path}', f'--clip_model={tiny_clip}',
+        run_eval(monkeypatch, f'--val_data={data}', f'--out_dir={tmp_path}',
+                 f'--clip_model={tiny_clip}',
                  '--clip_pretrained=')
 
 
@@ -470,10 +295,12 @@ def test_default_finds_what_sample_py_wrote_and_names_its_maker(eval_setup, monk
     """With no --generated, eval.py takes the flow DiT's samples folder finished last in out_dir/samples for the
     target (val or held-out), writes its summaries there, and records the checkpoint and the sampler."""
     data_dir, out, args = eval_setup
-    settings = {'checkpoint': str(out / 'ckpt.pt'), 'iter_num': 800, 'use_ema': True, 'sample_method': 'heun',
+    settings = {'checkpoint': str(out / 'ckpt.pt'), 'iter_num': 800, 'use_ema': True,
+                'sample_method': 'heun',
                 'sample_steps': 5, 'sample_shift': 1.0, 'cfg_scale': 1.0, 'seed': 1337}
     folders = []
-    for method, name in (('flow', 'ckpt-heun5-cfg1-seed1337'), ('flow', 'ckpt-euler5-cfg1-seed1337'),
+    for method, name in (('flow', 'ckpt-heun5-cfg1-seed1337'),
+                         ('flow', 'ckpt-euler5-cfg1-seed1337'),
                          ('ridge', 'ridge'), ('flow', 'ckpt-euler5-cfg1-seed1337-holdout')):
         folder = out / 'samples' / name
         os.makedirs(folder)
@@ -482,14 +309,16 @@ def test_default_finds_what_sample_py_wrote_and_names_its_maker(eval_setup, monk
             json.dump({'settings': settings, 'model_calls': 10, 'method': method}, f)
         folders.append(folder)
         time.sleep(0.01)  # distinct modification times: the newest is the last one finished
-    os.utime(folders[0] / 'generated.json')  # heun finished after euler: it is the last flow samples for val
+    # heun finished after euler: it is the last flow samples for val
+    os.utime(folders[0] / 'generated.json')
     run_eval(monkeypatch, *args)
     align, recall = load_summaries(folders[0])
     assert not os.path.exists(out / 'eval') and not os.path.exists(folders[1] / 'eval')
     for s in (align, recall):
         assert s['generated'] == str(folders[0] / 'generated.npy') and s['model_calls'] == 10
         assert s['checkpoint'] == {'path': str(out / 'ckpt.pt'), 'iter_num': 800, 'use_ema': True}
-        assert s['sampler'] == {'sample_method': 'heun', 'sample_steps': 5, 'sample_shift': 1.0, 'cfg_scale': 1.0,
+        assert s['sampler'] == {'sample_method': 'heun', 'sample_steps': 5, 'sample_shift': 1.0,
+                                'cfg_scale': 1.0,
                                 'seed': 1337}
     assert recall['method_b'] == recall['method_a']
     for folder in folders:
@@ -497,7 +326,8 @@ def test_default_finds_what_sample_py_wrote_and_names_its_maker(eval_setup, monk
 
 
 @pytest.mark.parametrize('value, expected', [
-    ('a red circle', r"image 105: expected a non-empty list of caption strings, got str 'a red circle'"),  # not letters
+    # not letters
+    ('a red circle', r"image 105: expected a non-empty list of caption strings, got str 'a red circle'"),
     (['a red circle', 7], r"image 105: expected non-blank caption strings, got int 7"),
     (['a red circle', '  '], r"image 105: expected non-blank caption strings, got str '  '"),
     ([], r"no captions for 1 of 24 images \(image ids \[105\]\); every image needs at least one: expected a "
@@ -521,19 +351,23 @@ def write_info(npy_path, info):
 def test_token_fidelity_in_the_dits_units(eval_setup, monkeypatch, capsys):
     """Standardized fidelity uses generated.json's data_stats, else train_data's meta.json, else val_data's (noted)."""
     data, out, args = eval_setup
-    train = make_data_folder(str(out.parent / 'train'), n=30, tokens=16, clip_dim=8, embed_dim=6, seed=1)
+    train = make_data_folder(str(out.parent / 'train'), n=30, tokens=16, clip_dim=8, embed_dim=6,
+                             seed=1)
     os.makedirs(out)
     clip = np.load(os.path.join(data, 'clip.npy')).astype(np.float32)
     noisy = clip + np.random.default_rng(0).normal(0, 0.5, clip.shape)
     write_generated(out / 'generated.npy', noisy)
-    args = [*args, f'--generated={out / "generated.npy"}', '--tasks=alignment', '--bootstrap_samples=0']
+    args = [*args, f'--generated={out / "generated.npy"}', '--tasks=alignment',
+            '--bootstrap_samples=0']
     write_info(out / 'generated.npy', {'data_stats': {'clip_mean': [0.0] * 8, 'clip_std': [1.0] * 8,
                                                       'source': 'identity stats'}})
     run_eval(monkeypatch, *args, f'--train_data={train}')
     align = json.load(open(out / 'eval' / 'alignment_summary.json'))
-    assert 'identity stats' in align['token_fidelity_stats'] and 'generated.json' in align['token_fidelity_stats']
+    assert 'identity stats' in align['token_fidelity_stats']
+    assert 'generated.json' in align['token_fidelity_stats']
     fid = align['token_fidelity']
-    assert fid['token_cosine_standardized_mean'] == pytest.approx(fid['token_cosine_mean'], abs=1e-6)
+    assert fid['token_cosine_standardized_mean'] == pytest.approx(fid['token_cosine_mean'],
+                                                                  abs=1e-6)
     os.remove(out / 'generated.json')
     run_eval(monkeypatch, *args, f'--train_data={train}')  # the training folder's
     train_align = json.load(open(out / 'eval' / 'alignment_summary.json'))
@@ -544,10 +378,12 @@ def test_token_fidelity_in_the_dits_units(eval_setup, monkeypatch, capsys):
     val_align = json.load(open(out / 'eval' / 'alignment_summary.json'))
     assert val_align['token_fidelity_stats'].startswith(os.path.join(data, 'meta.json'))
     assert 'note: token fidelity is standardized with' in capsys.readouterr().out
-    cosines = [s['token_fidelity']['token_cosine_standardized_mean'] for s in (align, train_align, val_align)]
+    cosines = [s['token_fidelity']['token_cosine_standardized_mean'] for s in (align, train_align,
+                                                                               val_align)]
     assert len(set(cosines)) == 3  # the standardized cosine depends on the statistics used
     assert align['token_fidelity']['token_cosine_mean'] == val_align['token_fidelity']['token_cosine_mean']
-    write_info(out / 'generated.npy', {'data_stats': {'clip_mean': [0.0] * 7, 'clip_std': [1.0] * 8}})
+    write_info(out / 'generated.npy', {'data_stats': {'clip_mean': [0.0] * 7,
+                                                      'clip_std': [1.0] * 8}})
     with pytest.raises(SystemExit, match=r"generated.json: clip_mean and clip_std should be 8 numbers each .* got 7 "
                                          r"values and 8 values"):
         run_eval(monkeypatch, *args)
@@ -559,9 +395,11 @@ def test_baselines_beside_b(eval_setup, monkeypatch, capsys):
     rng = np.random.default_rng(0)
     with open(os.path.join(data, 'meta.json'), 'rb') as f:
         ours = {'folder': data, 'id': hashlib.sha1(f.read()).hexdigest(), 'start': 0, 'count': 24}
-    arrays = {'b': clip + rng.normal(0, 0.5, clip.shape), 'noisier': clip + rng.normal(0, 1.5, clip.shape)}
+    arrays = {'b': clip + rng.normal(0, 0.5, clip.shape), 'noisier': clip + rng.normal(0, 1.5,
+                                                                                       clip.shape)}
     arrays['twin'], arrays['other'], arrays['slice'] = arrays['b'], clip, clip
-    infos = {'b': {'data': ours}, 'noisier': {'label': 'noisier', 'data': ours}, 'twin': {},  # twin: no 'data'
+    # twin: no 'data'
+    infos = {'b': {'data': ours}, 'noisier': {'label': 'noisier', 'data': ours}, 'twin': {},
              'other': {'label': 'other', 'data': {**ours, 'id': 'another-extraction'}},
              'slice': {'label': 'slice', 'data': {**ours, 'start': 4, 'count': 20}}}
     for name, array in arrays.items():
@@ -569,7 +407,8 @@ def test_baselines_beside_b(eval_setup, monkeypatch, capsys):
         write_generated(out / name / 'generated.npy', array)
         write_info(out / name / 'generated.npy', infos[name])
     baselines = tuple(str(out / n / 'generated.npy') for n in ('noisier', 'twin', 'other', 'slice'))
-    run_eval(monkeypatch, *args, f'--generated={out / "b" / "generated.npy"}', f'--baselines={baselines!r}')
+    run_eval(monkeypatch, *args, f'--generated={out / "b" / "generated.npy"}',
+             f'--baselines={baselines!r}')
     align, recall = load_summaries(out / 'b')
     printed = capsys.readouterr().out
     assert "baseline 'twin'" in printed and "has no 'data'" in printed  # compared on its shape only
@@ -577,16 +416,20 @@ def test_baselines_beside_b(eval_setup, monkeypatch, capsys):
            f"evaluated data is {data} (id {ours['id']}, rows 0 + 24)" in printed
     assert "baseline 'slice'" in printed and "rows 4 + 20" in printed
     for s in (align, recall):
-        assert set(s['baselines']) == {'noisier', 'twin'} and s['baselines_skipped'] == list(baselines[2:])
+        assert set(s['baselines']) == {'noisier', 'twin'}
+        assert s['baselines_skipped'] == list(baselines[2:])
     # the same array as B gets B's numbers exactly, and a zero paired difference
     twin = {k: v for k, v in recall['baselines']['twin'].items() if k != 'generated'}
     assert twin == recall['method_b'] and recall['baselines']['twin']['generated'] == baselines[1]
     assert {k: align['baselines']['twin'][k] for k in align['method_b']} == align['method_b']
     assert align['baselines']['twin']['token_fidelity'] == align['token_fidelity']
     assert align['baselines']['twin']['correlation'] == align['correlation']
-    assert align['b_minus_twin'] == {'difference_mean': 0, 'difference_mean_ci95': [0, 0], 'difference_std': 0}
-    assert all(v == 0 for d in recall['b_minus_twin'].values() for k, v in d.items() if k.endswith('_difference'))
-    assert all(v == [0, 0] for d in recall['b_minus_twin'].values() for k, v in d.items() if k.endswith('_ci95'))
+    assert align['b_minus_twin'] == {'difference_mean': 0, 'difference_mean_ci95': [0, 0],
+                                     'difference_std': 0}
+    assert all(v == 0 for d in recall['b_minus_twin'].values() for k, v in d.items()
+               if k.endswith('_difference'))
+    assert all(v == [0, 0] for d in recall['b_minus_twin'].values() for k, v in d.items()
+               if k.endswith('_ci95'))
     # a worse baseline: its own rows, and B - baseline with paired intervals
     noisier, b = align['baselines']['noisier'], align['method_b']
     assert noisier['token_fidelity']['mse_standardized'] > align['token_fidelity']['mse_standardized']
@@ -602,16 +445,21 @@ def test_baselines_beside_b(eval_setup, monkeypatch, capsys):
             lo, hi = recall['baselines']['noisier'][d][f'recall@{k}_ci95']
             assert lo - 1e-12 <= y <= hi + 1e-12
     table = printed[printed.index('A real tokens'):]
-    assert 'noisier' in table and 'B - noisier' in table and 'B - twin' in table and 'B - A' in table
+    assert 'noisier' in table
+    assert 'B - noisier' in table
+    assert 'B - twin' in table
+    assert 'B - A' in table
     assert 'B - A, B - noisier, B - twin paired' in table
     # the evaluated array itself made for other rows is an error, not a skip
     write_info(out / 'b' / 'generated.npy', infos['other'])
-    with pytest.raises(SystemExit, match=r"b/generated.json says it was made for .* \(id another-extraction"):
+    with pytest.raises(SystemExit,
+                       match=r"b/generated.json says it was made for .* \(id another-extraction"):
         run_eval(monkeypatch, *args, f'--generated={out / "b" / "generated.npy"}')
 
 
 def test_plots_are_titled_with_the_rows_checkpoint_and_sampler(tmp_path):
-    common = {'val_data': '/d/train', 'data': {'start': 1600, 'count': 400}, 'holdout': True, 'generated': '/o/g.npy',
+    common = {'val_data': '/d/train', 'data': {'start': 1600, 'count': 400}, 'holdout': True,
+              'generated': '/o/g.npy',
               'checkpoint': {'path': '/o/demo/ckpt_iter000800.pt', 'iter_num': 800, 'use_ema': True},
               'sampler': {'sample_method': 'midpoint', 'sample_steps': 5, 'sample_shift': 1.0, 'cfg_scale': 2.0,
                           'seed': 1337}, 'model_calls': 10, 'sampling': {}}
@@ -620,13 +468,29 @@ def test_plots_are_titled_with_the_rows_checkpoint_and_sampler(tmp_path):
     regression = {**common, 'holdout': False, 'sampler': dict.fromkeys(common['sampler'])}
     assert plot_title(regression).endswith('(not the held-out slice)\nB: demo/ckpt_iter000800, iteration 800, EMA '
                                            'weights\nregression: one forward pass')
-    ridge = {**common, 'checkpoint': dict.fromkeys(common['checkpoint']), 'sampling': {'label': 'ridge'}}
+    ridge = {**common, 'checkpoint': dict.fromkeys(common['checkpoint']),
+             'sampling': {'label': 'ridge'}}
     assert plot_title(ridge).endswith('\nB: /o/g.npy\nridge')
-    assert plot_title({**common, 'generated': None}).endswith('\nno generated array: the CLIP baseline only')
+    assert plot_title({**common,
+                       'generated': None}).endswith('\nno generated array: the CLIP baseline only')
     if importlib.util.find_spec('matplotlib'):  # an optional dependency
-        sims = {m: np.random.default_rng(0).uniform(-1, 1, 50) for m in ('a', 'b', 'baseline_ridge')}
-        recalls = {m: {d: {1: 0.2, 5: 0.5} for d in ('image_to_text', 'text_to_image')} for m in sims}
-        intervals = {(m, d, k): [0.9 * v, min(1, 1.1 * v)] for m, r in recalls.items() for d, by_k in r.items()
+        sims = {m: np.random.default_rng(0).uniform(-1, 1, 50) for m in ('a', 'b',
+                                                                         'baseline_ridge')}
+        recalls = {m: {d: {1: 0.2, 5: 0.5} for d in ('image_to_text',
+                                                     'text_to_image')} for m in sims}
+        intervals = {(m, d, k): [0.9 * v, min(1, 1.1 * v)] for m, r in recalls.items() for d,
+                     by_k in r.items()
                      for k, v in by_k.items()}
-        plot(str(tmp_path), sims, recalls, intervals, (1, 5), {'a': 'A', 'b': 'B', 'baseline_ridge': 'ridge'}, common)
-        assert sorted(os.listdir(tmp_path)) == ['alignment_hist.png', 'alignment_scatter.png', 'recall.png']
+        labels = {'a': 'A', 'b': 'B', 'baseline_ridge': 'ridge'}
+        plot_eval(str(tmp_path), sims, recalls, intervals, (1, 5), labels, common)
+        assert sorted(os.listdir(tmp_path)) == ['alignment_hist.png', 'alignment_scatter.png',
+                                                'recall.png']
+
+
+def test_plots_skip_without_matplotlib(tmp_path, monkeypatch, capsys):
+    import plots
+    monkeypatch.setitem(sys.modules, 'matplotlib', None)  # import matplotlib raises ImportError
+    assert plots.pyplot() is None
+    plots.plot_eval(str(tmp_path), {'a': np.zeros(3)}, {}, {}, (1,), {'a': 'A'}, {})
+    assert 'plots: matplotlib not installed, skipped' in capsys.readouterr().out
+    assert os.listdir(tmp_path) == []

@@ -1,0 +1,146 @@
+"""The figures eval.py and sweep.py draw, and what they share: matplotlib (optional) behind one
+import guard with the Agg backend, legends below the axes, one way to save.
+
+plot_eval writes eval.py's alignment_hist.png, alignment_scatter.png and recall.png, each titled
+with plot_title (the evaluated rows, the checkpoint that made B, its sampler); sweep.py's plot
+draws its own panels with pyplot(), legend_height() and save().
+"""
+import os
+
+import numpy as np
+
+from metrics import DIRECTIONS
+
+
+def pyplot():
+    """matplotlib.pyplot on the Agg backend (files, no display); None, with a note, where matplotlib
+    is not installed (it is optional)."""
+    try:
+        import matplotlib
+        matplotlib.use('Agg')
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("plots: matplotlib not installed, skipped")
+        return None
+    return plt
+
+
+def legend_height(fig, legend):
+    """The legend's height as a share of the figure's: the axes go above it."""
+    return legend.get_window_extent(fig.canvas.get_renderer()).height / fig.bbox.height
+
+
+def legend_below(fig, ax, ncol):
+    """A legend of ax's lines centred below the axes (outside the data); its height share."""
+    legend = fig.legend(*ax.get_legend_handles_labels(), loc='lower center', ncol=ncol, fontsize=8,
+                        frameon=False)
+    return legend_height(fig, legend)
+
+
+def save(fig, path, below=0):
+    """Write the figure, the axes above the bottom `below` share (the legends), and close it."""
+    import matplotlib.pyplot as plt
+    fig.tight_layout(rect=(0, below, 1, 1))
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def plot_title(common):
+    """What a plot shows, a line each: the evaluated rows, the checkpoint that made B, and its
+    sampler."""
+    rows = common['data']
+    last = rows['start'] + rows['count'] - 1
+    where = (f"{common['val_data']}: held-out rows {rows['start']}-{last}" if common['holdout']
+             else f"{common['val_data']}: {rows['count']} images (not the held-out slice)")
+    if not common['generated']:
+        return f"{where}\nno generated array: the CLIP baseline only"
+    ckpt, sampler, info = common['checkpoint'], common['sampler'], common['sampling'] or {}
+    if not (ckpt and ckpt['path']):  # no generated.json, or another generator's (ridge.py)
+        return (f"{where}\nB: {common['generated']}\n"
+                f"{info.get('label') or 'no checkpoint named in generated.json'}")
+    path = ckpt['path']
+    made = (f"B: {os.path.basename(os.path.dirname(path))}/"
+            f"{os.path.splitext(os.path.basename(path))[0]}, iteration "
+            f"{ckpt['iter_num']}{', EMA weights' if ckpt['use_ema'] else ''}")
+    if sampler['sample_method'] is None:  # a regression checkpoint: one forward pass, no sampler
+        return f"{where}\n{made}\nregression: one forward pass"
+    shift = (f", shift {sampler['sample_shift']:g}" if sampler['sample_shift'] not in (None, 1)
+             else '')
+    return (f"{where}\n{made}\n{sampler['sample_method']} {sampler['sample_steps']} steps{shift}, "
+            f"cfg {sampler['cfg_scale']:g}, seed {sampler['seed']} "
+            f"({common['model_calls']} model calls)")
+
+
+def method_colors(labels):
+    """A colour per method: A, B, R and the mean tokens fixed, the baselines after them."""
+    others = ['tab:red', 'tab:purple', 'tab:brown', 'tab:pink', 'tab:olive', 'tab:cyan']
+    colors = {'a': 'tab:blue', 'b': 'tab:orange', 'r': 'tab:green', 'm': 'tab:gray'}
+    baselines = [m for m in labels if m not in colors]
+    return {**colors, **{m: others[j % len(others)] for j, m in enumerate(baselines)}}
+
+
+def alignment_hist(plt, path, sims, labels, colors, title):
+    """Per-pair cosines of every method, their means dotted."""
+    fig, ax = plt.subplots(figsize=(8, 5.2))
+    bins = np.linspace(min(s.min() for s in sims.values()), max(s.max() for s in sims.values()), 61)
+    for m, s in sims.items():
+        ax.hist(s, bins=bins, histtype='step', lw=1.5, color=colors[m],
+                label=f"{labels[m]} (mean {s.mean():.3f})")
+        ax.axvline(s.mean(), color=colors[m], ls=':', lw=1)  # the summary compares the means
+    ax.set(xlabel='cosine(image, caption) per pair (dotted: each mean)', ylabel='pairs')
+    ax.set_title(f"Task 1: alignment\n{title}", fontsize=8, wrap=True)
+    save(fig, path, legend_below(fig, ax, 2))
+
+
+def alignment_scatter(plt, path, a, b, title):
+    """B's per-pair cosines against A's."""
+    fig, ax = plt.subplots(figsize=(5.5, 5.8))
+    few = len(a) < 5000  # bigger, darker points where they do not cover each other
+    ax.scatter(a, b, s=8 if few else 2, alpha=0.6 if few else 0.3, linewidths=0)
+    lo, hi = min(a.min(), b.min()), max(a.max(), b.max())
+    ax.plot([lo, hi], [lo, hi], 'k--', lw=0.8)
+    ax.set(xlabel='A: real tokens', ylabel='B: generated tokens', aspect='equal')
+    ax.set_title(f"per-pair cosine(image, caption), B vs A (dashed: B = A)\n{title}", fontsize=7,
+                 wrap=True)
+    save(fig, path)
+
+
+def recall_bars(plt, path, recalls, intervals, k_values, labels, colors, title):
+    """Recall@K per method, both directions, with 95% interval bars where there are intervals."""
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.8), sharey=True)
+    width = 0.8 / len(recalls)
+    for ax, direction in zip(axes, DIRECTIONS):
+        for j, (m, r) in enumerate(recalls.items()):
+            values = [100 * r[direction][k] for k in k_values]
+            cis = [intervals.get((m, direction, k)) for k in k_values]
+            # a percentile bound may sit a rounding error past the point itself
+            err = np.maximum(np.array([[v - 100 * c[0], 100 * c[1] - v]
+                                       for v, c in zip(values, cis)]).T, 0) if all(cis) else None
+            ax.bar(np.arange(len(k_values)) + j * width, values, width, color=colors[m],
+                   label=labels[m], yerr=err, error_kw=dict(lw=0.8, capsize=2, ecolor='k'))
+        ax.set(xticks=np.arange(len(k_values)) + width * (len(recalls) - 1) / 2,
+               xticklabels=[f"R@{k}" for k in k_values], title=direction.replace('_', ' '),
+               ylim=(0, 100))
+    has_ci = any(intervals.values())
+    axes[0].set_ylabel('recall (%), 95% interval bars' if has_ci else 'recall (%)')
+    fig.suptitle(f"Task 2: recall\n{title}", fontsize=8, wrap=True)
+    save(fig, path, legend_below(fig, axes[0], 3))
+
+
+def plot_eval(eval_dir, sims, recalls, intervals, k_values, labels, common):
+    """eval.py's alignment_hist.png, alignment_scatter.png, recall.png (with the 95% intervals,
+    (method, direction, k) -> [lo, hi] or None), a colour per method (labels: its legend), titled
+    with plot_title(common); only where matplotlib is importable (optional)."""
+    plt = pyplot()
+    if plt is None:
+        return
+    colors, title = method_colors(labels), plot_title(common)
+    if sims:
+        alignment_hist(plt, os.path.join(eval_dir, 'alignment_hist.png'), sims, labels, colors,
+                       title)
+    if 'a' in sims and 'b' in sims:
+        alignment_scatter(plt, os.path.join(eval_dir, 'alignment_scatter.png'), sims['a'],
+                          sims['b'], title)
+    if recalls:
+        recall_bars(plt, os.path.join(eval_dir, 'recall.png'), recalls, intervals, k_values, labels,
+                    colors, title)
