@@ -374,8 +374,8 @@ def test_webdataset_tokens_equal_folder_tokens(tmp_path, shards, folder_run, wei
 
 
 def test_webdataset_listing_brace_expansion_shard_limit_bad_shards(shards, image_folder, tmp_path):
-    import extract
-    listed = lambda pattern, **kw: extract.list_split('set', 'webdataset', webdataset_shards={'set': pattern}, **kw)
+    import sources
+    listed = lambda pattern, **kw: sources.list_split('set', 'webdataset', webdataset_shards={'set': pattern}, **kw)
     pattern = os.path.join(shards, '{00000..00002}.tar')
     assert listed(pattern)['ids'] == [f'{i:09d}' for i in range(8)]
     assert len(listed(pattern, max_shards=2)['ids']) == 7 and len(listed(pattern, max_shards=1)['ids']) == 4
@@ -383,7 +383,7 @@ def test_webdataset_listing_brace_expansion_shard_limit_bad_shards(shards, image
     both = listed(os.path.join(shards, '00002.tar') + '::' + os.path.join(shards, '00000.tar'))  # webdataset's '::'
     assert both['ids'] == ['000000007', '000000000', '000000001', '000000002', '000000003']
     a = np.asarray(Image.open(os.path.join(image_folder, 'set', 'a.jpg')).convert('RGB'))
-    assert all(np.array_equal(np.asarray(extract.load_member(both['keys'][k])), a) for k in (0, 1))  # one seek, read
+    assert all(np.array_equal(np.asarray(sources.load_member(both['keys'][k])), a) for k in (0, 1))  # one seek, read
     with pytest.raises(SystemExit, match=r"webdataset shard not found: .*00003\.tar \(webdataset_shards\['set'\]="):
         listed(os.path.join(shards, '{00000..00003}.tar'))
     with pytest.raises(SystemExit, match=r"sample key '000000000' is in .*00000\.tar and .*00000\.tar"):
@@ -392,7 +392,7 @@ def test_webdataset_listing_brace_expansion_shard_limit_bad_shards(shards, image
     with pytest.raises(SystemExit, match=r'bad\.tar is not a readable uncompressed tar file'):
         listed(str(tmp_path / 'bad.tar'))
     with pytest.raises(SystemExit, match=r"split 'set' has no shard pattern in webdataset_shards=\{'val'"):
-        extract.list_split('set', 'webdataset', webdataset_shards={'val': pattern})
+        sources.list_split('set', 'webdataset', webdataset_shards={'val': pattern})
     splits = {'a': os.path.join(shards, '00000.tar'), 'b': os.path.join(shards, '{00000..00001}.tar')}
     with pytest.raises(SystemExit, match="'a' and 'b' share 4 images"):
         run_extract(*TINY, '--source=webdataset', f'--webdataset_shards={splits!r}', "--splits=('a','b')",
