@@ -54,6 +54,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import data
+import published
 
 # -----------------------------------------------------------------------------
 out_dir = 'out'                        # A and R only: results go to out_dir/eval/
@@ -753,6 +754,8 @@ if __name__ == '__main__':
                                  for key, (label, path, _) in found.items()},
                    'difference': difference('d') if B is not None else None,
                    **{c: difference(c) for c in differences if c != 'd'}}
+        summary.update(published.canary(summary['reference'], meta, target, clip_model,
+                                        clip_pretrained))  # R beside published figures, where known
         summary['seconds'] = seconds_recall + time.time() - t_recall
         data.write_json(os.path.join(eval_dir, 'recall_summary.json'), summary, indent=2)
         for d, short in (('image_to_text', 'image->text'), ('text_to_image', 'text->image')):

@@ -6,6 +6,7 @@ open_clip are imported once; the kill test runs it as a real subprocess.
 import io
 import json
 import os
+import re
 import runpy
 import signal
 import subprocess
@@ -478,3 +479,118 @@ def test_hf_vision_model_path(tmp_path):
         hidden = model(pixel_values=processor(images=images, return_tensors='pt').pixel_values).last_hidden_state
     assert arrays['eva'].shape == (3, 16, 48) and meta['eva']['dim'] == 48
     np.testing.assert_allclose(arrays['eva'], hidden[:, 1:].numpy(), rtol=2e-3, atol=2e-3)
+
+
+KARPATHY = [  # (split, filepath, cocoid, captions) of a tiny dataset_coco.json, in its order
+    ('test', 'val2014', 42, [f'forty-two {k} ' for k in range(7)]),
+    ('train', 'train2014', 9, ['nine']),
+    ('restval', 'val2014', 3, ['three', 'three again']),
+    ('val', 'val2014', 5, ['five']),
+    ('test', 'val2014', 17, ['seventeen']),
+    ('train', 'train2014', 1, ['one', 'one more']),
+]
+
+
+def karpathy_entry(k, split, filepath, cocoid, captions):
+    """images[k] of Karpathy's dataset_coco.json, with its fields."""
+    sentences = [{'tokens': c.split(), 'raw': c, 'imgid': k, 'sentid': 10 * k + j}
+                 for j, c in enumerate(captions)]
+    return {'filepath': filepath, 'sentids': [s['sentid'] for s in sentences],
+            'filename': f'COCO_{filepath}_{cocoid:012d}.jpg', 'imgid': k, 'split': split,
+            'sentences': sentences, 'cocoid': cocoid}
+
+
+def write_karpathy(root, entries):
+    """coco_root with annotations/dataset_coco.json of `entries` and a 48 x 64 JPEG for each."""
+    rng = np.random.default_rng(0)
+    for e in entries:
+        os.makedirs(os.path.join(root, 'images', e['filepath']), exist_ok=True)
+        Image.fromarray(rng.integers(0, 256, (48, 64, 3), dtype=np.uint8)).save(
+            os.path.join(root, 'images', e['filepath'], e['filename']))
+    os.makedirs(os.path.join(root, 'annotations'), exist_ok=True)
+    path = os.path.join(root, 'annotations', 'dataset_coco.json')
+    with open(path, 'w') as f:
+        json.dump({'images': entries, 'dataset': 'coco'}, f)
+    return path
+
+
+def test_coco_karpathy_source_rows_captions_splits_and_canary(tmp_path, monkeypatch):
+    """train + restval -> karpathy_train, test -> karpathy_test (the reported split), val in neither;
+    rows in cocoid order with all their captions; eval.py sets R beside the published figures."""
+    root = str(tmp_path / 'coco')
+    path = write_karpathy(root, [karpathy_entry(k, *e) for k, e in enumerate(KARPATHY)])
+    data_dir = tmp_path / 'data'
+    run_extract(*TINY, '--source=coco_karpathy', f'--coco_root={root}', f'--data_dir={data_dir}',
+                "--splits=('karpathy_train','karpathy_test')", '--clip_pretrained=')
+    train, train_meta, train_caps = load_folder(data_dir / 'karpathy_train')
+    test, meta, caps = load_folder(data_dir / 'karpathy_test')
+    assert train_meta['image_ids'] == [1, 3, 9] and len(train['clip']) == 3
+    assert train_meta['files'] == ['train2014/COCO_train2014_000000000001.jpg',
+                                   'val2014/COCO_val2014_000000000003.jpg',
+                                   'train2014/COCO_train2014_000000000009.jpg']
+    assert train_caps == {'1': ['one', 'one more'], '3': ['three', 'three again'], '9': ['nine']}
+    assert meta['image_ids'] == [17, 42] and test['clip'].shape == (2, 16, 64)
+    assert caps == {'17': ['seventeen'], '42': [f'forty-two {k}' for k in range(7)]}  # all 7, stripped
+    assert meta['source'] == {'kind': 'coco_karpathy', 'split': 'karpathy_test',
+                              'karpathy_splits': ['test'], 'annotations': path,
+                              'root': os.path.join(root, 'images'), 'listed': 2,
+                              'files_sha1': meta['source']['files_sha1']}
+    assert train_meta['source']['karpathy_splits'] == ['train', 'restval']
+    import sources
+    assert sources.list_split('karpathy_val', 'coco_karpathy', coco_root=root)['ids'] == [5]
+    with pytest.raises(SystemExit, match="split 'val2014' is not one of karpathy_train, karpathy_val"):
+        sources.list_split('val2014', 'coco_karpathy', coco_root=root)
+
+    # eval.py on the reported split: a known row (here the tiny CLIP's, on a 2-image "test split")
+    import published
+    row = {'image_to_text': {1: 50.0, 5: 90.0, 10: 100.0}, 'text_to_image': {1: 40.0, 5: 100.0, 10: 100.0}}
+    monkeypatch.setitem(published.PUBLISHED, ('tiny-clip', ''), row)
+    monkeypatch.setattr(published, 'KARPATHY_TEST_IMAGES', 2)
+    monkeypatch.setattr(sys, 'argv', ['eval.py', f"--val_data={data_dir / 'karpathy_test'}",
+                                      f"--out_dir={tmp_path / 'out'}", '--clip_model=tiny-clip',
+                                      '--clip_pretrained=', '--tasks=recall', '--bootstrap_samples=0'])
+    runpy.run_path(os.path.join(ROOT, 'eval.py'), run_name='__main__')
+    summary = data.read_json(str(tmp_path / 'out' / 'eval' / 'recall_summary.json'))
+    record = summary['published']
+    assert record['comparable'] is True and record['model'] == 'tiny-clip'
+    for d, by_k in row.items():
+        for k, value in by_k.items():
+            figure = record['figures'][d][f'recall@{k}']
+            r = 100 * summary['reference'][d][f'recall@{k}']
+            assert figure == {'published': value, 'r': r, 'difference': r - value}
+    assert record['off_by_more_than_threshold'] == [
+        f"{d} R@{k} {100 * summary['reference'][d][f'recall@{k}']:.2f} vs {v:.2f}"
+        for d, by_k in row.items() for k, v in by_k.items()
+        if abs(100 * summary['reference'][d][f'recall@{k}'] - v) > 1.5]
+
+
+@pytest.mark.parametrize('fault, message', [
+    (lambda e: e[3].pop('split'), r"images\[3\] \(cocoid 5, COCO_val2014_000000000005\.jpg\) has no "
+                                  r"'split'"),
+    (lambda e: e[1].pop('filepath'), r"images\[1\] \(cocoid 9, .*\) has no 'filepath'"),
+    (lambda e: e[4].update(sentences=[]), r"images\[4\] \(cocoid 17, .*\) has sentences \[\]: "
+                                          r"expected a non-empty list"),
+    (lambda e: e[2]['sentences'][1].update(raw='  '), r"images\[2\] \(cocoid 3, .*\) has sentences"),
+    (lambda e: e[0].update(split='testing'), r"images\[0\] .* has split 'testing': expected"),
+    (lambda e: e[5].update(cocoid=9), r"images\[5\] repeats cocoid 9 of images\[1\]"),
+    ('missing', r"images\[4\] \(cocoid 17\) is not on disk: .*COCO_val2014_000000000017\.jpg"),
+])
+def test_coco_karpathy_malformed_entries_stop_before_any_folder(tmp_path, fault, message):
+    """Each fault names dataset_coco.json, the entry and what is wrong; no data folder is written."""
+    root = str(tmp_path / 'coco')
+    entries = [karpathy_entry(k, *e) for k, e in enumerate(KARPATHY)]
+    path = write_karpathy(root, entries)
+    if fault == 'missing':
+        os.remove(os.path.join(root, 'images', 'val2014', entries[4]['filename']))
+    else:
+        fault(entries)
+        with open(path, 'w') as f:
+            json.dump({'images': entries}, f)
+    with pytest.raises(SystemExit, match=re.escape(path) + ': ' + message):
+        run_extract(*TINY, '--source=coco_karpathy', f'--coco_root={root}', '--clip_pretrained=',
+                    f"--data_dir={tmp_path / 'data'}", "--splits=('karpathy_train','karpathy_test')")
+    assert not os.path.exists(tmp_path / 'data')
+    with open(path, 'w') as f:
+        f.write('{"images": {}}')
+    with pytest.raises(SystemExit, match=re.escape(path) + " is not Karpathy's dataset_coco.json"):
+        run_extract(*TINY, '--source=coco_karpathy', f'--coco_root={root}', "--splits=('karpathy_test',)")
