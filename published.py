@@ -9,9 +9,9 @@ tower differs from the reference: GELU instead of QuickGELU, tokens without ln_p
 or crop, other captions. Published figures use another split than val2017: there they are not
 comparable, and eval.py says so.
 
-recall_summary.json 'published' (COCO folders only): comparable; if not, reason; if so, source, model,
-pretrained, threshold_points, figures {direction: {recall@K: {published, r, difference}}} in points
-(difference = R - published) and off_by_more_than_threshold, the figures the warning names.
+recall_summary.json 'published' (COCO folders only): comparable; if not, reason; if so, source,
+model, pretrained, threshold_points, figures {direction: {recall@K: {published, r, difference}}} in
+points (difference = R - published) and off_by_more_than_threshold, the figures the warning names.
 """
 SOURCE = ("open_clip docs/openclip_retrieval_results.csv (CLIP_benchmark, COCO Karpathy 5K test "
           "split of COCO 2014)")
