@@ -54,6 +54,7 @@ from metrics import (DIRECTIONS, RESAMPLED, TIES, alignment_columns, cosine_stat
                      fidelity_summary, pair_scores, pearson, recall_columns, recall_difference,
                      retrieval_counts, token_fidelity, with_ci)
 from plots import plot_eval
+import published
 
 # -----------------------------------------------------------------------------
 out_dir = 'out'  # A and R only: results go to out_dir/eval/
@@ -603,6 +604,8 @@ if __name__ == '__main__':
         t_recall = time.time()
         hits, ranks, recalls, ci, summary, rows = recall_task(ranked, text_image, k_values,
                                                               differences, found, common, bootstrap)
+        summary.update(published.canary(summary['reference'], meta, target, clip_model,
+                                        clip_pretrained))  # R beside published figures, where known
         summary['seconds'] = seconds_recall + time.time() - t_recall
         data.write_json(os.path.join(eval_dir, 'recall_summary.json'), summary, indent=2)
         table += rows
