@@ -325,10 +325,29 @@ def checkpoint_weights(path):
     return hashlib.sha1(json.dumps(records).encode()).hexdigest()[:16]
 
 
+def checkpoint_objective(ckpt):
+    """What the checkpoint was trained for, 'flow' or 'regression' (train.py's `objective`): a key of
+    its own, not of model_args; a checkpoint without one is from before the regression baseline."""
+    return ckpt.get('objective', 'flow')
+
+
 def checkpoint_identity(path, ckpt):
-    """What a result made from this checkpoint depends on: the file, the run, the iteration, the contents."""
+    """What a result made from this checkpoint depends on: the file, the run, the iteration, the
+    contents, the objective."""
     return {'path': os.path.abspath(path), 'run_id': ckpt['run']['id'], 'iter_num': ckpt['iter_num'],
-            'weights': checkpoint_weights(path), 'objective': ckpt['model_args'].get('objective', 'flow')}
+            'weights': checkpoint_weights(path), 'objective': checkpoint_objective(ckpt)}
+
+
+def check_not_trained_on(ckpt, path, target, val_fraction):
+    """SystemExit if the checkpoint at path was trained on any of target's rows."""
+    trained = (ckpt['data'] or {}).get('train')
+    if not trained or trained['id'] != target['id']:
+        return
+    (a, n), (b, m) = (trained['start'], trained['count']), (target['start'], target['count'])
+    if max(a, b) < min(a + n, b + m):
+        raise SystemExit(f"{path} was trained on rows {a}..{a + n - 1} of {target['folder']}, and rows "
+                         f"{b}..{b + m - 1} are to be generated: they overlap (val_fraction="
+                         f"{val_fraction}; train.py's was {ckpt['config'].get('val_fraction')})")
 
 
 def load_checkpoint(path, setting='ckpt_path', keys=CHECKPOINT_KEYS):
@@ -409,17 +428,22 @@ def lock(folder, what):
 
 
 # --- the samples folder -----------------------------------------------------------------------------------------
-def samples_name(ckpt_path, method, steps, cfg_scale, seed, shift=1.0, use_ema=True, objective='flow',
-                 holdout=False):
-    """The folder of one sampling run under out_dir/samples/: <checkpoint file stem>-<method><steps>[-shift<s>]
-    -cfg<scale>[-raw]-seed<seed>[-holdout] (a regression checkpoint: <stem>-regression[-raw][-holdout]),
-    e.g. ckpt-midpoint5-cfg2-seed1337."""
+def samples_name(ckpt_path, sampler, holdout=False):
+    """The folder of one sampling run under out_dir/samples/: <checkpoint file stem>-<sampler.name()>
+    [-holdout], e.g. ckpt-midpoint5-cfg2-seed1337 (sampler: a flow.Sampler)."""
     stem = os.path.splitext(os.path.basename(ckpt_path))[0]
-    raw, held = '' if use_ema else '-raw', '-holdout' if holdout else ''
-    if objective == 'regression':  # one deterministic forward: no sampler, guidance or seed
-        return f"{stem}-regression{raw}{held}"
-    shift_part = '' if shift == 1.0 else f'-shift{shift:g}'
-    return f"{stem}-{method}{steps}{shift_part}-cfg{cfg_scale:g}{raw}-seed{seed}{held}"
+    return f"{stem}-{sampler.name()}{'-holdout' if holdout else ''}"
+
+
+def check_samples_space(run_dir, shape, out_dir):
+    """Stop now, not hours later, on a disk that cannot take a [N, T, D] float16 result in run_dir (less
+    what a killed run already wrote; nothing when a finished one is there: start_samples reuses it or
+    refuses)."""
+    partial = os.path.join(run_dir, 'generated.partial.npy')
+    written = os.stat(partial).st_blocks * 512 if os.path.exists(partial) else 0
+    done = os.path.exists(os.path.join(run_dir, 'generated.npy'))
+    check_writable(out_dir, 0 if done else math.prod(shape) * 2 + shape[0] - written, 'out_dir',
+                   'the samples need')
 
 
 def last_samples(out_dir, holdout):

@@ -3,8 +3,9 @@
 python sweep.py config/demo.py --ckpts="('out/demo/ckpt_iter*.pt',)" --methods="('euler', 'midpoint')" \
     --steps="(5, 10)" --cfg_scales="(1.0, 2.0)" --seeds="(1337, 1338)"
 
-The grid is ckpts x methods x steps x cfg_scales x shifts x seeds. Each cell runs sample.py (it writes
-out_dir/samples/<name>/generated.npy, name = data.samples_name) and then eval.py on that array (it writes
+The grid is ckpts x methods x steps x cfg_scales x shifts x seeds (AXES: a flow.Sampler field each; the
+other fields at their defaults). Each cell runs sample.py (it writes out_dir/samples/<name>/generated.npy,
+name = data.samples_name) and then eval.py on that array (it writes
 <that folder>/eval/*.json) as subprocesses, with this command's config files: the stages talk only through files.
 With holdout=True (the default) the grid runs on train_data's held-out slice (its last val_fraction rows, which
 train.py never trains on); the cells are ranked there by select_metric (the mean over seeds), and only the
@@ -18,15 +19,15 @@ the mean and spread over seeds per cell); with matplotlib, out_dir/<sweep_name>.
 and token cosine against model calls).
 """
 import csv
+import dataclasses
 import glob
+import itertools
 import io
 import os
 import statistics
 import subprocess
 import sys
 import time
-
-import torch
 
 import data
 import flow
@@ -40,7 +41,7 @@ val_data = ''                  # the reported split; '' = data_dir/splits[1]
 val_fraction = 0.0             # the held-out slice: train_data's last val_fraction rows, as train.py's (> 0 to select)
 holdout = True                 # run the grid on the held-out slice and select; False: on val_data, no selection
 ckpts = ('',)                  # checkpoint files or glob patterns ('out/demo/ckpt_iter*.pt'); '' = out_dir/ckpt.pt
-methods = ('euler', 'midpoint')  # flow.SAMPLERS
+methods = ('euler', 'midpoint')  # flow.SOLVERS
 steps = (5, 10, 20)
 cfg_scales = (1.0,)
 shifts = (1.0,)                # time grids (flow.time_grid)
@@ -54,6 +55,8 @@ sweep_name = 'sweep'
 # -----------------------------------------------------------------------------
 HERE = os.path.dirname(os.path.abspath(__file__))
 DIRECTIONS = {'i2t': 'image_to_text', 't2i': 'text_to_image'}
+# the grid's axes, in this order: a flow.Sampler field each, and the setting listing its values
+AXES = {'method': 'methods', 'steps': 'steps', 'cfg_scale': 'cfg_scales', 'shift': 'shifts'}
 
 
 def find_checkpoints(patterns, out_dir):
@@ -80,7 +83,7 @@ def check_grid(methods, steps, cfg_scales, shifts):
     """SystemExit naming the setting of a grid value that sample.py would refuse."""
     number = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)
     for key, values, ok, expected in [
-            ('methods', methods, lambda v: v in flow.SAMPLERS, f"names in {tuple(flow.SAMPLERS)}"),
+            ('methods', methods, lambda v: v in flow.SOLVERS, f"names in {tuple(flow.SOLVERS)}"),
             ('steps', steps, lambda v: isinstance(v, int) and v >= 1, "positive ints"),
             ('cfg_scales', cfg_scales, number, "numbers"),
             ('shifts', shifts, lambda v: number(v) and v > 0, "positive numbers")]:
@@ -126,9 +129,9 @@ def read_cell(folder):
     align = data.read_json(os.path.join(folder, 'eval', 'alignment_summary.json'))
     recall = data.read_json(os.path.join(folder, 'eval', 'recall_summary.json'))
     s = info['settings']
+    sampler = dataclasses.asdict(flow.Sampler.from_settings(s))  # regression's: method 'regression'
     row = {'split': 'holdout' if folder.endswith('-holdout') else 'val', 'checkpoint': s['checkpoint'],
-           'iter_num': s['iter_num'], 'method': s.get('sample_method', 'regression'), 'steps': s.get('sample_steps', 1),
-           'shift': s.get('sample_shift', 1.0), 'cfg_scale': s.get('cfg_scale', 1.0), 'seed': s.get('seed'),
+           'iter_num': s['iter_num'], **{k: v for k, v in sampler.items() if k != 'use_ema'},
            'model_calls': info['model_calls']}
     for short, direction in DIRECTIONS.items():
         row.update(flatten(f'{short}_', recall['method_b'][direction]))
@@ -144,32 +147,32 @@ def run_cells(cells, seed_list, on_holdout, shared, config_files, objectives):
     """sample.py and eval.py for every cell and seed (or read back): the table rows, A's recall on that split, and
     the cell of each row's settings (CELL)."""
     rows, baseline, folders, cell_of = [], None, set(), {}
-    grid = [(cell, s) for cell in cells for s in seed_list]
+    grid = [(ckpt, dataclasses.replace(sampler, seed=s)) for ckpt, sampler in cells for s in seed_list]
     where = 'held-out slice of train_data' if on_holdout else 'val_data'
-    for i, ((ckpt, method, n_steps, scale, shift), s) in enumerate(grid):
-        name = data.samples_name(ckpt, method, n_steps, scale, s, shift, use_ema, objectives[ckpt], on_holdout)
+    for i, (ckpt, sampler) in enumerate(grid):
+        name = data.samples_name(ckpt, sampler.for_objective(objectives[ckpt]), on_holdout)
         folder = os.path.join(out_dir, 'samples', name)
         if folder in folders:  # a regression checkpoint has no sampler: one folder for all its cells
             continue
         folders.add(folder)
         t0 = time.time()
         stage = shared + [f'--holdout={on_holdout}']
-        run_stage('sample.py', config_files, stage + [f'--ckpt_path={ckpt}', f'--sample_method={method}',
-                  f'--sample_steps={n_steps}', f'--cfg_scale={scale}', f'--sample_shift={shift}', f'--seed={s}',
-                  f'--use_ema={use_ema}'])
+        run_stage('sample.py', config_files, stage + [f'--ckpt_path={ckpt}', *sampler.arguments()])
         done = cell_is_done(folder)  # sample.py reused the array (or made it again): are its summaries current?
         if not done:
             run_stage('eval.py', config_files, stage + [f'--generated={os.path.join(folder, "generated.npy")}'])
         row, baseline = read_cell(folder)
         rows.append(row)
-        cell_of[tuple(row[k] for k in CELL)] = (ckpt, method, n_steps, scale, shift)
+        cell_of[tuple(row[k] for k in CELL)] = (ckpt, sampler)
         print(f"[{i + 1}/{len(grid)}] {name} on the {where}: " + ('reused' if done else f'sampled and evaluated in '
               f'{time.time() - t0:.1f} s') + f", image->text R@5 {100 * row['i2t_recall@5']:.1f}%, token cosine "
               f"{row['token_cosine_mean']:.4f}")
     return rows, baseline, cell_of
 
 
-CELL = ('checkpoint', 'iter_num', 'method', 'steps', 'shift', 'cfg_scale', 'model_calls')
+# a cell's settings, its seed aside: the checkpoint and the sampler's
+CELL = ('checkpoint', 'iter_num', *(f.name for f in dataclasses.fields(flow.Sampler)
+                                    if f.name not in ('use_ema', 'seed')), 'model_calls')
 SUMMARIZED = ('i2t_recall@1', 'i2t_recall@5', 'i2t_recall@10', 't2i_recall@1', 't2i_recall@5', 't2i_recall@10',
               'alignment_mean_cosine_similarity', 'token_cosine_mean')
 
@@ -301,11 +304,12 @@ if __name__ == '__main__':
                          f"{val_fraction}: set it as train.py had it (> 0), or --holdout=False to look at val_data "
                          f"without selecting")
     checkpoints = find_checkpoints(ckpts, out_dir)
-    objectives = {c: torch.load(c, map_location='cpu', mmap=True, weights_only=True).get('objective', 'flow')
-                  for c in checkpoints}
+    objectives = {c: data.checkpoint_objective(data.load_checkpoint(c, 'ckpts')) for c in checkpoints}
     shared = [f'--out_dir={out_dir}', f'--train_data={train_data}', f'--val_data={val_data}',
               f'--val_fraction={val_fraction}', f'--device={device}']
-    cells = [(c, m, n, g, s) for c in checkpoints for m in methods for n in steps for g in cfg_scales for s in shifts]
+    axes = [globals()[setting] for setting in AXES.values()]
+    cells = [(c, flow.Sampler(use_ema=use_ema, seed=seed, **dict(zip(AXES, values))))
+             for c in checkpoints for values in itertools.product(*axes)]
     where = 'held-out slice of train_data' if holdout else 'val_data (no selection)'
     print(f"sweep: {len(checkpoints)} checkpoint(s) x {len(methods)} method(s) x {len(steps)} step count(s) x "
           f"{len(cfg_scales)} cfg scale(s) x {len(shifts)} shift(s) x {len(seed_list)} seed(s) on the {where}")

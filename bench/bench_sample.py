@@ -34,7 +34,7 @@ import data  # noqa: E402
 import flow  # noqa: E402
 from bench_model import seconds_per_call, synchronize  # noqa: E402
 from model import DiT, DiTConfig  # noqa: E402
-from runtime import autocast, cast_for_autocast, peak_flops  # noqa: E402
+from runtime import autocast, cast_for_autocast, peak_flops, resolve_device  # noqa: E402
 
 # -----------------------------------------------------------------------------
 # throughput: the DiT of these settings (DiTConfig fields; defaults = dit_large)
@@ -56,7 +56,7 @@ splits = ('train2017', 'val2017')
 val_data = ''  # '' = data_dir/splits[1]
 quality_samples = 32
 quality_steps = (5, 10, 20, 50)
-quality_methods = ('euler', 'heun', 'midpoint')  # flow.SAMPLERS
+quality_methods = ('euler', 'heun', 'midpoint')  # flow.SOLVERS
 quality_shifts = (1.0,)  # time grids (flow.time_grid): 1.0 uniform, > 1 denser near the noise
 reference_steps = 200
 seed = 1337
@@ -68,15 +68,15 @@ config = configure(globals())
 ckpt_path = ckpt_path or os.path.join(out_dir, 'ckpt.pt')
 val_data = val_data or os.path.join(data_dir, splits[1])
 # -----------------------------------------------------------------------------
-device = ('cuda' if torch.cuda.is_available() else 'cpu') if device == 'auto' else device
+device = resolve_device(device)
 device_type = 'cuda' if device.startswith('cuda') else 'cpu'
 ctx = autocast(device, dtype)
 
 
 @torch.no_grad()
-def generate(model, cond, x0, steps, method, shift, scale):
+def generate(model, cond, x0, sampler):
     with ctx:
-        return flow.generate(model, cond, x0, 'flow', steps, method, shift, scale).float()
+        return sampler.generate(model, cond, x0).float()
 
 
 def seconds(start):
@@ -103,14 +103,16 @@ for scale in dict.fromkeys((1.0, guided_cfg_scale)):
     model = model.compile_blocks() if compile else model
     build_s = seconds(start)
     start = time.perf_counter()
-    generate(model, cond, x0, sample_steps, sample_method, sample_shift, scale)
+    sampler = flow.Sampler(method=sample_method, steps=sample_steps, shift=sample_shift, cfg_scale=scale)
+    generate(model, cond, x0, sampler)
     first_s = seconds(start)  # holds the compilation
-    times = [seconds_per_call(lambda: generate(model, cond, x0, sample_steps, sample_method, sample_shift, scale),
-                              1, device) for _ in range(throughput_batches)]
+    times = [seconds_per_call(lambda: generate(model, cond, x0, sampler), 1, device)
+             for _ in range(throughput_batches)]
     batch_s = sum(times) / len(times)
-    # FLOPs run a row: each forward skips what encode_cond ran once a batch; a null row also its cross-attention
-    calls, full, encoded = flow.model_calls(sample_method, sample_steps), model.flops_per_sample(), \
-        model.flops_skipped_per_sample()
+    # FLOPs run a row: each forward skips what encode_cond ran once a batch; a null row its
+    # cross-attention too
+    calls = dataclasses.replace(sampler, cfg_scale=1.0).model_calls()  # batched forwards
+    full, encoded = model.flops_per_sample(), model.flops_skipped_per_sample()
     per_row = calls * (full - encoded) + encoded
     if scale != 1.0:
         per_row += calls * (full - model.flops_skipped_per_sample(dropped=True))
@@ -118,16 +120,19 @@ for scale in dict.fromkeys((1.0, guided_cfg_scale)):
     print(json.dumps({
         'bench': 'sample', 'device': device, 'machine': machine, 'dtype': dtype,
         'torch_threads': torch.get_num_threads(),
-        'model': {k: getattr(cfg, k) for k in ('dim', 'n_layers', 'n_heads', 'in_dim', 'cond_dim', 'grid_size')},
+        'model': {k: getattr(cfg, k)
+                  for k in ('dim', 'n_layers', 'n_heads', 'in_dim', 'cond_dim', 'grid_size')},
         'params': model.num_params(), 'sample_method': sample_method, 'sample_steps': sample_steps,
-        'sample_shift': sample_shift, 'cfg_scale': scale, 'batch': sample_batch_size, 'compile': compile,
-        'model_batch_forwards': flow.model_calls(sample_method, sample_steps, scale),
-        'startup_s': round(build_s + first_s, 2), 'build_s': round(build_s, 2), 'first_batch_s': round(first_s, 2),
-        'batch_s': [round(t, 3) for t in times], 'samples_per_s': round(sample_batch_size / batch_s, 2),
-        'coco_images': coco_images, 'coco_batches': batches, 'coco_s': round(batches * batch_s, 1),
+        'sample_shift': sample_shift, 'cfg_scale': scale, 'batch': sample_batch_size,
+        'compile': compile, 'model_batch_forwards': sampler.model_calls(),
+        'startup_s': round(build_s + first_s, 2), 'build_s': round(build_s, 2),
+        'first_batch_s': round(first_s, 2), 'batch_s': [round(t, 3) for t in times],
+        'samples_per_s': round(sample_batch_size / batch_s, 2), 'coco_images': coco_images,
+        'coco_batches': batches, 'coco_s': round(batches * batch_s, 1),
         'coco_s_with_startup': round(batches * batch_s + build_s + first_s, 1),
         'executed_gflops_per_batch': round(sample_batch_size * per_row / 1e9, 3),
-        'executed_tflops_per_s': round(sample_batch_size * per_row / batch_s / 1e12, 4), 'peak_tflops': peak and round(peak / 1e12),
+        'executed_tflops_per_s': round(sample_batch_size * per_row / batch_s / 1e12, 4),
+        'peak_tflops': peak and round(peak / 1e12),
         'mfu_executed': peak and round(sample_batch_size * per_row / batch_s / peak, 4)}))
     del model
     if device_type == 'cuda':
@@ -148,15 +153,17 @@ elif quality:
     cond = torch.from_numpy(np.asarray(eva[:n], dtype=np.float32)).to(device)
     x0 = torch.randn(n, qcfg.grid_size ** 2, qcfg.in_dim, generator=g).to(device)
     # compared in the model's standardized space: de-standardized, the channel means would inflate every cosine
-    ref = generate(model, cond, x0, reference_steps, 'heun', 1.0, cfg_scale)
+    ref = generate(model, cond, x0, flow.Sampler(method='heun', steps=reference_steps,
+                                                 cfg_scale=cfg_scale))
     curve = {}
     for method, shift in [(m, s) for s in quality_shifts for m in quality_methods]:
         label = method if shift == 1.0 else f"{method}-shift{shift:g}"
         curve[label] = {}
         for steps in quality_steps:
-            x = generate(model, cond, x0, steps, method, shift, cfg_scale)
+            sampler = flow.Sampler(method=method, steps=steps, shift=shift, cfg_scale=cfg_scale)
+            x = generate(model, cond, x0, sampler)
             curve[label][steps] = {
-                'model_calls': flow.model_calls(method, steps, cfg_scale),
+                'model_calls': sampler.model_calls(),
                 'token_cosine': round(float(F.cosine_similarity(x, ref, dim=-1).mean()), 6),
                 'pooled_cosine': round(float(F.cosine_similarity(x.mean(1), ref.mean(1), dim=-1).mean()), 6),
                 'relative_l2': round(float((x - ref).norm() / ref.norm()), 5)}

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 import data
+import flow
 from conftest import make_data_folder
 
 
@@ -84,12 +85,14 @@ def test_read_rows_reads_ascending(data_folder):
 
 
 def test_samples_name_tells_every_setting_the_result_depends_on():
-    assert data.samples_name('out/demo/ckpt.pt', 'heun', 5, 1.0, 1337) == 'ckpt-heun5-cfg1-seed1337'
-    assert (data.samples_name('/x/ckpt_iter000400.pt', 'euler', 10, 1.5, 7, shift=2.0, use_ema=False)
-            == 'ckpt_iter000400-euler10-shift2-cfg1.5-raw-seed7')
-    assert data.samples_name('out/demo/ckpt.pt', 'heun', 5, 1.0, 1337, holdout=True) == 'ckpt-heun5-cfg1-seed1337-holdout'
+    heun = flow.Sampler(method='heun', steps=5, cfg_scale=1.0, seed=1337)
+    assert data.samples_name('out/demo/ckpt.pt', heun) == 'ckpt-heun5-cfg1-seed1337'
+    euler = flow.Sampler(method='euler', steps=10, cfg_scale=1.5, seed=7, shift=2.0, use_ema=False)
+    assert data.samples_name('/x/ckpt_iter000400.pt', euler) == 'ckpt_iter000400-euler10-shift2-cfg1.5-raw-seed7'
+    assert data.samples_name('out/demo/ckpt.pt', heun, holdout=True) == 'ckpt-heun5-cfg1-seed1337-holdout'
     # a regression checkpoint has no sampler: every sampler setting names the same folder
-    assert data.samples_name('r/ckpt.pt', 'heun', 5, 2.0, 1, objective='regression') == 'ckpt-regression'
+    regression = flow.Sampler(method='heun', steps=5, cfg_scale=2.0, seed=1).for_objective('regression')
+    assert data.samples_name('r/ckpt.pt', regression) == 'ckpt-regression'
 
 
 def test_the_held_out_slice_is_train_pys():

@@ -49,7 +49,8 @@ def test_flow_loss_uses_the_same_noise_for_input_and_target():
     g = torch.Generator().manual_seed(0)
     x1 = torch.randn(2048, 4, 3, generator=g, dtype=torch.float64)
     oracle = Oracle(x1)
-    loss = flow.flow_loss(oracle, x1, cond=None, cond_drop_prob=0.1, sigma_min=SIGMA, generator=g)
+    losses, t = flow.flow_losses(oracle, x1, cond=None, cond_drop_prob=0.1, sigma_min=SIGMA, generator=g)
+    loss = losses.mean()
     assert loss < 1e-12  # a second noise draw for the target would give a loss near 1
     x, t, drop = oracle.calls[0]
     assert abs(drop.float().mean().item() - 0.1) < 0.03
@@ -100,8 +101,8 @@ def test_time_grid_and_model_calls():
     assert grid[0] == 0 and grid[-1] == 1 and all(a < b for a, b in zip(grid, grid[1:]))
     assert grid[1] == pytest.approx(0.25 / (3 - 2 * 0.25)) and grid[1] < 0.25  # denser near the noise
     assert flow.time_grid(4, shift=0.5)[1] > 0.25  # denser near the data
-    assert [flow.model_calls(m, 5) for m in ('euler', 'heun', 'midpoint')] == [5, 10, 10]
-    assert flow.model_calls('heun', 5, cfg_scale=2.0) == 20  # conditional and null branch
+    assert [flow.Sampler(method=m, steps=5).model_calls() for m in ('euler', 'heun', 'midpoint')] == [5, 10, 10]
+    assert flow.Sampler(method='heun', steps=5, cfg_scale=2.0).model_calls() == 20  # conditional and null branch
 
 
 def test_the_regression_baseline_learns_from_its_one_forward():
@@ -114,17 +115,18 @@ def test_the_regression_baseline_learns_from_its_one_forward():
     x1 = torch.tanh(cond @ torch.randn(12, 8)) * 2  # standardized-looking targets, a function of the condition
     x1 = (x1 - x1.mean((0, 1))) / x1.std((0, 1))
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    first = flow.regression_loss(model, x1, cond).item()
+    first = flow.regression_losses(model, x1, cond)[0].mean().item()
     for _ in range(150):
-        loss = flow.regression_loss(model, x1, cond)
+        loss = flow.regression_losses(model, x1, cond)[0].mean()
         opt.zero_grad()
         loss.backward()
         opt.step()
     assert first == pytest.approx(1.0, abs=0.05) and loss.item() < 0.3 * first
     # generate() is that forward, deterministic: no sampler, no seed
     x0 = torch.randn(16, 4, 8)
-    assert torch.equal(flow.generate(model, cond, x0, 'regression'), flow.generate(model, cond, -x0, 'regression'))
-    assert flow.model_calls('midpoint', 10, 2.0, 'regression') == 1
+    regression = flow.Sampler(method='midpoint', steps=10, cfg_scale=2.0).for_objective('regression')
+    assert torch.equal(regression.generate(model, cond, x0), regression.generate(model, cond, -x0))
+    assert regression.model_calls() == 1
 
 
 def test_sample_rejects_unknown_method_and_bad_shift():
@@ -208,7 +210,7 @@ def test_tiny_dit_learns_a_conditional_task():
     # 800 steps: at 400 the sample cosine ranged 0.8-0.99 over seeds, so any change of rounding flipped the check
     for step in range(800):
         idx = torch.randint(0, n, (32,), generator=g)
-        loss = flow.flow_loss(model, x1[idx], cond[idx], cond_drop_prob=0.0, generator=g)
+        loss = flow.flow_losses(model, x1[idx], cond[idx], cond_drop_prob=0.0, generator=g)[0].mean()
         opt.zero_grad()
         loss.backward()
         opt.step()

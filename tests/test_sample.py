@@ -39,7 +39,7 @@ def trained(tmp_path_factory):
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
     g = torch.Generator().manual_seed(0)
     for it in range(150):
-        loss = flow.flow_loss(model, x1, cond, generator=g)
+        loss = flow.flow_losses(model, x1, cond, generator=g)[0].mean()
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -64,7 +64,8 @@ def out_dir_with(ckpt, path):
 
 def samples(out, method='midpoint', steps=10, cfg=1.0, seed=1337, ckpt='ckpt.pt'):
     """The folder sample.py writes for these settings (data.samples_name)."""
-    return os.path.join(out, 'samples', data.samples_name(ckpt, method, steps, cfg, seed))
+    sampler = flow.Sampler(method=method, steps=steps, cfg_scale=cfg, seed=seed)
+    return os.path.join(out, 'samples', data.samples_name(ckpt, sampler))
 
 
 def run_sample(monkeypatch, *args):
@@ -231,6 +232,7 @@ def test_pipelined_output_is_byte_identical_to_a_plain_loop(trained, tmp_path, m
     plain = []
     for s in range(0, N, 5):  # the same batches, one after another on the main thread
         rows = np.arange(s, min(s + 5, N))
-        x = flow.generate(model, eva[rows], flow.seeded_noise(1337, rows, (16, 8)), 'flow', 3, 'midpoint', 1.0, 2.0)
+        sampler = flow.Sampler(method='midpoint', steps=3, shift=1.0, cfg_scale=2.0)
+        x = sampler.generate(model, eva[rows], flow.seeded_noise(1337, rows, (16, 8)))
         plain.append((x.float() * std + mean).numpy().astype(np.float16))
     assert np.array_equal(written, np.concatenate(plain))

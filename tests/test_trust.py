@@ -96,6 +96,17 @@ def test_samples_record_the_identity_of_the_checkpoint_and_the_data(trained, fol
     assert f'was trained on rows 0..17 of {folder}, and rows 12..23 are to be generated: they overlap' in message
 
 
+def test_a_regression_checkpoints_samples_record_regression(folder, val, tmp_path, monkeypatch):
+    """The objective is a key of the checkpoint, not of model_args: every identity used to say 'flow'."""
+    out = train(str(tmp_path / 'run'), folder, '--objective=regression', '--max_iters=5')
+    run(monkeypatch, 'sample.py', f'--out_dir={out}', f'--val_data={val}', *SAMPLE)
+    info = data.read_json(os.path.join(out, 'samples', 'ckpt-regression', 'generated.json'))
+    assert info['depends_on']['checkpoint']['objective'] == 'regression'
+    assert info['depends_on']['settings'] == {'use_ema': True} and info['model_calls'] == 1
+    assert info['method'] == 'regression' and data.load_checkpoint(os.path.join(out, 'ckpt.pt'))[
+        'identity']['objective'] == 'regression'
+
+
 @pytest.mark.parametrize('damage', ['bit_flip', 'truncated', 'empty'])
 def test_a_damaged_checkpoint_is_refused_naming_the_intact_ones(trained, folder, val, tmp_path, monkeypatch, damage):
     run_dir = str(tmp_path / 'run')
