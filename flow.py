@@ -1,7 +1,7 @@
 """Flow matching on a linear path, velocity prediction.
 
-Convention (fixed; the seed's, Lumina-Next's and facebookresearch/flow_matching's; SD3/diffusers run the
-other way, never mix them): t in [0, 1], t = 0 is noise x0 ~ N(0, I), t = 1 is data x1.
+Convention (fixed; the seed's, Lumina-Next's and facebookresearch/flow_matching's; SD3/diffusers run
+the other way, never mix them): t in [0, 1], t = 0 is noise x0 ~ N(0, I), t = 1 is data x1.
     x_t = (1 - (1 - sigma_min) * t) * x0 + t * x1
     v   = d x_t / dt = x1 - (1 - sigma_min) * x0
 Sampling integrates dx/dt = v(x, t) from t = 0 (x = x0 ~ N(0, I)) to t = 1.
@@ -46,8 +46,8 @@ def velocity_target(x0, x1, sigma_min=1e-4):
 
 def flow_losses(model, x1, cond, cond_drop_prob=0.1, t_sampling='logit_normal', t_mean=0.0,
                 t_std=1.0, sigma_min=1e-4, generator=None):
-    """Per-sample MSE [B] (float32) between predicted and true velocity, and the times t [B] it was drawn
-    at; the condition is dropped per sample for CFG."""
+    """Per-sample MSE [B] (float32) between predicted and true velocity, and the times t [B] it was
+    drawn at; the condition is dropped per sample for CFG."""
     B, device = x1.shape[0], x1.device
     x0 = torch.randn(x1.shape, generator=generator, device=device, dtype=x1.dtype)
     t = sample_t(B, t_sampling, t_mean, t_std, generator=generator, device=device)
@@ -58,8 +58,8 @@ def flow_losses(model, x1, cond, cond_drop_prob=0.1, t_sampling='logit_normal', 
 
 
 def validation_loss(model, x0, x1, cond, sigma_min=1e-4, points=8):
-    """Per-sample flow loss [B] on a fixed grid of `points` times (midpoints of equal bins): no sampling
-    noise."""
+    """Per-sample flow loss [B] on a fixed grid of `points` times (midpoints of equal bins): no
+    sampling noise."""
     loss, target = 0, velocity_target(x0, x1, sigma_min)
     for k in range(points):
         t = torch.full((x1.shape[0],), (k + 0.5) / points, device=x1.device)
@@ -69,29 +69,33 @@ def validation_loss(model, x0, x1, cond, sigma_min=1e-4, points=8):
 
 
 def regress(model, cond, shape):
-    """The regression baseline's prediction: one forward from the EVA tokens at t = 0, its token input one
-    fixed draw of N(0, I) shared by every image (an all-zero input leaves every token alike, and the
-    zero-initialized output layer then never learns: the loss stays at the mean's)."""
+    """The regression baseline's prediction: one forward from the EVA tokens at t = 0, its token
+    input one fixed draw of N(0, I) shared by every image (an all-zero input leaves every token
+    alike, and the zero-initialized output layer then never learns: the loss stays at the
+    mean's)."""
     fixed = torch.randn(shape[1:], generator=torch.Generator().manual_seed(0)).to(cond.device)
     return model(fixed.expand(shape), torch.zeros(shape[0], device=cond.device), cond)
 
 
 def regression_losses(model, x1, cond):
-    """Per-sample MSE [B] (float32) to the target x1 of that one forward, and its times t [B] (all 0): the
-    same network as the flow model, without the flow."""
+    """Per-sample MSE [B] (float32) to the target x1 of that one forward, and its times t [B] (all
+    0): the same network as the flow model, without the flow."""
     t = torch.zeros(x1.shape[0], device=x1.device)
-    return F.mse_loss(regress(model, cond, x1.shape).float(), x1.float(), reduction='none').mean((1, 2)), t
+    return F.mse_loss(regress(model, cond, x1.shape).float(), x1.float(),
+                      reduction='none').mean((1, 2)), t
 
 
 def seed_for(*key):
-    """A well-mixed 64-bit generator seed for a tuple of integers, e.g. (seed, iteration, micro-batch)."""
+    """A well-mixed 64-bit generator seed for a tuple of integers, e.g. (seed, iteration,
+    micro-batch)."""
     return int(np.random.SeedSequence([int(k) for k in key]).generate_state(1, np.uint64)[0])
 
 
 def seeded_noise(seed, rows, shape, device=None):
-    """Starting noise [len(rows), *shape]: row i's from a generator seeded by (seed, i) alone, so it does not
-    depend on the batch size, the batch order or the number of ranks."""
-    return torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(seed_for(seed, i)))
+    """Starting noise [len(rows), *shape]: row i's from a generator seeded by (seed, i) alone, so it
+    does not depend on the batch size, the batch order or the number of ranks."""
+    return torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(seed_for(seed,
+                                                                                            i)))
                         for i in rows]).to(device)
 
 
@@ -99,14 +103,16 @@ SOLVERS = {'euler': 1, 'heun': 2, 'midpoint': 2}  # model calls a step
 
 
 def time_grid(steps, shift=1.0):
-    """steps + 1 times from 0 to 1: uniform, warped by t / (shift - (shift - 1) t) (SD3's time shift in
-    this convention), so shift > 1 packs the steps near t = 0 (noise) and shift < 1 near t = 1 (data)."""
+    """steps + 1 times from 0 to 1: uniform, warped by t / (shift - (shift - 1) t) (SD3's time shift
+    in this convention), so shift > 1 packs the steps near t = 0 (noise) and shift < 1 near t = 1
+    (data)."""
     return [u / (shift - (shift - 1) * u) for u in (i / steps for i in range(steps + 1))]
 
 
 @torch.no_grad()
 def sample(velocity_fn, x0, steps=50, method='euler', shift=1.0):
-    """Integrate dx/dt = velocity_fn(x, t) from t = 0 to 1 in `steps` steps on time_grid(steps, shift).
+    """Integrate dx/dt = velocity_fn(x, t) from t = 0 to 1 in `steps` steps on time_grid(steps,
+    shift).
 
     euler: one call a step, error O(1/steps); heun (trapezoid corrector) and midpoint: two, error
     O(1/steps^2). midpoint never calls the model at t = 1, where heun's last corrector does.
@@ -131,10 +137,10 @@ def sample(velocity_fn, x0, steps=50, method='euler', shift=1.0):
 def guided(model, cond, scale=1.0, encode_once=True):
     """velocity_fn(x, t) for sample(): classifier-free guidance v_null + scale * (v_cond - v_null).
 
-    scale 1.0 is the plain conditional model (one forward); otherwise both run as one batched forward.
-    encode_once: the condition is encoded once here (model.encode_cond, in the caller's autocast) and
-    reused at every step, the null half's cross-attention a constant a layer, costing neither k, v nor
-    attention; False: plain forwards (FSDP's hooks see forward only).
+    scale 1.0 is the plain conditional model (one forward); otherwise both run as one batched
+    forward. encode_once: the condition is encoded once here (model.encode_cond, in the caller's
+    autocast) and reused at every step, the null half's cross-attention a constant a layer, costing
+    neither k, v nor attention; False: plain forwards (FSDP's hooks see forward only).
     """
     drop = None
     if scale != 1.0:  # the conditional and the null half as one batch
@@ -159,11 +165,12 @@ class Sampler:
     """How a checkpoint generates: its settings, checked, and what they give: the samples folder's
     name, the model calls, the JSON, a label, and the generating call.
 
-    Each field is sample.py's setting sample_<field> (but use_ema, cfg_scale and seed: SETTING_NAMES).
+    Each field is sample.py's setting sample_<field> (but use_ema, cfg_scale and seed:
+    SETTING_NAMES).
     A regression checkpoint's record (for_objective) has method REGRESSION: one forward, no solver.
-    A new solver: a branch in sample(). A setting of its own: a field here, its default the behaviour
-    before it (the JSON and the name show it only when off the default, so earlier samples stay
-    valid), and its line in sample.py's config.
+    A new solver: a branch in sample(). A setting of its own: a field here, its default the
+    behaviour before it (the JSON and the name show it only when off the default, so earlier samples
+    stay valid), and its line in sample.py's config.
     """
     method: str
     steps: int
@@ -176,7 +183,8 @@ class Sampler:
     BASE = ('use_ema', 'method', 'steps', 'shift', 'cfg_scale', 'seed')  # always in the JSON
 
     def __post_init__(self):
-        regression = (self.method, self.steps, self.seed) == (REGRESSION, 1, None)  # for_objective's
+        # for_objective's
+        regression = (self.method, self.steps, self.seed) == (REGRESSION, 1, None)
         is_int = isinstance(self.steps, int) and not isinstance(self.steps, bool)
         for name, ok, expected in [
                 ('method', self.method in SOLVERS or regression,
@@ -190,16 +198,16 @@ class Sampler:
 
     @classmethod
     def from_settings(cls, settings):
-        """The sampler of config settings or of generated.json's `settings` (other keys ignored); one
-        without sample_method is a regression checkpoint's."""
+        """The sampler of config settings or of generated.json's `settings` (other keys ignored);
+        one without sample_method is a regression checkpoint's."""
         if setting('method') not in settings:
             return cls(method=REGRESSION, steps=1, use_ema=settings.get('use_ema', True))
         return cls(**{f.name: settings[setting(f.name)] for f in dataclasses.fields(cls)
                       if setting(f.name) in settings})
 
     def for_objective(self, objective):
-        """This sampler for a checkpoint trained with `objective`: regression's one forward ignores the
-        solver's settings."""
+        """This sampler for a checkpoint trained with `objective`: regression's one forward ignores
+        the solver's settings."""
         if objective == REGRESSION:
             return Sampler(method=REGRESSION, steps=1, use_ema=self.use_ema)
         return self
@@ -209,9 +217,11 @@ class Sampler:
         return [f'--{setting(f.name)}={getattr(self, f.name)}' for f in dataclasses.fields(self)]
 
     def extras(self):
-        """{field: value} of those off their default that the name shows: shift and any later field."""
+        """{field: value} of those off their default that the name shows: shift and any later
+        field."""
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
-                if (f.name == 'shift' or f.name not in self.BASE) and getattr(self, f.name) != f.default}
+                if (f.name == 'shift' or f.name not in self.BASE) and getattr(self, f.name)
+                != f.default}
 
     def settings(self):
         """The JSON: generated.json's `settings` (depends_on's too), keyed by setting name."""
@@ -221,8 +231,9 @@ class Sampler:
             setting(k): v for k, v in self.extras().items() if k not in self.BASE}
 
     def name(self):
-        """Its part of the samples folder's name (data.samples_name): <method><steps>[-shift<s>][-<field>
-        <value>...]-cfg<scale>[-raw]-seed<seed>, or regression[-raw]."""
+        """Its part of the samples folder's name (data.samples_name):
+        <method><steps>[-shift<s>][-<field> <value>...]-cfg<scale>[-raw]-seed<seed>, or
+        regression[-raw]."""
         raw = '' if self.use_ema else '-raw'
         if self.method == REGRESSION:
             return f"regression{raw}"
@@ -234,20 +245,20 @@ class Sampler:
         if self.method == REGRESSION:
             return "regression: one forward pass"
         extra = ''.join(f", {k} {v:g}" for k, v in self.extras().items())
-        return (f"{self.method} {self.steps} steps{extra}, cfg {self.cfg_scale:g}, seed {self.seed} "
-                f"({self.model_calls()} model calls)")
+        return (f"{self.method} {self.steps} steps{extra}, cfg {self.cfg_scale:g}, seed "
+                f"{self.seed} ({self.model_calls()} model calls)")
 
     def model_calls(self):
-        """Model forwards per sample: calls a step x steps, twice under guidance (one batched forward of
-        2B); one for the regression baseline."""
+        """Model forwards per sample: calls a step x steps, twice under guidance (one batched
+        forward of 2B); one for the regression baseline."""
         if self.method == REGRESSION:
             return 1
         return SOLVERS[self.method] * self.steps * (1 if self.cfg_scale == 1.0 else 2)
 
     @torch.no_grad()
     def generate(self, model, cond, x0, encode_once=True):
-        """Tokens for the EVA tokens cond: sample() from x0 with guidance, or the regression baseline's
-        one forward."""
+        """Tokens for the EVA tokens cond: sample() from x0 with guidance, or the regression
+        baseline's one forward."""
         if self.method == REGRESSION:
             return regress(model, cond, x0.shape)
         return sample(guided(model, cond, self.cfg_scale, encode_once), x0, self.steps, self.method,
