@@ -80,23 +80,20 @@ def regress(model, cond, shape):
 def regression_losses(model, x1, cond):
     """Per-sample MSE [B] (float32) to the target x1 of that one forward, and its times t [B] (all
     0): the same network as the flow model, without the flow."""
-    t = torch.zeros(x1.shape[0], device=x1.device)
-    return F.mse_loss(regress(model, cond, x1.shape).float(), x1.float(),
-                      reduction='none').mean((1, 2)), t
+    pred, t = regress(model, cond, x1.shape), torch.zeros(x1.shape[0], device=x1.device)
+    return F.mse_loss(pred.float(), x1.float(), reduction='none').mean((1, 2)), t
 
 
 def seed_for(*key):
-    """A well-mixed 64-bit generator seed for a tuple of integers, e.g. (seed, iteration,
-    micro-batch)."""
+    """A well-mixed 64-bit generator seed for a tuple of ints, e.g. (seed, iter, micro-batch)."""
     return int(np.random.SeedSequence([int(k) for k in key]).generate_state(1, np.uint64)[0])
 
 
 def seeded_noise(seed, rows, shape, device=None):
     """Starting noise [len(rows), *shape]: row i's from a generator seeded by (seed, i) alone, so it
     does not depend on the batch size, the batch order or the number of ranks."""
-    return torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(seed_for(seed,
-                                                                                            i)))
-                        for i in rows]).to(device)
+    generators = (torch.Generator().manual_seed(seed_for(seed, i)) for i in rows)
+    return torch.stack([torch.randn(shape, generator=g) for g in generators]).to(device)
 
 
 SOLVERS = {'euler': 1, 'heun': 2, 'midpoint': 2}  # model calls a step
