@@ -83,7 +83,9 @@ ema_decay = 0.9999  # warmed up as min(ema_decay, (1 + step) / (10 + step))
 # objective (flow.py): 'flow' = flow matching; 'regression' = the same DiT trained by plain MSE on the target in one
 # forward from the EVA tokens, the equal-architecture baseline beside B
 objective = 'flow'
-t_sampling = 'logit_normal'
+t_sampling = 'logit_normal'  # flow.T_SAMPLINGS; logit-normal: t = sigmoid(N(t_mean, t_std))
+t_mean = 0.0
+t_std = 1.0
 sigma_min = 1e-4
 cond_drop_prob = 0.1
 # model (model.py DiTConfig; these defaults are the seed's DiT, config/dit_large.py)
@@ -118,10 +120,11 @@ config_files = ' '.join(a for a in sys.argv[1:] if not a.startswith('--')) or '<
 train_data, val_data = data.split_folders(data_dir, splits, train_data, val_data)
 # -----------------------------------------------------------------------------
 
-if init_from not in ('scratch', 'resume', 'auto') or objective not in ('flow', 'regression') or \
-        parallel not in ('ddp', 'fsdp'):
-    raise SystemExit(f"config error: init_from should be 'scratch', 'resume' or 'auto' (got {init_from!r}), objective "
-                     f"'flow' or 'regression' (got {objective!r}), parallel 'ddp' or 'fsdp' (got {parallel!r})")
+for key, allowed in (('init_from', ('scratch', 'resume', 'auto')), ('objective', flow.OBJECTIVES),
+                     ('t_sampling', flow.T_SAMPLINGS), ('parallel', ('ddp', 'fsdp'))):
+    if config[key] not in allowed:
+        raise SystemExit(f"config error: {key} should be one of {', '.join(map(repr, allowed))}, "
+                         f"got {config[key]!r}")
 require_positive(config, 'batch_size', 'gradient_accumulation_steps', 'max_iters', 'eval_interval', 'eval_iters',
                  'log_interval')
 device, rank, local_rank, world_size = init_device(device, dtype)
@@ -161,8 +164,8 @@ run = {'id': data.new_id(), 'started': time.strftime('%Y-%m-%dT%H:%M:%S')}
 if checkpoint:
     saved = {k: v for k, v in checkpoint['model_args'].items() if k != 'grad_checkpointing'}
     changed = {k: v for k, v in saved.items() if model_args.get(k) != v}
-    if checkpoint.get('objective', 'flow') != objective:
-        changed['objective'] = objective = checkpoint.get('objective', 'flow')
+    if data.checkpoint_objective(checkpoint) != objective:
+        changed['objective'] = objective = data.checkpoint_objective(checkpoint)
     if changed and master_process:
         print(f"resume: model settings come from {ckpt_path}: {changed}")
     model_args, run = {**saved, 'grad_checkpointing': grad_checkpointing}, checkpoint['run']
@@ -331,15 +334,15 @@ def evaluate():
         x0 = flow.seeded_noise(seed, rows, x1.shape[1:], device)
         for k, m in enumerate((raw_model, ema_model)):
             with ctx:
-                sums[k] += weight * (
-                    F.mse_loss(flow.regress(m, cond, x1.shape).float(), x1, reduction='none').mean((1, 2))
-                    if objective == 'regression' else flow.validation_loss(m, x0, x1, cond, sigma_min)).sum()
+                losses = (flow.regression_losses(m, x1, cond)[0] if objective == 'regression' else
+                          flow.validation_loss(m, x0, x1, cond, sigma_min))
+                sums[k] += weight * losses.sum()
+    check = flow.Sampler(method='euler', steps=eval_gen_steps).for_objective(objective)
     for rows, weight in eval_batches(n_gen):
         x1, cond = read_rows(val_split, rows)
         x0 = flow.seeded_noise(seed, rows, x1.shape[1:], device)
-        with ctx:  # forward calls only (no DiT.encode_cond, which FSDP's hooks do not see): the cached path's result
-            x = (flow.regress(ema_model, cond, x1.shape) if objective == 'regression' else
-                 flow.sample(lambda x, t: ema_model(x, t, cond), x0, eval_gen_steps, 'euler'))
+        with ctx:  # forward calls only (FSDP's hooks do not see DiT.encode_cond): the same result
+            x = check.generate(ema_model, cond, x0, encode_once=False)
         generated, real = x.float() * clip_std + clip_mean, x1 * clip_std + clip_mean
         sums[2] += weight * F.cosine_similarity(generated, real, dim=-1).mean(dim=1).sum()
         sums[3] += weight * F.cosine_similarity(generated.mean(dim=1), real.mean(dim=1), dim=-1).sum()
@@ -475,9 +478,10 @@ while True:
             model.set_requires_all_reduce(micro_step == micro_steps - 1)
         flow_generator.manual_seed(flow.seed_for(seed, iter_num, j))
         with ctx:
-            loss = (flow.regression_loss(model, x1, cond) if objective == 'regression' else
-                    flow.flow_loss(model, x1, cond, cond_drop_prob=cond_drop_prob, t_sampling=t_sampling,
-                                   sigma_min=sigma_min, generator=flow_generator))
+            losses, t = (flow.regression_losses(model, x1, cond) if objective == 'regression' else
+                         flow.flow_losses(model, x1, cond, cond_drop_prob, t_sampling, t_mean,
+                                          t_std, sigma_min, flow_generator))
+            loss = losses.mean()  # [B] at times t [B]: weight over t here, (w(t) * losses).mean()
         scaler.scale(loss / micro_steps).backward()
         loss_sum += loss.detach()
         # read the next micro-batch (of this iteration or the next) while the device works through this one
