@@ -50,6 +50,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import data
+import flow
 from metrics import (DIRECTIONS, RESAMPLED, TIES, alignment_columns, cosine_stats, duplicate_groups,
                      fidelity_summary, pair_scores, pearson, recall_columns, recall_difference,
                      retrieval_counts, token_fidelity, with_ci)
@@ -419,9 +420,8 @@ def summary_header(target, holdout, gen_path, sampling, clip_model, clip_pretrai
             'checkpoint': made_by and {'path': made_by.get('checkpoint'),
                                        'iter_num': made_by.get('iter_num'),
                                        'use_ema': made_by.get('use_ema')},
-            'sampler': made_by and {k: made_by.get(k) for k in
-                                    ('sample_method', 'sample_steps', 'sample_shift', 'cfg_scale',
-                                     'seed')},
+            'sampler': made_by and {k: v for k, v in flow.Sampler.from_settings(made_by)
+                                    .settings().items() if k != 'use_ema'},
             'model_calls': (sampling or {}).get('model_calls'), 'sampling': sampling,
             'clip_model': clip_model, 'clip_pretrained': clip_pretrained, 'num_images': N,
             'num_captions': T, 'captions_per_image': {'min': int(counts.min()),

@@ -196,8 +196,8 @@ class Sampler:
     @classmethod
     def from_settings(cls, settings):
         """The sampler of config settings or of generated.json's `settings` (other keys ignored);
-        one without sample_method is a regression checkpoint's."""
-        if setting('method') not in settings:
+        one without sample_method (or with None there) is a regression checkpoint's."""
+        if settings.get(setting('method')) is None:
             return cls(method=REGRESSION, steps=1, use_ema=settings.get('use_ema', True))
         return cls(**{f.name: settings[setting(f.name)] for f in dataclasses.fields(cls)
                       if setting(f.name) in settings})
