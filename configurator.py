@@ -44,7 +44,8 @@ def assignments(tree):
 
 
 def setting_comments(path):
-    """{name: (comment lines directly above, comment beside)} from a script's source; {} if it cannot be read."""
+    """{name: (comment lines directly above, comment beside)} from a script's source; {} if it
+    cannot be read."""
     try:
         with open(path) as f:
             source = f.read()
@@ -58,11 +59,13 @@ def setting_comments(path):
     for name, [(first, last), *_] in assignments(tree).items():  # where the script declares it
         beside = [comments[r][1] for r in range(first, last + 1) if r in comments]
         row = last + 1
-        while row in own_line and comments[row][0] > 0:  # an indented comment line continues the one beside
+        # an indented comment line continues the one beside
+        while row in own_line and comments[row][0] > 0:
             beside.append(comments[row][1])
             row += 1
         above, row = [], first - 1
-        while row in own_line and comments[row][0] == 0 and comments[row][1].strip('-'):  # stop at a # --- rule
+        # stop at a # --- rule
+        while row in own_line and comments[row][0] == 0 and comments[row][1].strip('-'):
             above.insert(0, comments[row][1])
             row -= 1
         result[name] = (above, ' '.join(beside))
@@ -70,10 +73,12 @@ def setting_comments(path):
 
 
 def print_help(namespace, keys, defaults, sources):
-    """The usage line, then each setting: its value, where it was set if not the default, the script's comment."""
+    """The usage line, then each setting: its value, where it was set if not the default, the
+    script's comment."""
     path = namespace.get('__file__', '')
     comments = setting_comments(path) if path else {}
-    print(f"usage: python {os.path.basename(path) or '<script>'} [config/file.py ...] [--key=value ...]")
+    print(f"usage: python {os.path.basename(path) or '<script>'} [config/file.py ...] "
+          f"[--key=value ...]")
     for key in keys:
         above, beside = comments.get(key, ([], ''))
         left = f"  {key} = {namespace[key]!r}"
@@ -83,7 +88,8 @@ def print_help(namespace, keys, defaults, sources):
 
 
 def shell_word(value):
-    """value as a --key= argument that reads it back: bare when the shell leaves it alone, else quoted."""
+    """value as a --key= argument that reads it back: bare when the shell leaves it alone, else
+    quoted."""
     text = repr(value)
     if re.fullmatch(r'[\w@%+=:,./-]+', text):
         return text
@@ -91,7 +97,8 @@ def shell_word(value):
 
 
 def checked_value(key, value, source, default, current, current_source):
-    """value converted to the type of the default, or SystemExit naming key, types, sources and an example."""
+    """value converted to the type of the default, or SystemExit naming key, types, sources and an
+    example."""
     if default is None or value is None or type(value) is type(default):
         return value
     if isinstance(default, float) and isinstance(value, int) and not isinstance(value, bool):
@@ -100,14 +107,17 @@ def checked_value(key, value, source, default, current, current_source):
         return type(default)(value)
     now = f"now {current!r}, set by {current_source}; script " if current_source else ""
     if isinstance(default, (tuple, list)) and isinstance(value, (int, float, str)):
-        current = type(default)([value])  # a bare item where a sequence is expected: show it wrapped
+        # a bare item where a sequence is expected: show it wrapped
+        current = type(default)([value])
     example = f"--{key}={shell_word(current)}" if source.startswith('--') else f"{key} = {current!r}"
-    raise SystemExit(f"config error: {key} expects {type(default).__name__} ({now}default {default!r}), "
-                     f"got {type(value).__name__} {value!r} from {source}; e.g. {example}")
+    raise SystemExit(f"config error: {key} expects {type(default).__name__} "
+                     f"({now}default {default!r}), got {type(value).__name__} {value!r} from "
+                     f"{source}; e.g. {example}")
 
 
 def parse_value(text, default):
-    """literal_eval where it parses (and, for a string setting, gives a string); the raw text otherwise."""
+    """literal_eval where it parses (and, for a string setting, gives a string); the raw text
+    otherwise."""
     try:
         value = ast.literal_eval(text)
     except (SyntaxError, ValueError):
@@ -116,7 +126,8 @@ def parse_value(text, default):
 
 
 def run_config_file(path, settings):
-    """Run a config file on top of settings; [(key, value, "file:line")] of those it changed; SystemExit on errors."""
+    """Run a config file on top of settings; [(key, value, "file:line")] of those it changed;
+    SystemExit on errors."""
     try:
         with open(path) as f:
             tree = ast.parse(f.read(), path)
@@ -124,22 +135,24 @@ def run_config_file(path, settings):
     except OSError as e:
         raise SystemExit(f"config error: cannot read config file {path}: {e.strerror}")
     except SyntaxError as e:
-        raise SystemExit(f"config error: config file {path}, line {e.lineno}: {type(e).__name__}: {e.msg}"
+        raise SystemExit(f"config error: config file {path}, line {e.lineno}: "
+                         f"{type(e).__name__}: {e.msg}"
                          + (f" (`{e.text.strip()}`)" if e.text else "")) from None
     scope = dict(settings)
     try:
         exec(code, scope)
     except Exception as e:
         frame = [f for f in traceback.extract_tb(e.__traceback__) if f.filename == path][-1]  # innermost in the file
-        raise SystemExit(f"config error: config file {path}, line {frame.lineno}: {type(e).__name__}: {e}"
-                         f" (`{frame.line}`)") from None
+        raise SystemExit(f"config error: config file {path}, line {frame.lineno}: "
+                         f"{type(e).__name__}: {e} (`{frame.line}`)") from None
     lines = assignments(tree)
     return [(k, scope[k], f"{path}:{lines[k][-1][0]}" if k in lines else path) for k in settings
             if scope[k] is not settings[k]]
 
 
 def parse_override(arg, keys, renamed, defaults):
-    """(key, value) of a --key=value argument; SystemExit for a malformed, renamed or unknown key."""
+    """(key, value) of a --key=value argument; SystemExit for a malformed, renamed or unknown
+    key."""
     key, sep, text = arg[2:].partition('=')
     if not sep:
         raise SystemExit(f"config error: expected --key=value, got {arg!r}")
@@ -156,7 +169,8 @@ def parse_override(arg, keys, renamed, defaults):
 def configure(namespace, argv=None, renamed=None):
     """Apply config files and --key=value overrides to `namespace`; return the settings as a dict.
 
-    renamed: {old name: new name} of this script's settings; passing an old name fails naming the new one.
+    renamed: {old name: new name} of this script's settings; passing an old name fails naming the
+    new one.
     """
     argv = sys.argv[1:] if argv is None else argv
     keys = config_keys(namespace)
@@ -173,7 +187,8 @@ def configure(namespace, argv=None, renamed=None):
         else:
             changes = run_config_file(arg, {k: namespace[k] for k in keys})
         for key, value, source in changes:
-            namespace[key] = checked_value(key, value, source, defaults[key], namespace[key], sources.get(key))
+            namespace[key] = checked_value(key, value, source, defaults[key], namespace[key],
+                                           sources.get(key))
             sources[key] = source
         if verbose:
             print(f"config: {key} = {namespace[key]!r}" if arg.startswith('--') else f"config: {arg}")
@@ -181,8 +196,11 @@ def configure(namespace, argv=None, renamed=None):
 
 
 def require_positive(config, *keys):
-    """SystemExit naming each of keys whose value in config is not a number > 0 (batch sizes, counts, steps)."""
-    bad = [f"{k} must be a positive {'number' if isinstance(config[k], float) else 'integer'}, got {config[k]!r}"
-           for k in keys if isinstance(config[k], bool) or not isinstance(config[k], (int, float)) or not config[k] > 0]
+    """SystemExit naming each of keys whose value in config is not a number > 0 (batch sizes,
+    counts, steps)."""
+    bad = [f"{k} must be a positive {'number' if isinstance(config[k], float) else 'integer'}, "
+           f"got {config[k]!r}"
+           for k in keys if isinstance(config[k],
+                                       bool) or not isinstance(config[k], (int, float)) or not config[k] > 0]
     if bad:
         raise SystemExit("config error: " + "; ".join(bad))

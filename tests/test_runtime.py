@@ -21,7 +21,8 @@ def test_cuda_on_a_machine_without_it_names_the_setting_and_the_way_out():
 
 
 def test_unknown_device_and_a_missing_cuda_index_are_refused(monkeypatch):
-    with pytest.raises(SystemExit, match=r"device should be 'auto', 'cpu', 'cuda' or 'cuda:N', got 'gpu'"):
+    with pytest.raises(SystemExit, match=r"device should be 'auto', 'cpu', 'cuda' or "
+                                         r"'cuda:N', got 'gpu'"):
         init_device('gpu', 'float32')
     monkeypatch.setattr(torch.cuda, 'is_available', lambda: True)
     monkeypatch.setattr(torch.cuda, 'device_count', lambda: 2)

@@ -1,4 +1,5 @@
-"""train.py end to end: a tiny DiT on random data folders, CPU, float32, run as a subprocess like a user would."""
+"""train.py end to end: a tiny DiT on random data folders, CPU, float32, run as a subprocess like a
+user would."""
 import json
 import os
 import shutil
@@ -15,9 +16,12 @@ from conftest import ROOT, make_data_folder
 
 # global batch 8 = 4 micro-batches of 2: one process does 4 micro-steps, two ranks 2 each
 TINY = ['--dim=32', '--n_layers=2', '--n_heads=2', '--in_dim=8', '--cond_dim=12', '--grid_size=4',
-        '--batch_size=2', '--gradient_accumulation_steps=4', '--compile=False', '--dtype=float32', '--device=cpu',
-        '--eval_interval=10', '--eval_iters=4', '--eval_gen_items=4', '--eval_gen_steps=2', '--log_interval=1',
-        '--learning_rate=3e-3', '--warmup_iters=5', '--lr_decay_iters=100', '--min_lr=3e-4', '--ema_decay=0.9']
+        '--batch_size=2', '--gradient_accumulation_steps=4', '--compile=False', '--dtype=float32',
+        '--device=cpu',
+        '--eval_interval=10', '--eval_iters=4', '--eval_gen_items=4', '--eval_gen_steps=2',
+        '--log_interval=1',
+        '--learning_rate=3e-3', '--warmup_iters=5', '--lr_decay_iters=100', '--min_lr=3e-4',
+        '--ema_decay=0.9']
 ITERS = 30
 TORCHRUN = (sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2')
 
@@ -47,7 +51,8 @@ def data(tmp_path_factory):
 
 @pytest.fixture(scope='module')
 def run(data, tmp_path_factory):
-    """The reference run: 30 iterations, validation on the last quarter of the folder, a kept checkpoint every 10."""
+    """The reference run: 30 iterations, validation on the last quarter of the folder, a kept
+    checkpoint every 10."""
     out = str(tmp_path_factory.mktemp('run') / 'out')
     train(f'--train_data={data}', '--val_fraction=0.25', f'--out_dir={out}', f'--max_iters={ITERS}',
           '--keep_interval=10')
@@ -59,7 +64,8 @@ def test_training_lowers_loss_and_logs_metrics(run):
     assert [r['iter'] for r in train_logs] == list(range(ITERS))
     assert [r['iter'] for r in evals] == [0, 10, 20, 30]
     for r in train_logs:
-        assert {'loss', 'lr', 'grad_norm', 'samples_per_s', 'tokens_per_s', 'mfu', 'ms_per_iter'} <= r.keys()
+        assert {'loss', 'lr', 'grad_norm', 'samples_per_s', 'tokens_per_s', 'mfu',
+                'ms_per_iter'} <= r.keys()
         assert np.isfinite(r['loss']) and r['samples_per_s'] > 0 and r['mfu'] is None  # no MFU on CPU
     first, last = np.mean([r['loss'] for r in train_logs[:10]]), np.mean([r['loss'] for r in train_logs[-10:]])
     assert last < first, (first, last)
@@ -72,7 +78,8 @@ def test_training_lowers_loss_and_logs_metrics(run):
 
 def test_checkpoint_is_clean_and_complete(run, data):
     ckpt = torch.load(os.path.join(run, 'ckpt.pt'), weights_only=True)
-    assert {'model', 'ema', 'optimizer', 'scaler', 'model_args', 'iter_num', 'best_val_loss', 'config',
+    assert {'model', 'ema', 'optimizer', 'scaler', 'model_args', 'iter_num', 'best_val_loss',
+            'config',
             'data_stats', 'rng', 'data_position'} <= ckpt.keys()
     assert not [k for k in ckpt['model'] if k.startswith(('_orig_mod.', 'module.'))]
     assert ckpt['ema'].keys() == ckpt['model'].keys()
@@ -88,14 +95,18 @@ def test_keep_interval_keeps_small_sampling_checkpoints(run):
     kept = sorted(f for f in os.listdir(run) if f.startswith('ckpt_iter'))
     assert kept == ['ckpt_iter000010.pt', 'ckpt_iter000020.pt', 'ckpt_iter000030.pt']
     full = torch.load(os.path.join(run, 'ckpt.pt'), weights_only=True)
-    first, last = (torch.load(os.path.join(run, name), weights_only=True) for name in (kept[0], kept[-1]))
-    assert set(last) == {'ema', 'model_args', 'config', 'data_stats', 'iter_num', 'run', 'data', 'objective'}
+    first, last = (torch.load(os.path.join(run, name),
+                              weights_only=True) for name in (kept[0], kept[-1]))
+    assert set(last) == {'ema', 'model_args', 'config', 'data_stats', 'iter_num', 'run', 'data',
+                         'objective'}
     assert (first['iter_num'], last['iter_num']) == (10, ITERS)
-    assert all(torch.equal(last['ema'][k], v) for k, v in full['ema'].items())  # the EMA weights ckpt.pt holds
+    # the EMA weights ckpt.pt holds
+    assert all(torch.equal(last['ema'][k], v) for k, v in full['ema'].items())
     assert not all(torch.equal(first['ema'][k], v) for k, v in full['ema'].items())
     assert last['model_args'] == full['model_args'] and last['data_stats'] == full['data_stats']
     assert last['config']['keep_interval'] == 10
-    assert os.path.getsize(os.path.join(run, kept[-1])) < os.path.getsize(os.path.join(run, 'ckpt.pt')) / 3
+    assert os.path.getsize(os.path.join(run,
+                                        kept[-1])) < os.path.getsize(os.path.join(run, 'ckpt.pt')) / 3
 
 
 def test_torchrun_two_ranks_follow_the_single_process_curve(run, data, tmp_path):
@@ -105,46 +116,55 @@ def test_torchrun_two_ranks_follow_the_single_process_curve(run, data, tmp_path)
     single, ddp = losses(run), losses(out)
     assert sorted(ddp) == list(range(8))
     np.testing.assert_allclose([ddp[i] for i in range(8)], [single[i] for i in range(8)], rtol=1e-5)
-    assert records(out, 'eval')[0]['val_loss'] == pytest.approx(records(run, 'eval')[0]['val_loss'], rel=1e-6)
+    assert records(out,
+                   'eval')[0]['val_loss'] == pytest.approx(records(run, 'eval')[0]['val_loss'], rel=1e-6)
 
 
 def test_fsdp_follows_the_same_curve_and_resumes_across_modes(run, data, tmp_path):
-    """FSDP (2 ranks, sharded) to 10, DDP resumes to 20, hybrid FSDP (2 replicas of 1 shard) to 24, one-process
-    FSDP to 26: every leg on the single-process curve, every checkpoint in the one format."""
+    """FSDP (2 ranks, sharded) to 10, DDP resumes to 20, hybrid FSDP (2 replicas of 1 shard) to 24,
+    one-process FSDP to 26: every leg on the single-process curve, every checkpoint in the one
+    format."""
     out = str(tmp_path / 'modes')
     common = [f'--train_data={data}', '--val_fraction=0.25', f'--out_dir={out}']
     train(*common, '--max_iters=10', '--parallel=fsdp', launcher=TORCHRUN)
-    ckpt, reference = (torch.load(os.path.join(d, 'ckpt.pt'), weights_only=True) for d in (out, run))
+    ckpt, reference = (torch.load(os.path.join(d, 'ckpt.pt'),
+                                  weights_only=True) for d in (out, run))
     assert ckpt['model'].keys() == reference['model'].keys() == ckpt['ema'].keys()
     assert all(ckpt['model'][k].shape == v.shape and ckpt['model'][k].device.type == 'cpu'
                for k, v in reference['model'].items())
-    # AdamW's state keyed by parameter index, as optimizer.state_dict() writes it (a DDP resume loads it as is)
+    # AdamW's state keyed by parameter index, as optimizer.state_dict() writes it (a DDP resume
+    # loads it as is)
     assert list(ckpt['optimizer']['state']) == list(reference['optimizer']['state'])
     assert [g['params'] for g in ckpt['optimizer']['param_groups']] == \
         [g['params'] for g in reference['optimizer']['param_groups']]
     assert all(ckpt['optimizer']['state'][i]['exp_avg'].shape == state['exp_avg'].shape
                for i, state in reference['optimizer']['state'].items())
     train(*common, '--max_iters=20', '--init_from=resume', launcher=TORCHRUN)
-    train(*common, '--max_iters=24', '--init_from=resume', '--parallel=fsdp', '--fsdp_shard_ranks=1', launcher=TORCHRUN)
+    train(*common, '--max_iters=24', '--init_from=resume', '--parallel=fsdp',
+          '--fsdp_shard_ranks=1', launcher=TORCHRUN)
     train(*common, '--max_iters=26', '--init_from=resume', '--parallel=fsdp')
     modes, single = losses(out), losses(run)
     assert sorted(modes) == list(range(26))
-    np.testing.assert_allclose([modes[i] for i in range(26)], [single[i] for i in range(26)], rtol=1e-5)
+    np.testing.assert_allclose([modes[i] for i in range(26)], [single[i] for i in range(26)],
+                               rtol=1e-5)
     evals, reference_evals = records(out, 'eval'), records(run, 'eval')
     assert [r['iter'] for r in evals] == [0, 10, 20, 24, 26]
     for k in (0, 1, 2):  # iterations 0, 10 and 20: the raw and the EMA weights
         for key in ('val_loss', 'val_loss_ema', 'gen_token_cosine'):
-            assert evals[k][key] == pytest.approx(reference_evals[k][key], rel=1e-5), (evals[k]['iter'], key)
+            assert evals[k][key] == pytest.approx(reference_evals[k][key],
+                                                  rel=1e-5), (evals[k]['iter'], key)
 
 
 def test_fsdp_resumes_a_regression_run_whose_null_token_has_no_optimizer_state(data, tmp_path):
-    """The regression objective never uses null_cond: AdamW holds no state for it, which FSDP's loader must accept."""
+    """The regression objective never uses null_cond: AdamW holds no state for it, which FSDP's
+    loader must accept."""
     out = str(tmp_path / 'fsdp')
     common = [f'--train_data={data}', '--val_fraction=0.25', '--objective=regression']
     train(*common, f'--out_dir={out}', '--max_iters=10', '--parallel=fsdp')
     shutil.copytree(out, str(tmp_path / 'ddp'))
     for mode in ('fsdp', 'ddp'):
-        train(*common, f'--out_dir={tmp_path / mode}', '--max_iters=12', '--init_from=resume', f'--parallel={mode}')
+        train(*common, f'--out_dir={tmp_path / mode}', '--max_iters=12', '--init_from=resume',
+              f'--parallel={mode}')
     fsdp, ddp = losses(out), losses(str(tmp_path / 'ddp'))
     assert sorted(fsdp) == sorted(ddp) == list(range(12))
     np.testing.assert_allclose([fsdp[i] for i in (10, 11)], [ddp[i] for i in (10, 11)], rtol=1e-6)
@@ -152,7 +172,8 @@ def test_fsdp_resumes_a_regression_run_whose_null_token_has_no_optimizer_state(d
 
 def test_resume_after_sigkill_is_exact(run, data, tmp_path):
     out = str(tmp_path / 'killed')
-    args = [sys.executable, 'train.py', *TINY, f'--train_data={data}', '--val_fraction=0.25', f'--out_dir={out}']
+    args = [sys.executable, 'train.py', *TINY, f'--train_data={data}', '--val_fraction=0.25',
+            f'--out_dir={out}']
     proc = subprocess.Popen([*args, '--max_iters=100000'], cwd=ROOT,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:  # kill it once the checkpoint of iteration 10 is written (iteration 11 is logged after it)
@@ -170,7 +191,8 @@ def test_resume_after_sigkill_is_exact(run, data, tmp_path):
           '--init_from=resume')
     resumed, reference = losses(out), losses(run)
     assert [resumed[i] for i in range(saved, ITERS)] == [reference[i] for i in range(saved, ITERS)]
-    # metrics.jsonl holds each iteration once: the killed run's records past the checkpoint were dropped
+    # metrics.jsonl holds each iteration once: the killed run's records past the checkpoint were
+    # dropped
     assert [r['iter'] for r in records(out, 'train')] == list(range(ITERS))
     assert [r['iter'] for r in records(out, 'eval')] == [0, 10, 20, 30]
     assert records(out, 'eval')[-1]['val_loss'] == records(run, 'eval')[-1]['val_loss']
@@ -191,7 +213,8 @@ def test_bad_data_and_config_stop_with_a_message(case, data, tmp_path):
         'rows': ([f'--train_data={corrupt_rows(make_data_folder(str(tmp_path / "bad"), n=16))}'],
                  ['clip.npy has 16 rows, eva.npy 15']),
     }[case]
-    result = train(f'--train_data={data}', f'--val_data={data}', f'--out_dir={tmp_path}/out', '--max_iters=2',
+    result = train(f'--train_data={data}', f'--val_data={data}', f'--out_dir={tmp_path}/out',
+                   '--max_iters=2',
                    *args, check=False)
     assert result.returncode != 0
     for text in expected:
