@@ -33,7 +33,8 @@ learning_rate = 1e-4
 min_lr = 1e-5
 epochs = 10
 val_fraction = 0.02  # 2,366 of train2017's 118,287 images; 115,921 train
-iters_per_epoch = round(118287 * (1 - val_fraction) / (batch_size * gradient_accumulation_steps))  # 453
+iters_per_epoch = round(118287 * (1 - val_fraction)
+                        / (batch_size * gradient_accumulation_steps))  # 453
 max_iters = lr_decay_iters = epochs * iters_per_epoch  # 4,530
 warmup_iters = max_iters // 20  # 5%
 eval_interval = iters_per_epoch  # validation loss, generation check and ckpt.pt once an epoch
@@ -42,12 +43,13 @@ dtype = 'bfloat16'
 compile = True
 
 # evaluation (eval.py): the baselines beside B, each written by its own stage first:
-#   python ridge.py config/dit_large.py                                        -> out/dit_large/samples/ridge/
-#   torchrun ... train.py config/dit_large.py --objective=regression --out_dir=out/dit_large_regression
-#   python sample.py config/dit_large.py --ckpt_path=out/dit_large_regression/ckpt.pt -> samples/ckpt-regression/
+#   python ridge.py config/dit_large.py                    -> out/dit_large/samples/ridge/
+#   torchrun ... train.py config/dit_large.py --objective=regression \
+#       --out_dir=out/dit_large_regression
+#   python sample.py config/dit_large.py --ckpt_path=out/dit_large_regression/ckpt.pt
+#                                                          -> out/dit_large/samples/ckpt-regression/
 # the sampler and guidance are chosen on the held-out slice (sweep.py, holdout=True by default),
 # never on val2017
 baselines = ('out/dit_large/samples/ridge/generated.npy',
              'out/dit_large/samples/ckpt-regression/generated.npy')
-# 20,000 of the 115,921 training images (5.1M tokens) fit the map's 4097 x 4097 statistics
-ridge_rows = 20000
+ridge_rows = 20000  # 20,000 of 115,921 training images (5.1M tokens) fit 4097 x 4097 statistics
