@@ -180,7 +180,8 @@ def train_encoder(model_name, out_path, split, count, image_size, synthetic_seed
             order, position = torch.randperm(count, generator=g), 0
         rows = order[position:position + batch_size]
         position += batch_size
-        caption = first_caption[rows] + (torch.rand(len(rows), generator=g) * captions_per_image[rows]).long()
+        draw = torch.rand(len(rows), generator=g) * captions_per_image[rows]
+        caption = first_caption[rows] + draw.long()
         pooled, tokens = model.visual(images[rows])
         text_features = encode_text(model, text[caption], embedding)
         scale = model.logit_scale.exp()

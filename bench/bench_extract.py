@@ -9,7 +9,7 @@ in a temporary folder, untimed; the pipeline then indexes the shards' headers an
 from them, twice (the decode check, then the encoding), as extract.py does.
 
 python bench/bench_extract.py                 # CPU: tiny encoders (config/encoders), 64 px
-python bench/bench_extract.py --gpu=True      # ViT-L-14-quickgelu + EVA02-E-14-plus, random weights, batch 256
+python bench/bench_extract.py --gpu=True      # ViT-L-14-quickgelu + EVA02-E-14-plus, random, 256
 python bench/bench_extract.py --source=webdataset   # the pipeline reads tar shards
 """
 import io

@@ -48,10 +48,10 @@ def saved_bytes(cfg, batch):
             seen[storage.data_ptr()] = storage.nbytes()
         return t
     L = cfg.grid_size ** 2
-    x, t, cond = torch.randn(batch, L,
-                             cfg.in_dim), torch.rand(batch), torch.randn(batch, L, cfg.cond_dim)
-    with torch.autograd.graph.saved_tensors_hooks(pack,
-                                                  lambda t: t), torch.autocast('cpu', dtype=torch.bfloat16):
+    x, t = torch.randn(batch, L, cfg.in_dim), torch.rand(batch)
+    cond = torch.randn(batch, L, cfg.cond_dim)
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), \
+            torch.autocast('cpu', dtype=torch.bfloat16):
         model(x, t, cond, drop_cond=torch.zeros(batch, dtype=torch.bool))
     return sum(seen.values())
 

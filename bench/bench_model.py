@@ -7,11 +7,14 @@ time of the first step, which holds the compilation (inductor's caches off unles
 so it is a cold compile), `first_step_cpu_s` its CPU time, this process's and its C++ compilers'
 (steadier than wall time on a busy machine; inductor compiles in this process, one thread).
 
-python bench/bench_model.py [config/file.py] [--key=value]   e.g. bench/bench_model.py config/dit_large.py --batch_size=64
-`attention` forces one SDPA backend for the A/B of the kernels ('auto' = model.SDPA_PRIORITY, the model's order).
+python bench/bench_model.py [config/file.py] [--key=value]
+    e.g. bench/bench_model.py config/dit_large.py --batch_size=64
+`attention` forces one SDPA backend for the A/B of the kernels ('auto' = model.SDPA_PRIORITY, the
+model's order).
 
 python bench/bench_model.py config/demo.py --compile=True --compile_mode=full
-python bench/bench_model.py config/dit_large.py --compile=True --batch_size=64 --attention=flash   # GPU: the A/B
+python bench/bench_model.py config/dit_large.py --compile=True --batch_size=64 --attention=flash
+    (GPU: the A/B)
 """
 import dataclasses
 import functools
@@ -102,8 +105,8 @@ if __name__ == '__main__':
     ptdtype = getattr(torch, dtype)
     backends = {'cudnn': SDPBackend.CUDNN_ATTENTION, 'flash': SDPBackend.FLASH_ATTENTION,
                 'efficient': SDPBackend.EFFICIENT_ATTENTION, 'math': SDPBackend.MATH}
-    if attention not in ('auto',
-                         *backends) or attention not in ('auto', 'math') and not device.startswith('cuda'):
+    if attention not in ('auto', *backends) or \
+            attention not in ('auto', 'math') and not device.startswith('cuda'):
         raise SystemExit(f"attention should be 'auto' or 'math' on the CPU, or one of 'cudnn', "
                          f"'flash', 'efficient' on CUDA; got {attention!r} on {device}")
     # Block.forward reads this list at every call: that one backend, or an error

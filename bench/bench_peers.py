@@ -126,13 +126,15 @@ if __name__ == '__main__':
             skipped[name] = built
         else:
             model, forward, optimizer = models[name] = built
-            seconds_per_call(lambda: backward_step(model, forward, ctx, optimizer), warmup_steps,
-                             device)
-    load_start, times, cpu_times = loadavg(), {name: [] for name in models}, {name: [] for name in models}
+            seconds_per_call(lambda: backward_step(model, forward, ctx, optimizer),
+                             warmup_steps, device)
+    load_start = loadavg()
+    times, cpu_times = {name: [] for name in models}, {name: [] for name in models}
     for _ in range(rounds):
         for name, (model, forward, optimizer) in models.items():
             cpu_start = time.process_time()
-            times[name].append(seconds_per_call(lambda: backward_step(model, forward, ctx, optimizer), steps, device))
+            times[name].append(seconds_per_call(
+                lambda: backward_step(model, forward, ctx, optimizer), steps, device))
             cpu_times[name].append((time.process_time() - cpu_start) / steps)
     seconds = {name: statistics.median(ts) for name, ts in times.items()}
     cpu_seconds = {name: statistics.median(ts) for name, ts in cpu_times.items()}

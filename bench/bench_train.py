@@ -45,16 +45,15 @@ model_ms_per_step = 0.0
 # train.py's default: one process runs this many micro-steps an iteration
 gradient_accumulation_steps = 8
 globals().update({f.name: f.default for f in dataclasses.fields(DiTConfig)})
-model_keys = ['batch_size', 'dtype',
-              'device'] + [f.name for f in dataclasses.fields(DiTConfig)]  # bench_model's too
+fields = [f.name for f in dataclasses.fields(DiTConfig)]
+model_keys = ['batch_size', 'dtype', 'device', *fields]  # bench_model's too
 own_keys = ['bench_warmup', 'bench_iters', 'bench_rows', 'bench_log_interval', 'compile',
-            'parallel',
-            'model_ms_per_step',
-            'gradient_accumulation_steps'] + [f.name for f in dataclasses.fields(DiTConfig)]
+            'parallel', 'model_ms_per_step', 'gradient_accumulation_steps', *fields]
 args = sys.argv[1:]
 configure(globals(),
           [a for a in args if not a.startswith('--') or a[2:].partition('=')[0] in own_keys])
-train_args = [a for a in args if not a.startswith(('--bench_', '--compile=', '--parallel=', '--model_ms_per_step='))]
+train_args = [a for a in args if not a.startswith(
+    ('--bench_', '--compile=', '--parallel=', '--model_ms_per_step='))]
 model_args = [a for a in args if not a.startswith('--') or a[2:].partition('=')[0] in model_keys]
 
 
@@ -92,7 +91,8 @@ def bench(folder, out_dir, compiled, mode):
              r in zip(records, records[1:]) if prev['iter'] >= bench_warmup]
     iters = sum(n for _, n in timed)
     ms = sum(r['ms_per_iter'] * n for r, n in timed) / iters
-    samples_per_s = records[-1]['samples_per_s'] * records[-1]['ms_per_iter'] / ms  # global batch / seconds
+    # global batch / seconds
+    samples_per_s = records[-1]['samples_per_s'] * records[-1]['ms_per_iter'] / ms
     mfu = [r['mfu'] for r, _ in timed if r['mfu'] is not None]
     return {'compile': compiled, 'parallel': mode, 'ms_per_iter': ms,
             'samples_per_s': samples_per_s,
