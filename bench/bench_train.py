@@ -45,10 +45,10 @@ model_ms_per_step = 0.0
 # train.py's default: one process runs this many micro-steps an iteration
 gradient_accumulation_steps = 8
 globals().update({f.name: f.default for f in dataclasses.fields(DiTConfig)})
-fields = [f.name for f in dataclasses.fields(DiTConfig)]
-model_keys = ['batch_size', 'dtype', 'device', *fields]  # bench_model's too
+model_keys = ['batch_size', 'dtype', 'device'] + [  # bench_model's too
+    f.name for f in dataclasses.fields(DiTConfig)]
 own_keys = ['bench_warmup', 'bench_iters', 'bench_rows', 'bench_log_interval', 'compile',
-            'parallel', 'model_ms_per_step', 'gradient_accumulation_steps', *fields]
+            'parallel', 'model_ms_per_step', 'gradient_accumulation_steps'] + model_keys[3:]
 args = sys.argv[1:]
 configure(globals(),
           [a for a in args if not a.startswith('--') or a[2:].partition('=')[0] in own_keys])
