@@ -83,8 +83,7 @@ def synthetic_captions(background, shapes):
     noun = 'shape' if len(shapes) == 1 else 'shapes'
     captions = [f"{' and '.join(full)} on {a(background)} background",
                 f"{a(background)} background with {' and '.join(short)}",
-                f'{NUMBERS[len(shapes) - 1]} {noun} on {a(background)} background',
-                full[0]]
+                f'{NUMBERS[len(shapes) - 1]} {noun} on {a(background)} background', full[0]]
     if len(shapes) > 1:
         captions.append(f"{short[0]} next to {' and '.join(short[1:])}")
     if len(shapes) > 2:

@@ -202,8 +202,7 @@ if __name__ == '__main__':
                 'heldout_mse_constant': constant, 'fit_rows': len(rows),
                 'fit_tokens': fit['tokens'], 'holdout_tokens': holdout['tokens'], 'device': device}
     train_info = {'folder': os.path.abspath(train_data), 'id': train['id'], 'fit_rows': len(rows),
-                  'fit_tokens': fit['tokens'], 'holdout_start': hold_start,
-                  'holdout_count': n_hold}
+                  'fit_tokens': fit['tokens'], 'holdout_start': hold_start, 'holdout_count': n_hold}
     stats = {'clip_mean': mean, 'clip_std': std,
              'source': os.path.join(os.path.abspath(train_data), 'meta.json')}
     targets = [('ridge', val, val_data, 0, val['count'], data.target(val, val_data))]

@@ -50,8 +50,7 @@ with tempfile.TemporaryDirectory(dir=folder or None) as tmp:
     load = timed(lambda: torch.load(path, map_location='cpu', mmap=True, weights_only=True))
 scale = 27e9 / nbytes
 print(json.dumps({'bench': 'checkpoint', 'machine': platform.processor() or platform.machine(),
-                  'cpus': os.cpu_count(),
-                  'bytes': nbytes, 'records': n, 'save_s': round(save, 3),
+                  'cpus': os.cpu_count(), 'bytes': nbytes, 'records': n, 'save_s': round(save, 3),
                   'verify_s': round(verify, 3),
                   'identity_s': round(identity, 4), 'mmap_load_s': round(load, 4),
                   'save_gb_per_s': round(nbytes / save / 1e9, 2),

@@ -63,11 +63,9 @@ t0 = time.time()
 with device:  # random init of ~5B parameters runs in seconds on the GPU, minutes on the CPU
     # random weights: no download
     clip = extract.build_encoder('clip', setting['clip_model'], '', device,
-                                 getattr(torch, setting['clip_dtype']),
-                                 setting['grid_size'])
+                                 getattr(torch, setting['clip_dtype']), setting['grid_size'])
     eva = extract.build_encoder('eva', setting['eva_model'], '', device,
-                                getattr(torch, setting['eva_dtype']),
-                                setting['grid_size'])
+                                getattr(torch, setting['eva_dtype']), setting['grid_size'])
 build_s = time.time() - t0
 
 x = torch.randn(setting['batch_size'], 3, setting['image_size'], setting['image_size'],
@@ -112,8 +110,7 @@ try:
     listing = extract.list_split('bench', source, **kw)
     list_s = time.time() - t0
     extract.extract_split(listing, os.path.join(tmp, 'out'), clip, eva, device,
-                          setting['batch_size'], num_workers,
-                          overwrite=True)
+                          setting['batch_size'], num_workers, overwrite=True)
     pipeline = images / (time.time() - t0)
 finally:
     shutil.rmtree(tmp)
@@ -124,8 +121,7 @@ print(json.dumps({'bench': 'extract',
                   'clip_model': setting['clip_model'], 'eva_model': setting['eva_model'],
                   'batch_size': setting['batch_size'], 'image_size': setting['image_size'],
                   'clip_dtype': setting['clip_dtype'], 'eva_dtype': setting['eva_dtype'],
-                  'source': source,
-                  'clip_tokens': [clip.spec['tokens'], clip.spec['dim']],
+                  'source': source, 'clip_tokens': [clip.spec['tokens'], clip.spec['dim']],
                   'eva_tokens': [eva.spec['tokens'], eva.spec['dim']],
                   'num_workers': num_workers, 'build_s': round(build_s, 1),
                   'encode_images_per_s': round(encode, 1),

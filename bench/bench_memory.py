@@ -76,16 +76,14 @@ fsdp = {**{k: v / shard_ranks for k, v in state.items()},
         'whole_block_while_it_runs': block_params * (2 + 4),
         'activations': activations}  # bf16 weights, fp32 grads
 result = {'bench': 'memory', 'params': n_params, 'block_params': block_params, 'gpus': gpus,
-          'shard_ranks': shard_ranks,
-          'batch_size': batch_size,
+          'shard_ranks': shard_ranks, 'batch_size': batch_size,
           'activation_mib_per_sample': round(activations / batch_size / 2 ** 20, 1),
           'activation_mib_per_sample_block': round(per_sample_block / 2 ** 20, 2)}
 for name, parts in (('ddp', ddp), ('fsdp', fsdp)):
     total = sum(parts.values())
     free = gpu_memory_gib * GiB - total
     result[name] = {**{k: round(v / GiB, 2) for k, v in parts.items()},
-                    'total_gib': round(total / GiB, 1),
-                    'fits': free > 0,
+                    'total_gib': round(total / GiB, 1), 'fits': free > 0,
                     'max_batch_size': int((gpu_memory_gib * GiB - total + activations) // (
                         activations / batch_size))}
 print(json.dumps(result))

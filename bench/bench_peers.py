@@ -67,8 +67,7 @@ def diffusers_lumina(x, t, cond):
     from diffusers import LuminaNextDiT2DModel
     from diffusers.models.embeddings import get_2d_rotary_pos_embed_lumina
     model = LuminaNextDiT2DModel(sample_size=grid_size, patch_size=1, in_channels=in_dim,
-                                 hidden_size=dim,
-                                 num_layers=n_layers, num_attention_heads=n_heads,
+                                 hidden_size=dim, num_layers=n_layers, num_attention_heads=n_heads,
                                  num_kv_heads=n_heads,
                                  learn_sigma=False, qk_norm=True, cross_attention_dim=cond_dim)
     # tokens -> [B, C, H, W]
@@ -89,8 +88,7 @@ def seed_blip3o(x, t, cond):
     with contextlib.redirect_stdout(io.StringIO()):  # it prints at construction
         cfg = importlib.import_module('src.modules.config.blip3o_config').BLIP3oDiTConfig(
             input_size=grid_size, in_channels=in_dim, dim=dim, eva_embedding_size=cond_dim,
-            n_layers=n_layers,
-            n_heads=n_heads, _gradient_checkpointing=False)
+            n_layers=n_layers, n_heads=n_heads, _gradient_checkpointing=False)
         model = importlib.import_module('src.modules.models.blip3o_dit').BLIP3oDiTModel(cfg)
     return model, lambda: model(x, t, cond, return_dict=False)
 
@@ -144,8 +142,7 @@ if __name__ == '__main__':
         'load_start': load_start, 'load_end': loadavg(), 'dim': dim, 'n_layers': n_layers,
         'n_heads': n_heads,
         'clip_tokens': [L, in_dim], 'eva_tokens': [L, cond_dim], 'batch_size': batch_size,
-        'dtype': dtype,
-        'ours_qk_norm': qk_norm, 'ours_cross_rope': cross_rope,
+        'dtype': dtype, 'ours_qk_norm': qk_norm, 'ours_cross_rope': cross_rope,
         'timed_steps': rounds * steps,
         'models': {name: {'params': sum(p.numel() for p in built[0].parameters()),
                           'ms_per_step': round(1000 * seconds[name], 2),

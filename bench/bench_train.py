@@ -62,8 +62,7 @@ def bench(folder, out_dir, compiled, mode):
     ones."""
     cmd = [sys.executable, os.path.join(ROOT, 'train.py'), *train_args, f'--train_data={folder}',
            f'--val_data={folder}', f'--out_dir={out_dir}', '--init_from=scratch',
-           '--overwrite=True', f'--compile={compiled}',
-           f'--parallel={mode}',
+           '--overwrite=True', f'--compile={compiled}', f'--parallel={mode}',
            '--max_iters=1000000000', '--eval_interval=1000000000', '--eval_iters=1',
            '--eval_gen_items=1',
            '--eval_gen_steps=1', f'--log_interval={bench_log_interval}', '--wandb_log=False',
@@ -131,5 +130,4 @@ for compiled in {r['compile'] for r in runs}:
             r.update(model_ms_per_iter=step, overhead=r['ms_per_iter'] / step - 1)
 device = torch.cuda.get_device_name() if torch.cuda.is_available() else 'cpu'
 print(json.dumps({'bench': 'train', 'args': args, 'device': device, 'warmup': bench_warmup,
-                  'iters': bench_iters,
-                  'runs': runs}))
+                  'iters': bench_iters, 'runs': runs}))

@@ -73,15 +73,16 @@ def test_shipped_config_files_parse_for_the_model():
 def test_gpu_configs_train_epochs_of_train2017_and_validate_on_a_slice_of_it():
     """The schedule derives from `epochs` and the global batch; val2017 stays the test set."""
     keys = ('max_iters', 'lr_decay_iters', 'warmup_iters', 'eval_interval', 'keep_interval',
-            'batch_size',
-            'gradient_accumulation_steps')
+            'batch_size', 'gradient_accumulation_steps')
     for name in ('dit_large', 'dit_large_eva02e', 'dit_base'):
         c = configure({**dict.fromkeys(keys, 0), 'val_fraction': 0.0}, [f'{ROOT}/config/{name}.py'])
         # COCO train2017 less the held-out slice
         train_rows = 118287 - round(118287 * c['val_fraction'])
         epochs = c['max_iters'] * c['batch_size'] * c['gradient_accumulation_steps'] / train_rows
-        assert 0.02 <= c['val_fraction'] <= 0.05 and epochs == pytest.approx(10, rel=0.01), (name, c)
-        assert c['lr_decay_iters'] == c['max_iters'] and 0 < c['warmup_iters'] <= c['max_iters'] // 10
+        assert 0.02 <= c['val_fraction'] <= 0.05, (name, c)
+        assert epochs == pytest.approx(10, rel=0.01), (name, c)
+        assert c['lr_decay_iters'] == c['max_iters']
+        assert 0 < c['warmup_iters'] <= c['max_iters'] // 10
         assert c['max_iters'] % c['eval_interval'] == 0 and c['max_iters'] % c['keep_interval'] == 0
 
 
@@ -152,8 +153,7 @@ def test_help_of_the_real_scripts_needs_no_data():
     assert re.search(r"^  max_iters = 800  \(config/demo\.py:\d+; default 100000\)$",
                      result.stdout, re.M)
     assert re.search(r"^  batch_size = 64  \(config/demo\.py:\d+; default 32\) +# per "
-                     r"rank and micro-step$",
-                     result.stdout, re.M)
+                     r"rank and micro-step$", result.stdout, re.M)
 
 
 def test_type_error_says_where_the_values_came_from_and_shows_an_example(tmp_path):
@@ -169,7 +169,8 @@ def test_type_error_says_where_the_values_came_from_and_shows_an_example(tmp_pat
             f"steps expects tuple (default (1,)), got int 5 from {path}:3; e.g. steps = (5,)")):
         configure(dict(ns), [str(path)])
     with pytest.raises(SystemExit, match=re.escape(
-            "steps expects tuple (default (5, 10)), got int 5 from --steps=5; e.g. --steps=\"(5,)\"")):
+            "steps expects tuple (default (5, 10)), got int 5 from --steps=5; "
+            "e.g. --steps=\"(5,)\"")):
         configure({'steps': (5, 10)}, ['--steps=5'])
 
 

@@ -28,8 +28,7 @@ def test_demo_end_to_end_learns_and_reports_both_tasks(tmp_path):
     run('extract.py', f'--data_dir={data}', "--synthetic_counts={'train': 512, 'val': 64}", clip,
         f'--eva_pretrained={tmp_path}/tiny-eva.pt', f'--train_encoder_steps={ENCODER_STEPS}')
     run('train.py', f'--train_data={data}/train', *folders, '--max_iters=150',
-        '--eval_interval=150',
-        '--warmup_iters=10', '--lr_decay_iters=150')
+        '--eval_interval=150', '--warmup_iters=10', '--lr_decay_iters=150')
     run('sample.py', *folders, '--sample_batch_size=32')
     # the baselines beside B, as README's command makes them: ridge, and the same DiT trained by
     # plain regression

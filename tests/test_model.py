@@ -170,7 +170,8 @@ def test_regional_compile_matches_eager_and_compiles_one_block_graph():
     torch.testing.assert_close(model(x, t, cond), ref, atol=1e-5, rtol=1e-4)
     # embed, final and one graph for both blocks: compile time independent of depth
     assert counters['stats']['unique_graphs'] == 3
-    assert list(model.state_dict()) == list(tiny_model().state_dict())  # checkpoints keep their keys
+    # checkpoints keep their keys
+    assert list(model.state_dict()) == list(tiny_model().state_dict())
 
 
 def test_flops_per_sample_counts_matmuls():
@@ -180,8 +181,9 @@ def test_flops_per_sample_counts_matmuls():
     # 2*params*tokens + attention
     L = cfg.grid_size ** 2
     flops = model.flops_per_sample()
-    token_matmul_params = sum(p.numel() for n, p in model.named_parameters()
-                              if p.dim() == 2 and 'adaLN' not in n and 't_embed' not in n and 'pool' not in n)
+    token_matmul_params = sum(
+        p.numel() for n, p in model.named_parameters()
+        if p.dim() == 2 and 'adaLN' not in n and 't_embed' not in n and 'pool' not in n)
     attention = cfg.n_layers * (4 * L * L * cfg.dim + 4 * L * L * cfg.dim)
     per_sample = sum(p.numel() for n, p in model.named_parameters()
                      if p.dim() == 2 and ('adaLN' in n or 't_embed' in n or 'pool' in n))
@@ -202,7 +204,8 @@ def test_t_scale_multiplies_t_in_the_time_embedding():
 def test_attention_runs_with_cudnn_first_and_the_order_is_restored(grad_checkpointing):
     model = tiny_model(grad_checkpointing=grad_checkpointing)
     before, seen = torch._C._get_sdp_priority_order(), []
-    model.blocks[0].self_attn.register_forward_pre_hook(lambda *_: seen.append(torch._C._get_sdp_priority_order()))
+    model.blocks[0].self_attn.register_forward_pre_hook(
+        lambda *_: seen.append(torch._C._get_sdp_priority_order()))
     model(*inputs()).square().mean().backward()
     assert len(seen) == 1 + grad_checkpointing  # checkpointing's recomputation in the backward, too
     for order in seen:

@@ -84,10 +84,8 @@ def checkpoint_for(path, in_dim=8, cond_dim=12, **changed_args):
     torch.save({'model': model.state_dict(), 'ema': model.state_dict(), 'optimizer': {},
                 'scaler': {},
                 'model_args': {**dataclasses.asdict(cfg), **changed_args}, 'iter_num': 10,
-                'best_val_loss': 1.0,
-                'config': {},
-                'data_stats': {'clip_mean': [0.0] * in_dim, 'clip_std': [1.0] * in_dim},
-                'rng': {},
+                'best_val_loss': 1.0, 'config': {},
+                'data_stats': {'clip_mean': [0.0] * in_dim, 'clip_std': [1.0] * in_dim}, 'rng': {},
                 'data_position': {'samples_seen': 80, 'epoch': 0, 'index': 80,
                                   'train_rows': 64}}, path)
     return path
@@ -119,8 +117,7 @@ def small_disk(tmp_path):
 def test_sigkill_during_a_checkpoint_write_keeps_the_previous_one_and_auto_resumes(data, tmp_path):
     out = str(tmp_path / 'out')
     args = [*TINY, f'--train_data={data}', '--val_fraction=0.25', f'--out_dir={out}',
-            '--max_iters=20',
-            '--init_from=auto']
+            '--max_iters=20', '--init_from=auto']
     killed = subprocess.run([sys.executable, '-c', DIES_IN_SECOND_SAVE, *args], cwd=ROOT,
                             capture_output=True, text=True, timeout=300)
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
@@ -133,8 +130,7 @@ def test_sigkill_during_a_checkpoint_write_keeps_the_previous_one_and_auto_resum
     assert torch.load(io.BytesIO(before), weights_only=True)['iter_num'] == 10
     # the same command again: 'auto' finds the checkpoint and resumes it
     result = subprocess.run([sys.executable, 'train.py', *args], cwd=ROOT, capture_output=True,
-                            text=True,
-                            timeout=300)
+                            text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
     assert f"init_from='auto': resuming {out}/ckpt.pt" in result.stdout
     assert [r['iter'] for r in records(out, 'resume')] == [10]

@@ -17,13 +17,12 @@ RIDGE, EVAL = os.path.join(ROOT, 'ridge.py'), os.path.join(ROOT, 'eval.py')
 
 
 def tokens(folder, rows):
-    """Every token of `rows` at once: raw EVA X [tokens, C] and standardized CLIP Y [tokens, D],
-    float64."""
+    """Every token of `rows` at once, float64: raw EVA X [tokens, C], standardized CLIP Y."""
     meta = data.read_json(os.path.join(folder, 'meta.json'))
-    x, y = (np.load(os.path.join(folder,
-                                 f'{name}.npy'))[rows].astype(np.float64) for name in ('eva', 'clip'))
-    return x.reshape(-1,
-                     x.shape[-1]), ((y - meta['clip_mean']) / meta['clip_std']).reshape(-1, y.shape[-1])
+    x, y = (np.load(os.path.join(folder, f'{name}.npy'))[rows].astype(np.float64)
+            for name in ('eva', 'clip'))
+    y = (y - meta['clip_mean']) / meta['clip_std']
+    return x.reshape(-1, x.shape[-1]), y.reshape(-1, y.shape[-1])
 
 
 def direct_ridge(X, Y, lam):
@@ -38,8 +37,7 @@ def direct_ridge(X, Y, lam):
 def stats_of(folder, rows, batch_size):
     meta = data.open_folder(folder)
     return token_stats(meta['paths']['eva'], meta['paths']['clip'], rows, meta['clip_mean'],
-                       meta['clip_std'],
-                       batch_size, 'cpu')
+                       meta['clip_std'], batch_size, 'cpu')
 
 
 def run(monkeypatch, script, *args):
@@ -68,8 +66,8 @@ def test_streamed_fit_is_the_closed_form(tmp_path, batch_size):
 def test_rows_and_held_out_slice_as_train_py_splits():
     assert data.holdout_range(118287, 0.02,
                               'train2017') == (115921, 2366)  # train.py's round(N * val_fraction)
-    assert fit_rows(7, 3).tolist() == [0, 2,
-                                       4] and fit_rows(7, 0).tolist() == fit_rows(7, 9).tolist() == list(range(7))
+    assert fit_rows(7, 3).tolist() == [0, 2, 4]
+    assert fit_rows(7, 0).tolist() == fit_rows(7, 9).tolist() == list(range(7))
     with pytest.raises(SystemExit, match=r"val_fraction=0.0 of the 50 rows of f holds out 0; "
                                          r"the held-out slice"):
         data.holdout_range(50, 0.0, 'f')
@@ -106,14 +104,15 @@ def test_lambda_is_chosen_on_the_held_out_slice_only(tmp_path, monkeypatch):
     assert (s['fit_rows'], s['fit_tokens'], s['holdout_tokens']) == (7, 28, 12)
     assert info['train_data']['holdout_start'] == 7 and info['train_data']['holdout_count'] == 3
     assert info['data_stats']['source'] == os.path.join(train, 'meta.json')
-    assert info['data_stats']['clip_std'] == data.read_json(os.path.join(train, 'meta.json'))['clip_std']
+    assert info['data_stats']['clip_std'] == \
+        data.read_json(os.path.join(train, 'meta.json'))['clip_std']
     assert info['data']['start'] == 0 and info['data']['count'] == 6 and info['shape'] == [6, 4, 8]
     # the held-out slice's predictions: X beta de-standardized, stored as float16
     holdout = out / 'samples' / 'ridge-holdout'
     meta = data.read_json(os.path.join(train, 'meta.json'))
     expected = Xh1 @ direct_ridge(X, Y, 1e-2) * meta['clip_std'] + meta['clip_mean']
-    np.testing.assert_allclose(np.load(holdout / 'generated.npy').astype(np.float64).reshape(-1, 8), expected,
-                               rtol=2e-3, atol=2e-3)
+    np.testing.assert_allclose(np.load(holdout / 'generated.npy').astype(np.float64).reshape(-1, 8),
+                               expected, rtol=2e-3, atol=2e-3)
     assert data.read_json(str(holdout / 'generated.json'))['data'] == {
         'folder': train, 'id': info['train_data']['id'], 'start': 7, 'count': 3}
     assert not os.path.exists(holdout / 'generated.partial.npy')
@@ -125,9 +124,9 @@ def test_lambda_is_chosen_on_the_held_out_slice_only(tmp_path, monkeypatch):
             '--val_fraction=0.3', '--ridge_rows=3')
     shutil.rmtree(out / 'samples' / 'ridge')
     run(monkeypatch, RIDGE, f'--train_data={train}', f'--val_data={val}', f'--out_dir={out}',
-        '--val_fraction=0.3',
-        '--ridge_rows=3')
-    assert data.read_json(str(out / 'samples' / 'ridge' / 'generated.json'))['settings']['fit_tokens'] == 12
+        '--val_fraction=0.3', '--ridge_rows=3')
+    info = data.read_json(str(out / 'samples' / 'ridge' / 'generated.json'))
+    assert info['settings']['fit_tokens'] == 12
 
 
 def test_mismatched_splits_refused(tmp_path, monkeypatch):
@@ -141,8 +140,7 @@ def test_mismatched_splits_refused(tmp_path, monkeypatch):
     with pytest.raises(SystemExit, match=r"val_fraction=0.0 of the 10 rows .* holds out 0; the "
                                          r"held-out slice needs at least one row"):
         run(monkeypatch, RIDGE, f'--train_data={train}', f'--val_data={val}',
-            f'--out_dir={tmp_path}',
-            '--val_fraction=0.0')
+            f'--out_dir={tmp_path}', '--val_fraction=0.0')
 
 
 def test_eval_takes_the_ridge_output(tmp_path, monkeypatch, capsys):
@@ -168,5 +166,6 @@ def test_eval_takes_the_ridge_output(tmp_path, monkeypatch, capsys):
     assert {k: v for k,
             v in recall['baselines']['ridge'].items() if k != 'generated'} == recall['method_b']
     assert align['baselines']['ridge']['token_fidelity'] == align['token_fidelity']
-    assert align['token_fidelity_stats'].endswith(f"data_stats ({os.path.join(train, 'meta.json')})")
+    assert align['token_fidelity_stats'].endswith(
+        f"data_stats ({os.path.join(train, 'meta.json')})")
     assert align['b_minus_ridge']['difference_mean'] == 0

@@ -27,7 +27,8 @@ def test_unknown_device_and_a_missing_cuda_index_are_refused(monkeypatch):
     monkeypatch.setattr(torch.cuda, 'is_available', lambda: True)
     monkeypatch.setattr(torch.cuda, 'device_count', lambda: 2)
     with pytest.raises(SystemExit, match=re.escape(
-            "config error: device='cuda:2' but this machine has 2 CUDA device(s), cuda:0 to cuda:1")):
+            "config error: device='cuda:2' but this machine has 2 CUDA device(s), "
+            "cuda:0 to cuda:1")):
         init_device('cuda:2', 'float32')
     assert init_device('cuda:1', 'float32') == ('cuda:1', 0, 0, 1)
     assert init_device('cpu', 'float32') == ('cpu', 0, 0, 1)

@@ -79,8 +79,7 @@ def test_training_lowers_loss_and_logs_metrics(run):
 def test_checkpoint_is_clean_and_complete(run, data):
     ckpt = torch.load(os.path.join(run, 'ckpt.pt'), weights_only=True)
     assert {'model', 'ema', 'optimizer', 'scaler', 'model_args', 'iter_num', 'best_val_loss',
-            'config',
-            'data_stats', 'rng', 'data_position'} <= ckpt.keys()
+            'config', 'data_stats', 'rng', 'data_position'} <= ckpt.keys()
     assert not [k for k in ckpt['model'] if k.startswith(('_orig_mod.', 'module.'))]
     assert ckpt['ema'].keys() == ckpt['model'].keys()
     assert all(v.dtype == torch.float32 for v in ckpt['ema'].values())
@@ -216,8 +215,7 @@ def test_bad_data_and_config_stop_with_a_message(case, data, tmp_path):
                  ['clip.npy has 16 rows, eva.npy 15']),
     }[case]
     result = train(f'--train_data={data}', f'--val_data={data}', f'--out_dir={tmp_path}/out',
-                   '--max_iters=2',
-                   *args, check=False)
+                   '--max_iters=2', *args, check=False)
     assert result.returncode != 0
     for text in expected:
         assert text in result.stderr, result.stderr
