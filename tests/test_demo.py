@@ -16,7 +16,8 @@ ENCODER_STEPS = 200
 def run(script, *overrides):
     cmd = [sys.executable, script, 'config/demo.py', *overrides]
     result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, f"{' '.join(cmd)}\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
+    assert result.returncode == 0, \
+        f"{' '.join(cmd)}\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
     return result.stdout
 
 
@@ -38,7 +39,8 @@ def test_demo_end_to_end_learns_and_reports_both_tasks(tmp_path):
         '--lr_decay_iters=150')
     run('sample.py', *folders, f'--ckpt_path={tmp_path}/regression/ckpt.pt',
         '--sample_batch_size=32')
-    baselines = f"--baselines=('{out}/samples/ridge/generated.npy', '{out}/samples/ckpt-regression/generated.npy')"
+    baselines = (f"--baselines=('{out}/samples/ridge/generated.npy', "
+                 f"'{out}/samples/ckpt-regression/generated.npy')")
     printed = run('eval.py', *folders, f'--train_data={data}/train', clip, baselines)
 
     evals = [r for r in map(json.loads, open(out / 'metrics.jsonl')) if r['kind'] == 'eval']
@@ -50,7 +52,8 @@ def test_demo_end_to_end_learns_and_reports_both_tasks(tmp_path):
     [samples] = [f for f in os.listdir(out / 'samples') if f not in ('ridge', 'ckpt-regression')]
     alignment = json.load(open(out / 'samples' / samples / 'eval' / 'alignment_summary.json'))
     recall = json.load(open(out / 'samples' / samples / 'eval' / 'recall_summary.json'))
-    assert alignment['embedding_space'] == 32 and alignment['uses_visual_projection'] is True  # tiny CLIP: 32-d
+    # tiny CLIP: 32-d
+    assert alignment['embedding_space'] == 32 and alignment['uses_visual_projection'] is True
     assert alignment['token_fidelity']['token_cosine_mean'] > 0.5
     assert 0 < alignment['correlation'] <= 1
     for method in ('method_a', 'method_b', 'reference', 'mean_tokens'):
@@ -65,7 +68,8 @@ def test_demo_end_to_end_learns_and_reports_both_tasks(tmp_path):
     assert [recall['mean_tokens']['text_to_image'][f'recall@{k}'] for k in (1, 5, 10)] == \
         pytest.approx([1 / 64, 5 / 64, 10 / 64], rel=1e-12)
     assert recall['mean_tokens']['image_to_text']['recall@5'] < 0.2
-    assert alignment['mean_tokens_fidelity']['mse_standardized'] > alignment['token_fidelity']['mse_standardized']
+    assert alignment['mean_tokens_fidelity']['mse_standardized'] > \
+        alignment['token_fidelity']['mse_standardized']
 
     # the trained encoders make both tasks mean something (chance at R@5: 5/64 = 7.8%). Measured
     # with these settings for synthetic seeds 0 / 1 / 2 (one thread): R@5 image->text A 61.7 / 65.2
@@ -75,17 +79,22 @@ def test_demo_end_to_end_learns_and_reports_both_tasks(tmp_path):
     # mean tokens 0.28 / 0.29 / 0.28
     a, b, r = recall['method_a'], recall['method_b'], recall['reference']
     for method in (a, r):
-        assert method['image_to_text']['recall@5'] > 0.4 and method['text_to_image']['recall@5'] > 0.3
+        assert method['image_to_text']['recall@5'] > 0.4
+        assert method['text_to_image']['recall@5'] > 0.3
     for direction in ('image_to_text', 'text_to_image'):
         assert b[direction]['recall@5'] > 0.75 * a[direction]['recall@5'], (direction, a, b)
     assert alignment['correlation'] > 0.85
-    assert abs(alignment['method_b']['mean_cosine_similarity'] - alignment['method_a']['mean_cosine_similarity']) < 0.03
-    assert alignment['method_b']['mean_cosine_similarity'] > alignment['mean_tokens']['mean_cosine_similarity'] + 0.1
+    cosine = {k: alignment[k]['mean_cosine_similarity']
+              for k in ('method_a', 'method_b', 'mean_tokens')}
+    assert abs(cosine['method_b'] - cosine['method_a']) < 0.03
+    assert cosine['method_b'] > cosine['mean_tokens'] + 0.1
     # the printed table has all three methods and both tasks
     table = printed[printed.index('A real tokens'):]
-    assert 'B generated' in table and 'R CLIP CLS' in table and 'image->text R@1' in table and 'text->image R@10' in table
+    assert 'B generated' in table and 'R CLIP CLS' in table
+    assert 'image->text R@1' in table and 'text->image R@10' in table
     assert alignment['generated'] == str(out / 'samples' / samples / 'generated.npy')
-    assert alignment['checkpoint']['path'] == str(out / 'ckpt.pt') and alignment['checkpoint']['iter_num'] == 150
+    assert alignment['checkpoint']['path'] == str(out / 'ckpt.pt')
+    assert alignment['checkpoint']['iter_num'] == 150
     assert 'mean tokens' in table and 'B - A' in table
 
     # the baselines, fitted and trained on the same rows, are far above chance (R@5 5/64) in both
@@ -96,7 +105,9 @@ def test_demo_end_to_end_learns_and_reports_both_tasks(tmp_path):
             assert baseline[direction]['recall@5'] > 3 * 5 / 64, (label, direction, baseline)
         assert recall[f'b_minus_{label}']['image_to_text']['recall@5_difference_ci95'] is not None
     ridge = json.load(open(out / 'samples' / 'ridge' / 'generated.json'))
-    assert ridge['train_data']['holdout_start'] == 410 and ridge['train_data']['holdout_count'] == 102  # 0.2 of 512
+    # 0.2 of 512
+    assert ridge['train_data']['holdout_start'] == 410
+    assert ridge['train_data']['holdout_count'] == 102
 
     # selection on held-out rows: the grid runs on train's last 102 images, only the chosen cell on
     # val sweep.py hands its stages its config files: a second one points eval.py at this test's
@@ -108,7 +119,8 @@ def test_demo_end_to_end_learns_and_reports_both_tasks(tmp_path):
                   '--steps=(5,)', '--cfg_scales=(1.0, 2.0)', f'--ckpts=("{out}/ckpt.pt",)',
                   '--sweep_name=guidance')
     table = json.load(open(out / 'guidance.json'))
-    assert table['grid_split'] == 'holdout' and [r['split'] for r in table['cells']] == ['holdout', 'holdout']
+    assert table['grid_split'] == 'holdout'
+    assert [r['split'] for r in table['cells']] == ['holdout', 'holdout']
     assert all(json.load(open(os.path.join(r['samples'], 'eval',
                                            'recall_summary.json')))['data']['start'] == 410
                for r in table['cells'])

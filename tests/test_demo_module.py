@@ -22,7 +22,8 @@ def test_demo_does_not_import_extract():
 
 def test_encode_text_shortcut_equals_open_clip():
     model = data.open_clip_model('tiny-clip', '')[0].eval()
-    captions = [c for i in range(8) for c in demo.synthetic_captions(*demo.synthetic_scene(0, 'train', i))]
+    captions = [c for i in range(8)
+                for c in demo.synthetic_captions(*demo.synthetic_scene(0, 'train', i))]
     text = open_clip.get_tokenizer('tiny-clip')(captions)
     used = torch.unique(text)
     with torch.no_grad():
@@ -65,7 +66,8 @@ def test_extract_trains_the_encoders_once_and_loads_them_like_real_weights(tmp_p
                                                 '')[0].state_dict()['visual.conv1.weight'])
     mtimes = [os.path.getmtime(p) for p in weights.values()]
     # the tokens come from the trained weights, loaded the way a user loads real ones
-    model, _, preprocess = open_clip.create_model_and_transforms('tiny-clip', pretrained=weights['clip'])
+    model, _, preprocess = open_clip.create_model_and_transforms('tiny-clip',
+                                                                 pretrained=weights['clip'])
     with torch.no_grad():
         model.eval().visual.output_tokens = True
         tokens = model.visual(preprocess(demo.synthetic_image(0, 'val', 64, 0))[None])[1][0]

@@ -111,7 +111,7 @@ def small_disk(tmp_path):
         subprocess.run(['umount', str(path)], check=True)
 
 
-# --- faults -------------------------------------------------------------------------------------------------
+# --- faults ---------------------------------------------------------------------------------
 
 
 def test_sigkill_during_a_checkpoint_write_keeps_the_previous_one_and_auto_resumes(data, tmp_path):
@@ -123,8 +123,8 @@ def test_sigkill_during_a_checkpoint_write_keeps_the_previous_one_and_auto_resum
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
     # the write of iteration 20 died half-way: its bytes are in ckpt.pt.tmp, ckpt.pt is iteration
     # 10's, whole
-    assert os.path.getsize(os.path.join(out,
-                                        'ckpt.pt.tmp')) < os.path.getsize(os.path.join(out, 'ckpt.pt'))
+    size = os.path.getsize
+    assert size(os.path.join(out, 'ckpt.pt.tmp')) < size(os.path.join(out, 'ckpt.pt'))
     with open(os.path.join(out, 'ckpt.pt'), 'rb') as f:
         before = f.read()
     assert torch.load(io.BytesIO(before), weights_only=True)['iter_num'] == 10
@@ -167,21 +167,22 @@ def environ(pid):
 
 def test_torchrun_restarts_a_killed_rank_and_the_run_resumes_on_its_own(data, tmp_path):
     out = str(tmp_path / 'ddp')
-    proc = subprocess.Popen([sys.executable, '-m', 'torch.distributed.run', '--standalone',
-                             '--nproc_per_node=2',
-                             '--max-restarts=1', '--monitor-interval=0.1', 'train.py', *TINY,
-                             f'--train_data={data}', '--val_fraction=0.25', f'--out_dir={out}',
-                             '--max_iters=40',
-                             '--init_from=auto'], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            env={**os.environ,
-                                 'TORCH_DISABLE_SHARE_RDZV_TCP_STORE': '1'})  # see train.py's docstring
+    cmd = [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2',
+           '--max-restarts=1', '--monitor-interval=0.1', 'train.py', *TINY,
+           f'--train_data={data}', '--val_fraction=0.25', f'--out_dir={out}', '--max_iters=40',
+           '--init_from=auto']
+    env = {**os.environ, 'TORCH_DISABLE_SHARE_RDZV_TCP_STORE': '1'}  # see train.py's docstring
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, env=env)
     try:
         deadline = time.time() + 180
         while not os.path.exists(os.path.join(out, 'ckpt.pt')):  # the checkpoint of iteration 10
-            assert proc.poll() is None and time.time() < deadline, 'the run died or stalled before its checkpoint'
+            assert proc.poll() is None and time.time() < deadline, \
+                'the run died or stalled before its checkpoint'
             time.sleep(0.01)
         rank1 = [p for p in descendants(proc.pid)
-                 if environ(p).get(b'LOCAL_RANK') == b'1' and environ(p).get(b'TORCHELASTIC_RESTART_COUNT') == b'0']
+                 if environ(p).get(b'LOCAL_RANK') == b'1'
+                 and environ(p).get(b'TORCHELASTIC_RESTART_COUNT') == b'0']
         assert rank1, 'rank 1 not found'
         for pid in rank1:
             os.kill(pid, signal.SIGKILL)
@@ -211,13 +212,15 @@ def test_unwritable_out_dir_stops_before_any_work(data, tmp_path, monkeypatch):
     assert message.startswith(f"out_dir={below_a_file!r} is not writable (Not a directory"), message
     message = stops(monkeypatch, 'extract.py', *EXTRACT, '--source=synthetic', "--splits=('val',)",
                     "--synthetic_counts={'val': 2}", f'--data_dir={below_a_file}')
-    assert message.startswith(f"data_dir={below_a_file!r} is not writable (Not a directory"), message
+    assert message.startswith(
+        f"data_dir={below_a_file!r} is not writable (Not a directory"), message
 
 
 def test_full_disk_stops_each_stage_before_any_work(data, tmp_path, small_disk, monkeypatch):
     message = stops(monkeypatch, 'train.py', *TINY, f'--train_data={data}', f'--val_data={data}',
                     f'--out_dir={small_disk}/out')
-    free = f'its disk has {shutil.disk_usage(small_disk).free:,} free'  # beside train.py's lock file
+    # beside train.py's lock file
+    free = f'its disk has {shutil.disk_usage(small_disk).free:,} free'
     params = DiT(DiTConfig(dim=32, n_layers=2, n_heads=2, in_dim=8, cond_dim=12,
                            grid_size=4)).num_params()
     # ckpt.pt's temporary copy beside it (twice its size while none exists yet), no kept copies
@@ -233,7 +236,8 @@ def test_full_disk_stops_each_stage_before_any_work(data, tmp_path, small_disk, 
                os.path.join(small_disk, 'ckpt.pt'))
     message = stops(monkeypatch, 'sample.py', f'--out_dir={small_disk}', f'--val_data={big}',
                     '--device=cpu')
-    assert f"out_dir={small_disk!r}: the samples need about {300 * 16 * 8 * 2 + 300:,} bytes, {free}" in message
+    assert (f"out_dir={small_disk!r}: the samples need about {300 * 16 * 8 * 2 + 300:,} bytes, "
+            f"{free}") in message
     # the stopped runs' lock files (held open by their frames in this process) close: no busy mount
     gc.collect()
     subprocess.run(['mount', '-o', 'remount,ro', small_disk], check=True)
@@ -241,12 +245,12 @@ def test_full_disk_stops_each_stage_before_any_work(data, tmp_path, small_disk, 
                     '--device=cpu')
     assert f"out_dir={small_disk!r} is not writable (Read-only file system" in message
     # nothing half-written left behind: train.py's empty out folder and the checkpoint link only
-    assert sorted(os.listdir(small_disk)) == ['ckpt.pt',
-                                              'out'] and os.listdir(os.path.join(small_disk, 'out')) == [
-        '.lock']  # train.py's lock on its out_dir, taken before the checks
+    assert sorted(os.listdir(small_disk)) == ['ckpt.pt', 'out']
+    # train.py's lock on its out_dir, taken before the checks
+    assert os.listdir(os.path.join(small_disk, 'out')) == ['.lock']
 
 
-# --- bad input ----------------------------------------------------------------------------------------------
+# --- bad input ------------------------------------------------------------------------------
 
 
 def truncate(path):
@@ -306,11 +310,12 @@ def test_checkpoint_whose_weights_do_not_fit_its_model_config(data, tmp_path, mo
                     f'--out_dir={tmp_path}/run', '--init_from=resume')
     assert message.startswith(f"{ckpt}: its 'model' weights do not fit the DiT its "
                               f"model_args describe"), message
-    assert 'copying a param with shape torch.Size([32, 8]) from checkpoint, the shape in current model is ' \
-           'torch.Size([48, 8])' in message
+    assert ('copying a param with shape torch.Size([32, 8]) from checkpoint, the shape in current '
+            'model is torch.Size([48, 8])') in message
     message = stops(monkeypatch, 'sample.py', f'--out_dir={tmp_path}/run', f'--val_data={data}',
                     '--device=cpu')
-    assert f"{ckpt}: its 'ema' weights do not fit" in message and 'torch.Size([48, 8])' in message, message
+    assert f"{ckpt}: its 'ema' weights do not fit" in message, message
+    assert 'torch.Size([48, 8])' in message, message
     with open(ckpt, 'rb') as f:
         assert f.read() == before
 
@@ -321,7 +326,8 @@ def test_sample_names_a_bad_eva_array(case, tmp_path, monkeypatch):
     eva = os.path.join(folder, 'eva.npy')
     if case == 'truncated':
         size = truncate(eva)
-        expected = f'expected {size:,} bytes (float16 [8, 16, 12]), the file has {size - 100:,} bytes'
+        expected = (f'expected {size:,} bytes (float16 [8, 16, 12]), '
+                    f'the file has {size - 100:,} bytes')
     else:
         np.save(eva, np.load(eva).astype(np.float32))
         expected = 'holds float32 [8, 16, 12], expected float16'
@@ -337,7 +343,8 @@ def test_empty_image_folder_and_coco_without_its_images(tmp_path, monkeypatch):
     message = stops(monkeypatch, 'extract.py', *EXTRACT, '--source=folder',
                     f'--image_folder={tmp_path}/images',
                     "--splits=('set',)", f'--data_dir={tmp_path}/data')
-    assert message.startswith('no images (.jpg, .jpeg') and message.endswith(f'in {tmp_path}/images/set'), message
+    assert message.startswith('no images (.jpg, .jpeg'), message
+    assert message.endswith(f'in {tmp_path}/images/set'), message
     # COCO annotations next to an image folder that lacks every file they list
     coco = tmp_path / 'coco'
     (coco / 'annotations').mkdir(parents=True)
@@ -352,4 +359,5 @@ def test_empty_image_folder_and_coco_without_its_images(tmp_path, monkeypatch):
     assert message.startswith(f"no readable image in split 'val2017': expected at least one "
                               f"of the 2 listed; the first, {missing}: FileNotFoundError"), message
     assert not os.path.exists(tmp_path / 'data' / 'val2017' / 'clip.npy')
-    assert not [f for f in os.listdir(tmp_path / 'data' / 'val2017') if f.startswith('.extract_state')]
+    assert not [f for f in os.listdir(tmp_path / 'data' / 'val2017')
+                if f.startswith('.extract_state')]
