@@ -42,12 +42,22 @@ def test_demo_end_to_end_learns_and_reports_both_tasks(tmp_path):
     baselines = (f"--baselines=('{out}/samples/ridge/generated.npy', "
                  f"'{out}/samples/ckpt-regression/generated.npy')")
     printed = run('eval.py', *folders, f'--train_data={data}/train', clip, baselines)
+    check_training(out)
+    recall = check_summaries(data, out, printed)
+    check_baselines(out, recall)
+    check_sweep(tmp_path, data, folders, out)
 
+
+def check_training(out):
+    """The EMA generation check improved over training."""
     evals = [r for r in map(json.loads, open(out / 'metrics.jsonl')) if r['kind'] == 'eval']
     untrained, trained = evals[0], evals[-1]
     assert (untrained['iter'], trained['iter']) == (0, 150)
     assert trained['gen_token_cosine'] > untrained['gen_token_cosine'] + 0.2, (untrained, trained)
 
+
+def check_summaries(data, out, printed):
+    """The flow DiT's alignment and recall summaries and printed table; returns the recall."""
     # eval.py found the flow DiT's folder by itself, beside the baselines'
     [samples] = [f for f in os.listdir(out / 'samples') if f not in ('ridge', 'ckpt-regression')]
     alignment = json.load(open(out / 'samples' / samples / 'eval' / 'alignment_summary.json'))
@@ -96,7 +106,11 @@ def test_demo_end_to_end_learns_and_reports_both_tasks(tmp_path):
     assert alignment['checkpoint']['path'] == str(out / 'ckpt.pt')
     assert alignment['checkpoint']['iter_num'] == 150
     assert 'mean tokens' in table and 'B - A' in table
+    return recall
 
+
+def check_baselines(out, recall):
+    """The ridge and regression baselines beside B."""
     # the baselines, fitted and trained on the same rows, are far above chance (R@5 5/64) in both
     # directions
     assert set(recall['baselines']) == {'ridge', 'regression'}, recall['baselines'].keys()
@@ -109,15 +123,16 @@ def test_demo_end_to_end_learns_and_reports_both_tasks(tmp_path):
     assert ridge['train_data']['holdout_start'] == 410
     assert ridge['train_data']['holdout_count'] == 102
 
-    # selection on held-out rows: the grid runs on train's last 102 images, only the chosen cell on
-    # val sweep.py hands its stages its config files: a second one points eval.py at this test's
-    # encoder
+
+def check_sweep(tmp_path, data, folders, out):
+    """Selection on held-out rows: the grid runs on train's last 102 images, only the chosen cell
+    on val."""
+    # sweep.py hands its stages its config files: a second one points eval.py at this test's encoder
     encoders = tmp_path / 'encoders.py'
     encoders.write_text(f"clip_pretrained = '{tmp_path}/tiny-clip.pt'\n")
     printed = run('sweep.py', str(encoders), f'--train_data={data}/train', *folders,
-                  "--methods=('midpoint',)",
-                  '--steps=(5,)', '--cfg_scales=(1.0, 2.0)', f'--ckpts=("{out}/ckpt.pt",)',
-                  '--sweep_name=guidance')
+                  "--methods=('midpoint',)", '--steps=(5,)', '--cfg_scales=(1.0, 2.0)',
+                  f'--ckpts=("{out}/ckpt.pt",)', '--sweep_name=guidance')
     table = json.load(open(out / 'guidance.json'))
     assert table['grid_split'] == 'holdout'
     assert [r['split'] for r in table['cells']] == ['holdout', 'holdout']
