@@ -42,8 +42,7 @@ NUMBERS = ('one', 'two', 'three')
 
 
 def synthetic_scene(seed, split, index):
-    """(background colour, [(shape, colour, size, place, jitter)]) of synthetic image `index` of
-    `split`."""
+    """(background colour, [(shape, colour, size, place, jitter)]) of synthetic image `index`."""
     # splits never share an image
     rng = np.random.default_rng([seed, zlib.crc32(split.encode()), index])
     background = list(COLORS)[rng.integers(len(COLORS))]
@@ -92,8 +91,7 @@ def synthetic_captions(background, shapes):
 
 
 def list_synthetic(split, counts, seed=0, image_size=224, limit=0):
-    """extract.list_split's listing of synthetic split `split`: its first counts[split] images (at
-    most `limit`)."""
+    """extract.list_split's listing of synthetic `split`: the first counts[split] (<= limit)."""
     if split not in counts:
         raise SystemExit(f"source='synthetic': split {split!r} has no count in "
                          f"synthetic_counts={counts}")
@@ -152,8 +150,7 @@ def train_encoder(model_name, out_path, split, count, image_size, synthetic_seed
     images, text, owner = listed_split(listing, preprocess, open_clip.get_tokenizer(model_name))
     first_caption = torch.searchsorted(owner, torch.arange(count))
     captions_per_image = torch.bincount(owner, minlength=count)
-    # the captions use a few dozen of the 49,408 token ids: train only those rows, then write them
-    # back
+    # the captions use a few dozen of the 49,408 token ids: train only those rows, then write back
     used = torch.unique(text)
     # renumbered in order: the end-of-text token keeps the largest id
     text = torch.searchsorted(used, text)

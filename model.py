@@ -188,8 +188,7 @@ class Attention(nn.Module):
                          F.linear(kv, wv).unflatten(-1, kv_shape), rope)
 
     def attend(self, q, k, v, rope):
-        """wo(SDPA) of the raw queries q [B, L, H, D] (q_norm-ed and rotated here) against k, v
-        [B, KV, M, D]."""
+        """wo(SDPA) of raw queries q [B, L, H, D] (q_norm-ed, rotated here), k, v [B, KV, M, D]."""
         q = self.q_norm(q)
         if rope is not None:
             q = apply_rope(q, *rope)
@@ -198,8 +197,7 @@ class Attention(nn.Module):
         return self.wo(out.transpose(1, 2).flatten(2))
 
     def cached(self, x, rope, k, v, null_out, keep):
-        """Cross-attention of x [B, L, dim] with encode_cond's k, v for rows `keep`; the others
-        get null_out."""
+        """Cross-attention of x [B, L, dim] to encode_cond's k, v for rows `keep`, else null_out."""
         q = self.wq(x if keep is None else x[keep]).unflatten(-1, (self.n_heads, self.head_dim))
         out = self.attend(q, k, v, rope)
         if keep is None:
@@ -273,8 +271,7 @@ class TimestepEmbedder(nn.Module):
 
 @dataclass
 class CondCache:
-    """DiT.encode_cond's result: the condition's share of DiT.forward for one batch, reused at every
-    sampler step."""
+    """DiT.encode_cond's result: the condition's share of DiT.forward, reused each step."""
     # [B, dim] pool_embed of the mean projected EVA token; a dropped row's is the null token's
     pooled: torch.Tensor
     # per block: cross-attention k, v [kept rows, kv_heads, M, head_dim] (k_norm-ed, rotated), the

@@ -24,8 +24,7 @@ def resolve_device(device):
 
 
 def peak_flops(device_name, dtype):
-    """Dense bf16/fp16 tensor-core peak FLOP/s of one GPU from its name (TF32 is half); None
-    where unknown."""
+    """Dense bf16/fp16 tensor-core peak FLOP/s of a GPU by name (TF32: half); None if unknown."""
     table = [('H100 PCIe', 756e12), ('H100', 989e12), ('H200', 989e12), ('GH200', 989e12),
              ('A100', 312e12)]
     peak = next((value for key, value in table if key in device_name), None)
@@ -33,8 +32,7 @@ def peak_flops(device_name, dtype):
 
 
 def peak_memory_mb(device):
-    """Peak device memory on CUDA; on the CPU this process's own peak RSS (ru_maxrss would count
-    its launcher)."""
+    """Peak device memory on CUDA; on the CPU this process's peak RSS (not ru_maxrss)."""
     if torch.device(device).type == 'cuda':
         return torch.cuda.max_memory_allocated(device) / 2**20
     with open('/proc/self/status') as f:

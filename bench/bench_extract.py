@@ -80,8 +80,8 @@ def forward():
 
 
 def write_shards(folder):
-    """The synthetic images as img2dataset-style samples (key.jpg, key.txt), shard_size a shard; the
-    pattern."""
+    """The synthetic images as img2dataset-style samples (key.jpg, key.txt), shard_size a shard;
+    returns the pattern."""
     for first in range(0, images, shard_size):
         with tarfile.open(os.path.join(folder, f'{first // shard_size:05d}.tar'), 'w') as tar:
             for i in range(first, min(first + shard_size, images)):

@@ -35,8 +35,7 @@ GiB = 2 ** 30
 
 
 def saved_bytes(cfg, batch):
-    """Bytes autograd keeps for the backward of one bf16-autocast forward (parameters themselves not
-    counted)."""
+    """Bytes autograd keeps for the backward of one bf16-autocast forward, parameters aside."""
     torch.manual_seed(0)
     model = DiT(cfg)
     params = {p.untyped_storage().data_ptr() for p in model.parameters()}

@@ -50,8 +50,7 @@ globals().update(dataclasses.asdict(DiTConfig()))
 
 
 def synchronize(device):
-    """Wait for the device's queued work, so that a timer reads finished work (nothing to wait for
-    on the CPU)."""
+    """Wait for the device's queued work, so that a timer reads finished work (CPU: no-op)."""
     if torch.device(device).type == 'cuda':
         torch.cuda.synchronize()
 

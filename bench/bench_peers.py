@@ -79,8 +79,7 @@ def diffusers_lumina(x, t, cond):
 
 
 def seed_blip3o(x, t, cond):
-    """The seed's model, imported from its checkout without its package __init__s (they pull in its
-    trainer)."""
+    """The seed's model, from its checkout without its package __init__s (their trainer)."""
     for name in ('src', 'src.modules', 'src.modules.config', 'src.modules.models'):
         package = types.ModuleType(name)
         package.__path__ = [os.path.join(seed_repo, *name.split('.'))]

@@ -58,8 +58,7 @@ model_args = [a for a in args if not a.startswith('--') or a[2:].partition('=')[
 
 
 def bench(folder, out_dir, compiled, mode):
-    """Run train.py until bench_warmup + bench_iters iterations are logged; medians of the timed
-    ones."""
+    """Run train.py until bench_warmup + bench_iters are logged; the timed ones' medians."""
     cmd = [sys.executable, os.path.join(ROOT, 'train.py'), *train_args, f'--train_data={folder}',
            f'--val_data={folder}', f'--out_dir={out_dir}', '--init_from=scratch',
            '--overwrite=True', f'--compile={compiled}', f'--parallel={mode}',

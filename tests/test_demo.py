@@ -111,8 +111,7 @@ def check_summaries(data, out, printed):
 
 def check_baselines(out, recall):
     """The ridge and regression baselines beside B."""
-    # the baselines, fitted and trained on the same rows, are far above chance (R@5 5/64) in both
-    # directions
+    # fitted and trained on the same rows, far above chance (R@5 5/64) in both directions
     assert set(recall['baselines']) == {'ridge', 'regression'}, recall['baselines'].keys()
     for label, baseline in recall['baselines'].items():
         for direction in ('image_to_text', 'text_to_image'):

@@ -216,8 +216,7 @@ def test_attention_runs_with_cudnn_first_and_the_order_is_restored(grad_checkpoi
 
 
 def random_model(seed=0, **overrides):
-    """A tiny DiT with every parameter perturbed: adaLN-Zero's zeros would make cached == plain
-    vacuous."""
+    """A tiny DiT, every parameter perturbed: adaLN-Zero's zeros would make cached == plain moot."""
     torch.manual_seed(seed)
     model = DiT(DiTConfig(**{**TINY, **overrides}))
     with torch.no_grad():
@@ -277,8 +276,7 @@ def test_all_rows_dropped():
 @pytest.mark.parametrize('overrides',
                          [dict(), dict(n_kv_heads=2), dict(n_kv_heads=1, qk_norm=False)])
 def test_null_shortcut_is_the_full_attention_over_null_tokens(overrides):
-    """Whatever the queries and the RoPE on k, attention over M copies of one token returns wo of
-    its v."""
+    """Whatever the queries and RoPE on k, attention over M copies of a token returns wo(its v)."""
     model = random_model(**overrides)
     null_kv = model.project_cond(model.null_cond)
     h = torch.randn(3, 16, 64, generator=torch.Generator().manual_seed(0)) * 3
@@ -307,8 +305,7 @@ def test_cached_forward_under_bf16_autocast():
 @pytest.mark.parametrize('dtype', [torch.bfloat16, torch.float16])
 def test_weights_cast_once_sample_bit_identically_under_autocast(dtype):
     """sample.py's cast_for_autocast: the linears in the compute dtype, everything else as it was,
-    and the sampler's output under autocast bit for bit the uncast model's, with and without
-    guidance."""
+    and the sampler's output under autocast bit for bit the uncast model's, guided or not."""
     model = random_model(n_kv_heads=2).eval()
     cast = cast_for_autocast(copy.deepcopy(model), dtype)
     linears = {id(m.weight) for m in cast.modules() if isinstance(m, torch.nn.Linear)}
@@ -360,8 +357,7 @@ def test_flops_skipped_per_sample_by_hand_and_by_count(overrides, M, monkeypatch
     cross = 2 * (2 * L * D * D + 4 * L * M * D + 2 * L * D * D)
     assert model.flops_skipped_per_sample(M) == encoded
     assert model.flops_skipped_per_sample(M, dropped=True) == encoded + cross
-    # and what torch counts: the math kernel's attention matmuls are counted, the CPU flash kernel's
-    # are not
+    # and what torch counts: the math kernel's attention matmuls count, the CPU flash kernel's not
     monkeypatch.setattr(model_module, 'SDPA_PRIORITY', [SDPBackend.MATH])
     x, t, cond = inputs(B=5, M=M)
     cache = model.encode_cond(cond, DROP)

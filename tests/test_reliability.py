@@ -75,8 +75,7 @@ def records(out_dir, kind):
 
 
 def checkpoint_for(path, in_dim=8, cond_dim=12, **changed_args):
-    """An untrained checkpoint in train.py's format; changed_args alter model_args but not the
-    weights."""
+    """An untrained checkpoint in train.py's format; changed_args alter model_args, not weights."""
     cfg = DiTConfig(dim=32, n_layers=2, n_heads=2, in_dim=in_dim, cond_dim=cond_dim, grid_size=4)
     torch.manual_seed(0)
     model = DiT(cfg)
@@ -121,8 +120,7 @@ def test_sigkill_during_a_checkpoint_write_keeps_the_previous_one_and_auto_resum
     killed = subprocess.run([sys.executable, '-c', DIES_IN_SECOND_SAVE, *args], cwd=ROOT,
                             capture_output=True, text=True, timeout=300)
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
-    # the write of iteration 20 died half-way: its bytes are in ckpt.pt.tmp, ckpt.pt is iteration
-    # 10's, whole
+    # iteration 20's write died half-way: its bytes are in ckpt.pt.tmp; ckpt.pt, 10's, is whole
     size = os.path.getsize
     assert size(os.path.join(out, 'ckpt.pt.tmp')) < size(os.path.join(out, 'ckpt.pt'))
     with open(os.path.join(out, 'ckpt.pt'), 'rb') as f:
@@ -301,8 +299,7 @@ def test_train_names_the_bad_file_and_the_values(case, data, tmp_path, monkeypat
 
 
 def test_checkpoint_whose_weights_do_not_fit_its_model_config(data, tmp_path, monkeypatch):
-    """E.g. written by another version of model.py: train resume and sample.py name the file and the
-    shapes."""
+    """E.g. from another version of model.py: train resume and sample.py name file and shapes."""
     ckpt = checkpoint_for(str(tmp_path / 'run' / 'ckpt.pt'), dim=48, n_heads=3)
     with open(ckpt, 'rb') as f:
         before = f.read()

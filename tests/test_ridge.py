@@ -26,8 +26,7 @@ def tokens(folder, rows):
 
 
 def direct_ridge(X, Y, lam):
-    """Closed-form ridge on the whole data: centered (the intercept unpenalized), penalty lam x mean
-    diagonal."""
+    """Closed-form ridge on the whole data: centered (intercept free), penalty lam x mean diag."""
     xm, ym = X.mean(0), Y.mean(0)
     G = (X - xm).T @ (X - xm)
     W = np.linalg.solve(G + lam * np.trace(G) / len(G) * np.eye(len(G)), (X - xm).T @ (Y - ym))
@@ -57,8 +56,7 @@ def test_streamed_fit_is_the_closed_form(tmp_path, batch_size):
         np.testing.assert_allclose(beta, direct_ridge(X, Y, lam), rtol=1e-8, atol=1e-10)
     least_squares = np.linalg.lstsq(np.hstack([X, np.ones((len(X), 1))]), Y, rcond=None)[0]
     np.testing.assert_allclose(betas[0], least_squares, rtol=1e-7, atol=1e-9)
-    # a huge penalty leaves the intercept alone: the map vanishes, the intercept is the fitted rows'
-    # mean
+    # a huge penalty leaves the intercept alone: the map vanishes, the intercept is the rows' mean
     assert np.abs(betas[-1][:-1]).max() < 1e-9
     np.testing.assert_allclose(betas[-1][-1], Y.mean(0), atol=1e-9)
 
@@ -74,8 +72,7 @@ def test_rows_and_held_out_slice_as_train_py_splits():
 
 
 def test_lambda_is_chosen_on_the_held_out_slice_only(tmp_path, monkeypatch):
-    # 7 training rows of 4 tokens and 20 EVA channels: the smallest penalty overfits, the largest
-    # underfits
+    # 7 training rows of 4 tokens, 20 EVA channels: the smallest penalty overfits, the largest not
     train = make_data_folder(str(tmp_path / 'train'), n=10, tokens=4, clip_dim=8, eva_dim=20,
                              seed=1)
     lambdas = (1e-6, 1e-4, 1e-2, 1.0, 100.0)

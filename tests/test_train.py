@@ -1,5 +1,4 @@
-"""train.py end to end: a tiny DiT on random data folders, CPU, float32, run as a subprocess like a
-user would."""
+"""train.py end to end: a tiny DiT on random data folders, CPU, float32, run as a user would."""
 import json
 import os
 import shutil
@@ -122,8 +121,7 @@ def test_torchrun_two_ranks_follow_the_single_process_curve(run, data, tmp_path)
 
 def test_fsdp_follows_the_same_curve_and_resumes_across_modes(run, data, tmp_path):
     """FSDP (2 ranks, sharded) to 10, DDP resumes to 20, hybrid FSDP (2 replicas of 1 shard) to 24,
-    one-process FSDP to 26: every leg on the single-process curve, every checkpoint in the one
-    format."""
+    one-process FSDP to 26: every leg on the single-process curve, every checkpoint one format."""
     out = str(tmp_path / 'modes')
     common = [f'--train_data={data}', '--val_fraction=0.25', f'--out_dir={out}']
     train(*common, '--max_iters=10', '--parallel=fsdp', launcher=TORCHRUN)
@@ -192,8 +190,7 @@ def test_resume_after_sigkill_is_exact(run, data, tmp_path):
           '--init_from=resume')
     resumed, reference = losses(out), losses(run)
     assert [resumed[i] for i in range(saved, ITERS)] == [reference[i] for i in range(saved, ITERS)]
-    # metrics.jsonl holds each iteration once: the killed run's records past the checkpoint were
-    # dropped
+    # metrics.jsonl holds each iteration once: the killed run's records past its checkpoint dropped
     assert [r['iter'] for r in records(out, 'train')] == list(range(ITERS))
     assert [r['iter'] for r in records(out, 'eval')] == [0, 10, 20, 30]
     assert records(out, 'eval')[-1]['val_loss'] == records(run, 'eval')[-1]['val_loss']
