@@ -7,13 +7,12 @@ torchrun ... --max-restarts=3 train.py config/dit_large.py --init_from=auto    s
     (resumes out_dir/ckpt.pt when it exists; export TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1)
 
 Determinism: iteration i's global batch is a fixed slice of a seeded per-epoch permutation, in
-gradient_accumulation_steps (global) micro-batches of batch_size (per rank); micro-batch j draws
-its noise, times and condition drops from a generator seeded by (seed, i, j): any number of ranks
+gradient_accumulation_steps (global) micro-batches of batch_size (per rank); micro-batch j draws its
+noise, times and condition drops from a generator seeded by (seed, i, j): any number of ranks
 follows the same loss curve, and a resume continues exactly. metrics.jsonl: a JSON object per log
-line and per eval (validation loss on a fixed t grid and noise, the EMA generation check); a
-resume first drops the records past its checkpoint. Checkpoints (format: data.py): every
-eval_interval and at the end; keep_interval also keeps EMA-only ckpt_iterN.pt for sample.py.
-val_fraction > 0 validates on the held-out slice of train_data, never on the reported split.
+line and per eval (validation loss on a fixed t grid and noise, EMA generation check); a resume
+drops the records past its checkpoint. Checkpoints (format: data.py): every eval_interval, at the
+end, and EMA-only ckpt_iterN.pt every keep_interval. val_fraction > 0: validate on a held-out slice.
 """
 import copy
 import dataclasses
@@ -176,8 +175,7 @@ if checkpoint:
     if checkpoint['scaler']:  # empty when saved by a disabled (non-float16) scaler
         scaler.load_state_dict(checkpoint['scaler'])
     iter_num, best_val_loss = checkpoint['iter_num'], checkpoint['best_val_loss']
-# stop now, not at a save: ckpt.pt's temporary copy is written beside it (twice its size while
-# there is none yet), and every kept copy still to come (EMA only) stays
+# stop now, not at a save: room for ckpt.pt's temporary copy beside it and the kept copies
 kept = (max_iters // keep_interval - iter_num // keep_interval) if keep_interval else 0
 data.check_writable(
     out_dir, data.checkpoint_bytes(raw_model.num_params()) * (1 if os.path.exists(ckpt_path) else 2)
