@@ -102,6 +102,8 @@ FORMAT, VERSION = 'blip3o-dit-data', 1
 ARRAYS = {'clip': np.float16, 'eva': np.float16, 'clip_cls': np.float32}
 # open_clip configs of the tiny stand-in encoders that the demo and the tests use
 ENCODER_CONFIGS = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'config', 'encoders')
+# every stage's default held-out slice (holdout_range): none; a config sets it for all stages
+VAL_FRACTION = 0.0
 
 
 def read_json(path):
