@@ -441,6 +441,18 @@ def load_checkpoint(path, setting='ckpt_path', keys=CHECKPOINT_KEYS):
     return ckpt
 
 
+def resume_position(ckpt, train_rows):
+    """(samples_seen to continue from, a line to print or None): the checkpoint's position, or the
+    start of its next epoch when the training set has another number of rows (its epoch orders
+    differ)."""
+    position = ckpt['data_position']
+    if position['train_rows'] == train_rows:
+        return position['samples_seen'], None
+    return (position['epoch'] + 1) * train_rows, (
+        f"resume: train_data has {train_rows} rows, the checkpoint was trained on "
+        f"{position['train_rows']}: starting a new epoch")
+
+
 def model_from_checkpoint(ckpt, weights='ema', path='the checkpoint'):
     """The DiT that ckpt['model_args'] describes, holding its `weights` ('ema' or 'model'), on the
     CPU."""

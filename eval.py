@@ -64,7 +64,7 @@ splits = ('train2017', 'val2017')
 val_data = ''  # folder with clip.npy, clip_cls.npy, captions.json; '' = data_dir/splits[1]
 train_data = ''  # its clip.npy gives the mean-tokens row; '' = data_dir/splits[0]
 holdout = False  # True: evaluate train_data's held-out slice (where settings are chosen)
-val_fraction = 0.0  # the held-out slice: train_data's last val_fraction rows, as train.py's
+val_fraction = data.VAL_FRACTION  # the held-out slice: train_data's last rows, as train.py's
 mean_tokens_rows = 10000  # evenly spaced train rows averaged for it (0 = all; never held-out ones)
 generated = ''  # generated tokens; results go to <its folder>/eval/. '' = the samples folder
                 # finished last in out_dir/samples for this target, if any, else A and R only

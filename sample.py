@@ -32,7 +32,7 @@ splits = ('train2017', 'val2017')
 train_data = ''            # '' = data_dir/splits[0]; holdout=True generates for its held-out slice
 val_data = ''              # the reported split (its eva.npy); '' = data_dir/splits[1]
 holdout = False            # True: train_data's last val_fraction rows, where samplers are chosen
-val_fraction = 0.0         # the held-out slice, as train.py's
+val_fraction = data.VAL_FRACTION  # the held-out slice, as train.py's
 use_ema = True             # the checkpoint's EMA weights; False = the raw weights
 sample_method = 'midpoint'  # 'euler' (1 model call a step), 'heun' or 'midpoint' (2): flow.sample
 sample_steps = 10          # midpoint 10 (20 calls) beat Euler 50 on the demo DiT (bench/RESULTS.md)

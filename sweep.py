@@ -43,7 +43,7 @@ data_dir = 'data'              # extract.py's output: data_dir/<split>
 splits = ('train2017', 'val2017')
 train_data = ''                # its held-out slice is the selection split; '' = data_dir/splits[0]
 val_data = ''                  # the reported split; '' = data_dir/splits[1]
-val_fraction = 0.0             # the held-out slice (train_data's last rows), as train.py's; > 0
+val_fraction = data.VAL_FRACTION  # the held-out slice (train_data's last rows), as train.py's
 holdout = True                 # run the grid on the held-out slice and select; False: on val_data
 ckpts = ('',)                  # checkpoint files or globs ('out/demo/ckpt_iter*.pt'); '' = ckpt.pt
 methods = ('euler', 'midpoint')  # flow.SOLVERS

@@ -211,13 +211,9 @@ stats = ('clip_mean', 'clip_std')
 data_stats = checkpoint['data_stats'] if checkpoint else {k: train_meta[k] for k in stats}
 clip_mean, clip_std = (torch.tensor(data_stats[k], device=device).float() for k in stats)
 if checkpoint:
-    samples_seen = checkpoint['data_position']['samples_seen']
-    if checkpoint['data_position']['train_rows'] != n_train:
-        # another training set: its epoch orders differ, so start a fresh epoch of it
-        samples_seen = (checkpoint['data_position']['epoch'] + 1) * n_train
-        if master_process:
-            print(f"resume: train_data has {n_train} rows, the checkpoint was trained on "
-                  f"{checkpoint['data_position']['train_rows']}: starting a new epoch")
+    samples_seen, note = data.resume_position(checkpoint, n_train)
+    if note and master_process:
+        print(note)
     del checkpoint  # drop the mapped file before training
 resumed_at = iter_num if init_from == 'resume' else None
 flops_per_iter = raw_model.flops_per_sample(train_meta['shapes']['eva'][1]) * 3 * global_batch

@@ -111,3 +111,12 @@ def test_the_held_out_slice_is_train_pys():
         with pytest.raises(SystemExit,
                            match=f"val_fraction={fraction} of the 10 rows of f holds out"):
             data.holdout_range(10, fraction, 'f')
+
+
+def test_resume_position_starts_a_new_epoch_on_another_training_set():
+    ckpt = {'data_position': {'samples_seen': 250, 'train_rows': 100, 'epoch': 2, 'index': 50}}
+    assert data.resume_position(ckpt, 100) == (250, None)
+    samples_seen, note = data.resume_position(ckpt, 80)
+    assert samples_seen == 3 * 80
+    assert note == ("resume: train_data has 80 rows, the checkpoint was trained on 100: "
+                    "starting a new epoch")

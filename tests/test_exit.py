@@ -1,5 +1,6 @@
-"""How a torchrun rank ends (runtime.end_process_group): a finished run exits 0 on every rank, a run that stops
-on an error exits non-zero with its message on every rank, and a process without a group just returns."""
+"""How a torchrun rank ends (runtime.end_process_group): a finished run exits 0 on every rank, a run
+that stops on an error exits non-zero with its message on every rank, and a process without a group
+just returns."""
 import os
 import subprocess
 import sys
