@@ -22,7 +22,7 @@ from tqdm import tqdm
 import data
 import flow
 from configurator import configure, require_positive
-from runtime import autocast, cast_for_autocast, init_device
+from runtime import autocast, cast_for_autocast, end_process_group, init_device
 
 # -----------------------------------------------------------------------------
 out_dir = 'out'            # writes out_dir/samples/<name>/generated.npy and generated.json
@@ -74,6 +74,7 @@ run_lock = data.lock(run_dir, 'sample.py') if master_process else None  # one wr
 if data.start_samples(run_dir, depends_on, shape, master_process) is None:
     print(f"sample.py: {run_dir}/generated.npy already holds these samples (same checkpoint, data "
           f"and settings)")
+    end_process_group()
     raise SystemExit(0)
 if ddp:
     dist.barrier()  # rank 0 has created the partial files
@@ -135,5 +136,4 @@ if master_process:
         'samples_per_second': len(todo) / seconds if seconds > 0 else None})
     print(f"wrote {run_dir}/generated.npy {shape} float16 and generated.json: {len(todo)} rows in "
           f"{seconds:.1f} s")
-if ddp:
-    dist.destroy_process_group()
+end_process_group()  # under torchrun: every rank leaves together, exit 0 (runtime.py)
