@@ -6,11 +6,11 @@ A script declares its settings as plain globals, then calls `configure(globals()
 - `--key=value` overrides an existing setting; the value is parsed with ast.literal_eval and
   kept as a plain string when that fails (so `--out_dir=out/run-1` works);
 - an unknown `--key` fails and names the closest valid keys, a renamed one its new name;
-- a value of the wrong type fails naming where it and the current value came from, with an example (an int
-  is accepted where the default is a float; a None default accepts anything);
-- `--help` / `-h` prints each setting, its value after the arguments before it, where that was set and the
-  script's comment beside it, then exits; UPPER_CASE globals are constants, not settings.
-After configure, `require_positive(config, 'batch_size', ...)` stops on sizes and counts that are not > 0.
+- a value of the wrong type fails naming where it and the current value came from, with an
+  example (an int is accepted where the default is a float; a None default accepts anything);
+- `--help` / `-h` prints each setting, its value after the arguments before it, where that was
+  set and the script's comment beside it, then exits; UPPER_CASE globals are constants.
+After configure, `require_positive(config, 'batch_size', ...)` stops on sizes and counts not > 0.
 """
 import ast
 import difflib
@@ -44,12 +44,13 @@ def assignments(tree):
 
 
 def setting_comments(path):
-    """{name: (comment lines directly above, comment beside)} from a script's source; {} if it cannot be read."""
+    """{name: (comment lines directly above, comment beside)} of a script's source; {} if unread."""
     try:
         with open(path) as f:
             source = f.read()
         tree = ast.parse(source)
-        tokens = [t for t in tokenize.generate_tokens(io.StringIO(source).readline) if t.type == tokenize.COMMENT]
+        tokens = [t for t in tokenize.generate_tokens(io.StringIO(source).readline)
+                  if t.type == tokenize.COMMENT]
     except (OSError, SyntaxError, tokenize.TokenError):
         return {}
     comments = {t.start[0]: (t.start[1], t.string.lstrip('#').strip()) for t in tokens}
@@ -58,11 +59,13 @@ def setting_comments(path):
     for name, [(first, last), *_] in assignments(tree).items():  # where the script declares it
         beside = [comments[r][1] for r in range(first, last + 1) if r in comments]
         row = last + 1
-        while row in own_line and comments[row][0] > 0:  # an indented comment line continues the one beside
+        # an indented comment line continues the one beside
+        while row in own_line and comments[row][0] > 0:
             beside.append(comments[row][1])
             row += 1
         above, row = [], first - 1
-        while row in own_line and comments[row][0] == 0 and comments[row][1].strip('-'):  # stop at a # --- rule
+        # stop at a # --- rule
+        while row in own_line and comments[row][0] == 0 and comments[row][1].strip('-'):
             above.insert(0, comments[row][1])
             row -= 1
         result[name] = (above, ' '.join(beside))
@@ -70,20 +73,22 @@ def setting_comments(path):
 
 
 def print_help(namespace, keys, defaults, sources):
-    """The usage line, then each setting: its value, where it was set if not the default, the script's comment."""
+    """The usage line, then each setting: its value, where set if not the default, its comment."""
     path = namespace.get('__file__', '')
     comments = setting_comments(path) if path else {}
-    print(f"usage: python {os.path.basename(path) or '<script>'} [config/file.py ...] [--key=value ...]")
+    print(f"usage: python {os.path.basename(path) or '<script>'} [config/file.py ...] "
+          f"[--key=value ...]")
     for key in keys:
         above, beside = comments.get(key, ([], ''))
         left = f"  {key} = {namespace[key]!r}"
         if key in sources and namespace[key] != defaults[key]:
             left += f"  ({sources[key]}; default {defaults[key]!r})"
-        print(''.join(f"# {line}\n" for line in above) + (f"{left:40}  # {beside}" if beside else left))
+        print(''.join(f"# {line}\n" for line in above)
+              + (f"{left:40}  # {beside}" if beside else left))
 
 
 def shell_word(value):
-    """value as a --key= argument that reads it back: bare when the shell leaves it alone, else quoted."""
+    """value as a --key= argument that reads it back: bare if the shell allows, else quoted."""
     text = repr(value)
     if re.fullmatch(r'[\w@%+=:,./-]+', text):
         return text
@@ -91,7 +96,7 @@ def shell_word(value):
 
 
 def checked_value(key, value, source, default, current, current_source):
-    """value converted to the type of the default, or SystemExit naming key, types, sources and an example."""
+    """value as the default's type, or SystemExit naming key, types, sources and an example."""
     if default is None or value is None or type(value) is type(default):
         return value
     if isinstance(default, float) and isinstance(value, int) and not isinstance(value, bool):
@@ -100,14 +105,17 @@ def checked_value(key, value, source, default, current, current_source):
         return type(default)(value)
     now = f"now {current!r}, set by {current_source}; script " if current_source else ""
     if isinstance(default, (tuple, list)) and isinstance(value, (int, float, str)):
-        current = type(default)([value])  # a bare item where a sequence is expected: show it wrapped
-    example = f"--{key}={shell_word(current)}" if source.startswith('--') else f"{key} = {current!r}"
-    raise SystemExit(f"config error: {key} expects {type(default).__name__} ({now}default {default!r}), "
-                     f"got {type(value).__name__} {value!r} from {source}; e.g. {example}")
+        # a bare item where a sequence is expected: show it wrapped
+        current = type(default)([value])
+    example = (f"--{key}={shell_word(current)}" if source.startswith('--') else
+               f"{key} = {current!r}")
+    raise SystemExit(f"config error: {key} expects {type(default).__name__} "
+                     f"({now}default {default!r}), got {type(value).__name__} {value!r} from "
+                     f"{source}; e.g. {example}")
 
 
 def parse_value(text, default):
-    """literal_eval where it parses (and, for a string setting, gives a string); the raw text otherwise."""
+    """literal_eval where it parses (giving a string for a string setting); else the raw text."""
     try:
         value = ast.literal_eval(text)
     except (SyntaxError, ValueError):
@@ -116,7 +124,7 @@ def parse_value(text, default):
 
 
 def run_config_file(path, settings):
-    """Run a config file on top of settings; [(key, value, "file:line")] of those it changed; SystemExit on errors."""
+    """Run a config file on settings: [(key, value, "file:line")] it set; SystemExit on errors."""
     try:
         with open(path) as f:
             tree = ast.parse(f.read(), path)
@@ -124,22 +132,24 @@ def run_config_file(path, settings):
     except OSError as e:
         raise SystemExit(f"config error: cannot read config file {path}: {e.strerror}")
     except SyntaxError as e:
-        raise SystemExit(f"config error: config file {path}, line {e.lineno}: {type(e).__name__}: {e.msg}"
+        raise SystemExit(f"config error: config file {path}, line {e.lineno}: "
+                         f"{type(e).__name__}: {e.msg}"
                          + (f" (`{e.text.strip()}`)" if e.text else "")) from None
     scope = dict(settings)
     try:
         exec(code, scope)
     except Exception as e:
-        frame = [f for f in traceback.extract_tb(e.__traceback__) if f.filename == path][-1]  # innermost in the file
-        raise SystemExit(f"config error: config file {path}, line {frame.lineno}: {type(e).__name__}: {e}"
-                         f" (`{frame.line}`)") from None
+        frame = [f for f in traceback.extract_tb(e.__traceback__)
+                 if f.filename == path][-1]  # innermost in the file
+        raise SystemExit(f"config error: config file {path}, line {frame.lineno}: "
+                         f"{type(e).__name__}: {e} (`{frame.line}`)") from None
     lines = assignments(tree)
     return [(k, scope[k], f"{path}:{lines[k][-1][0]}" if k in lines else path) for k in settings
             if scope[k] is not settings[k]]
 
 
 def parse_override(arg, keys, renamed, defaults):
-    """(key, value) of a --key=value argument; SystemExit for a malformed, renamed or unknown key."""
+    """(key, value) of a --key=value argument; SystemExit if malformed, renamed or unknown."""
     key, sep, text = arg[2:].partition('=')
     if not sep:
         raise SystemExit(f"config error: expected --key=value, got {arg!r}")
@@ -156,7 +166,8 @@ def parse_override(arg, keys, renamed, defaults):
 def configure(namespace, argv=None, renamed=None):
     """Apply config files and --key=value overrides to `namespace`; return the settings as a dict.
 
-    renamed: {old name: new name} of this script's settings; passing an old name fails naming the new one.
+    renamed: {old name: new name} of this script's settings; passing an old name fails naming the
+    new one.
     """
     argv = sys.argv[1:] if argv is None else argv
     keys = config_keys(namespace)
@@ -173,16 +184,20 @@ def configure(namespace, argv=None, renamed=None):
         else:
             changes = run_config_file(arg, {k: namespace[k] for k in keys})
         for key, value, source in changes:
-            namespace[key] = checked_value(key, value, source, defaults[key], namespace[key], sources.get(key))
+            namespace[key] = checked_value(key, value, source, defaults[key], namespace[key],
+                                           sources.get(key))
             sources[key] = source
         if verbose:
-            print(f"config: {key} = {namespace[key]!r}" if arg.startswith('--') else f"config: {arg}")
+            print(f"config: {key} = {namespace[key]!r}" if arg.startswith('--') else
+                  f"config: {arg}")
     return {k: namespace[k] for k in keys}
 
 
 def require_positive(config, *keys):
-    """SystemExit naming each of keys whose value in config is not a number > 0 (batch sizes, counts, steps)."""
-    bad = [f"{k} must be a positive {'number' if isinstance(config[k], float) else 'integer'}, got {config[k]!r}"
-           for k in keys if isinstance(config[k], bool) or not isinstance(config[k], (int, float)) or not config[k] > 0]
+    """SystemExit naming each of keys whose value in config is not a number > 0 (sizes, counts)."""
+    bad = [f"{k} must be a positive {'number' if isinstance(config[k], float) else 'integer'}, "
+           f"got {config[k]!r}" for k in keys
+           if isinstance(config[k], bool) or not isinstance(config[k], (int, float))
+           or not config[k] > 0]
     if bad:
         raise SystemExit("config error: " + "; ".join(bad))

@@ -1,19 +1,20 @@
-"""What only the CPU demo (config/demo.py) and the tests use: synthetic images with captions, and the tiny stand-in
-encoders trained on them. A COCO, folder or webdataset extraction never imports this file.
+"""What only the CPU demo (config/demo.py) and the tests use: synthetic images with captions, and
+the tiny stand-in encoders trained on them. A COCO, folder or webdataset extraction never imports
+this file.
 
-The synthetic images are coloured shapes on a background, drawn from (seed, split, index); their captions say what
-is where. extract.py lists a synthetic split through list_synthetic.
+The synthetic images are coloured shapes on a background, drawn from (seed, split, index); their
+captions say what is where. extract.py lists a synthetic split through list_synthetic.
 
-With random encoders every method of Task 1 and Task 2 sits at chance, so the demo could not show that they work.
-With `train_encoder_steps > 0`, extract.py first trains each open_clip encoder whose `clip_pretrained` /
-`eva_pretrained` names a file that does not exist yet (untrained_encoders, train_encoders) and writes the weights
-there; every stage then loads those files as it would load real weights, open_clip.create_model(name,
-pretrained=<file>). Later runs reuse them.
+With random encoders every method of Task 1 and Task 2 sits at chance, so the demo could not show
+that they work. With `train_encoder_steps > 0`, extract.py first trains each open_clip encoder whose
+`clip_pretrained` / `eva_pretrained` names a file that does not exist yet (untrained_encoders,
+train_encoders) and writes the weights there; every stage then loads those files as it would load
+real weights, open_clip.create_model(name, pretrained=<file>). Later runs reuse them.
 
-Both stand-ins are trained, each from its own seed. The real EVA-CLIP is itself a contrastively trained CLIP whose
-features relate to CLIP's by meaning; a random tower keeps each image's pixels but not that relation. On the demo,
-B's image->text R@5 was 0.63x A's with a random EVA stand-in and 0.84x with a trained one (classifier-free
-guidance 1.0; README).
+Both stand-ins are trained, each from its own seed. The real EVA-CLIP is itself a contrastively
+trained CLIP whose features relate to CLIP's by meaning; a random tower keeps each image's pixels
+but not that relation. On the demo, B's image->text R@5 was 0.63x A's with a random EVA stand-in and
+0.84x with a trained one (classifier-free guidance 1.0; README).
 """
 import math
 import os
@@ -30,21 +31,26 @@ import data
 
 # --- synthetic images: coloured shapes on a background, captions say what is where -------------
 
-COLORS = {'red': (220, 40, 40), 'green': (40, 170, 70), 'blue': (40, 80, 220), 'yellow': (240, 210, 40),
-          'purple': (140, 60, 180), 'orange': (245, 140, 30), 'white': (245, 245, 245), 'black': (25, 25, 25)}
+COLORS = {'red': (220, 40, 40), 'green': (40, 170, 70), 'blue': (40, 80, 220),
+          'yellow': (240, 210, 40),
+          'purple': (140, 60, 180), 'orange': (245, 140, 30), 'white': (245, 245, 245),
+          'black': (25, 25, 25)}
 SHAPES = ('circle', 'square', 'triangle')
-PLACES = ('top left', 'top', 'top right', 'left', 'center', 'right', 'bottom left', 'bottom', 'bottom right')
+PLACES = ('top left', 'top', 'top right', 'left', 'center', 'right', 'bottom left', 'bottom',
+          'bottom right')
 NUMBERS = ('one', 'two', 'three')
 
 
 def synthetic_scene(seed, split, index):
-    """(background colour, [(shape, colour, size, place, jitter)]) of synthetic image `index` of `split`."""
-    rng = np.random.default_rng([seed, zlib.crc32(split.encode()), index])  # splits never share an image
+    """(background colour, [(shape, colour, size, place, jitter)]) of synthetic image `index`."""
+    # splits never share an image
+    rng = np.random.default_rng([seed, zlib.crc32(split.encode()), index])
     background = list(COLORS)[rng.integers(len(COLORS))]
     others = [c for c in COLORS if c != background]
     places = rng.choice(len(PLACES), size=rng.integers(1, 4), replace=False)
     return background, [(SHAPES[rng.integers(len(SHAPES))], others[rng.integers(len(others))],
-                         ('small', 'large')[rng.integers(2)], PLACES[p], tuple(rng.uniform(-0.05, 0.05, 2)))
+                         ('small', 'large')[rng.integers(2)], PLACES[p],
+                         tuple(rng.uniform(-0.05, 0.05, 2)))
                         for p in places]
 
 
@@ -76,8 +82,7 @@ def synthetic_captions(background, shapes):
     noun = 'shape' if len(shapes) == 1 else 'shapes'
     captions = [f"{' and '.join(full)} on {a(background)} background",
                 f"{a(background)} background with {' and '.join(short)}",
-                f'{NUMBERS[len(shapes) - 1]} {noun} on {a(background)} background',
-                full[0]]
+                f'{NUMBERS[len(shapes) - 1]} {noun} on {a(background)} background', full[0]]
     if len(shapes) > 1:
         captions.append(f"{short[0]} next to {' and '.join(short[1:])}")
     if len(shapes) > 2:
@@ -86,60 +91,69 @@ def synthetic_captions(background, shapes):
 
 
 def list_synthetic(split, counts, seed=0, image_size=224, limit=0):
-    """extract.list_split's listing of synthetic split `split`: its first counts[split] images (at most `limit`)."""
+    """extract.list_split's listing of synthetic `split`: the first counts[split] (<= limit)."""
     if split not in counts:
-        raise SystemExit(f"source='synthetic': split {split!r} has no count in synthetic_counts={counts}")
+        raise SystemExit(f"source='synthetic': split {split!r} has no count in "
+                         f"synthetic_counts={counts}")
     n = counts[split] if not limit else min(limit, counts[split])
     ids = list(range(n))
     captions = {str(i): synthetic_captions(*synthetic_scene(seed, split, i)) for i in ids}
     return dict(ids=ids, files=[f'{split}/{i:06d}.png' for i in ids], keys=ids, decode_check=False,
                 load=partial(synthetic_image, seed, split, image_size), captions=captions,
-                source={'kind': 'synthetic', 'split': split, 'seed': seed, 'image_size': image_size, 'listed': n})
+                source={'kind': 'synthetic', 'split': split, 'seed': seed,
+                        'image_size': image_size, 'listed': n})
 
 # --- the stand-in encoders: tiny open_clip CLIPs trained contrastively on a synthetic split ------
 
 
 def listed_split(listing, preprocess, tokenizer):
-    """The images of a list_synthetic listing, preprocessed as extraction does [count, 3, S, S]; their
-    captions, tokenized [C, 77]; and the image row of every caption [C]."""
+    """The images of a list_synthetic listing, preprocessed as extraction does [count, 3, S, S];
+    their captions, tokenized [C, 77]; and the image row of every caption [C]."""
     images = torch.stack([preprocess(listing['load'](key)) for key in listing['keys']])
     captions = [listing['captions'][str(i)] for i in listing['ids']]
-    owner = torch.repeat_interleave(torch.arange(len(images)), torch.tensor([len(c) for c in captions]))
+    owner = torch.repeat_interleave(torch.arange(len(images)),
+                                    torch.tensor([len(c) for c in captions]))
     return images, tokenizer([c for cs in captions for c in cs]), owner
 
 
 def encode_text(model, text, embedding):
-    """model.encode_text(text, normalize=True) with two shortcuts that give the same features: token ids index
-    `embedding` (the rows of model.token_embedding that the captions use, renumbered in order), and only the
-    positions up to the last end-of-text token are run (attention is causal: later positions never reach it)."""
+    """model.encode_text(text, normalize=True) with two shortcuts that give the same features: token
+    ids index `embedding` (the rows of model.token_embedding that the captions use, renumbered in
+    order), and only the positions up to the last end-of-text token are run (attention is causal:
+    later positions never reach it)."""
     length = int(text.argmax(1).max()) + 1  # the end-of-text token has the largest id
     text = text[:, :length]
     x = embedding[text] + model.positional_embedding[:length]
     x = model.ln_final(model.transformer(x, attn_mask=model.attn_mask[:length, :length]))
-    x = x[torch.arange(len(x)), text.argmax(1)]  # pooled at the end-of-text token, as open_clip's 'argmax'
+    # pooled at the end-of-text token, as open_clip's 'argmax'
+    x = x[torch.arange(len(x)), text.argmax(1)]
     return F.normalize(x @ model.text_projection, dim=-1)
 
 
-def train_encoder(model_name, out_path, split, count, image_size, synthetic_seed, steps=600, batch_size=128,
+def train_encoder(model_name, out_path, split, count, image_size, synthetic_seed, steps=600,
+                  batch_size=128,
                   lr=1e-3, weight_decay=0.1, warmup=30, token_loss=0.25, seed=0, threads=1):
-    """Train open_clip `model_name`, both towers, with open_clip's ClipLoss on the synthetic images of `split`
-    (each step: batch_size images from a seeded per-epoch order, one of each image's captions at random; AdamW,
-    linear warm-up then cosine decay; no augmentation, extraction sees the same pixels) and write its state_dict
-    to out_path. token_loss weighs the same loss on the mean of the patch tokens @ proj, Method A's image vector:
-    a CLIP trained through its CLS token alone leaves A near chance on this data (R@5 11-19% at 600 steps).
-    Seeded: the same settings give the same file. About 80-90 s for the demo, on one thread: on a model this
-    small a second thread costs more than it brings."""
+    """Train open_clip `model_name`, both towers, with open_clip's ClipLoss on the synthetic images
+    of `split` (each step: batch_size images from a seeded per-epoch order, one of each image's
+    captions at random; AdamW, linear warm-up then cosine decay; no augmentation, extraction sees
+    the same pixels) and write its state_dict to out_path. token_loss weighs the same loss on the
+    mean of the patch tokens @ proj, Method A's image vector: a CLIP trained through its CLS token
+    alone leaves A near chance on this data (R@5 11-19% at 600 steps). Seeded: the same settings
+    give the same file. About 80-90 s for the demo, on one thread: on a model this small a second
+    thread costs more than it brings."""
     import open_clip
     from open_clip.loss import ClipLoss
     torch.set_num_threads(threads)
     model, _, preprocess = data.open_clip_model(model_name, '')
-    listing = list_synthetic(split, {split: count}, synthetic_seed, image_size)  # the images extraction lists
+    listing = list_synthetic(split, {split: count}, synthetic_seed,
+                             image_size)  # the images extraction lists
     images, text, owner = listed_split(listing, preprocess, open_clip.get_tokenizer(model_name))
     first_caption = torch.searchsorted(owner, torch.arange(count))
     captions_per_image = torch.bincount(owner, minlength=count)
-    # the captions use a few dozen of the 49,408 token ids: train only those rows, then write them back
+    # the captions use a few dozen of the 49,408 token ids: train only those rows, then write back
     used = torch.unique(text)
-    text = torch.searchsorted(used, text)  # renumbered in order: the end-of-text token keeps the largest id
+    # renumbered in order: the end-of-text token keeps the largest id
+    text = torch.searchsorted(used, text)
     embedding = torch.nn.Parameter(model.token_embedding.weight.detach()[used].clone())
     model.token_embedding.requires_grad_(False)
     model.visual.output_tokens = True  # model.visual(x) -> (CLS embedding, ln_post patch tokens)
@@ -148,7 +162,8 @@ def train_encoder(model_name, out_path, split, count, image_size, synthetic_seed
     decay = [p for n, p in named if p.ndim >= 2 and 'embedding' not in n]
     no_decay = [p for n, p in named if not (p.ndim >= 2 and 'embedding' not in n)] + [embedding]
     optimizer = torch.optim.AdamW([{'params': decay, 'weight_decay': weight_decay},
-                                   {'params': no_decay, 'weight_decay': 0.0}], lr=lr, betas=(0.9, 0.98), eps=1e-6)
+                                   {'params': no_decay,
+                                    'weight_decay': 0.0}], lr=lr, betas=(0.9, 0.98), eps=1e-6)
     loss_fn = ClipLoss()
     g = torch.Generator().manual_seed(seed)
     order, position = torch.randperm(count, generator=g), 0
@@ -161,7 +176,8 @@ def train_encoder(model_name, out_path, split, count, image_size, synthetic_seed
             order, position = torch.randperm(count, generator=g), 0
         rows = order[position:position + batch_size]
         position += batch_size
-        caption = first_caption[rows] + (torch.rand(len(rows), generator=g) * captions_per_image[rows]).long()
+        draw = torch.rand(len(rows), generator=g) * captions_per_image[rows]
+        caption = first_caption[rows] + draw.long()
         pooled, tokens = model.visual(images[rows])
         text_features = encode_text(model, text[caption], embedding)
         scale = model.logit_scale.exp()
@@ -175,7 +191,8 @@ def train_encoder(model_name, out_path, split, count, image_size, synthetic_seed
         with torch.no_grad():
             model.logit_scale.clamp_(0, math.log(100))  # CLIP's cap on the logit scale
         if step % 100 == 0 or step == steps - 1:
-            print(f"{model_name} step {step}/{steps}: loss {loss.item():.3f}, {time.time() - start:.0f} s", flush=True)
+            print(f"{model_name} step {step}/{steps}: loss {loss.item():.3f}, "
+                  f"{time.time() - start:.0f} s", flush=True)
     model.visual.output_tokens = False
     with torch.no_grad():
         model.token_embedding.weight[used] = embedding
@@ -184,8 +201,9 @@ def train_encoder(model_name, out_path, split, count, image_size, synthetic_seed
 
 
 def untrained_encoders(encoders):
-    """{role: (model name, weight file)} of the `encoders` ({role: (name, pretrained)}) that extract.py's
-    train_encoder_steps trains first: open_clip models whose pretrained names neither a file nor a tag."""
+    """{role: (model name, weight file)} of the `encoders` ({role: (name, pretrained)}) that
+    extract.py's train_encoder_steps trains first: open_clip models whose pretrained names neither a
+    file nor a tag."""
     import open_clip
     return {role: (name, pretrained) for role, (name, pretrained) in encoders.items()
             if pretrained and not os.path.exists(pretrained) and not name.startswith('hf:')
@@ -193,12 +211,13 @@ def untrained_encoders(encoders):
 
 
 def train_encoders(untrained, steps, source):
-    """Train the `untrained` encoders for `steps` steps on the synthetic split a listing's `source` describes, both
-    at once, a process and a core each; SystemExit naming one that failed."""
+    """Train the `untrained` encoders for `steps` steps on the synthetic split a listing's `source`
+    describes, both at once, a process and a core each; SystemExit naming one that failed."""
     split, count = source['split'], source['listed']
     jobs = {}
     for role, (name, pretrained) in untrained.items():
-        print(f"{role}: training {name} on the {count} images of split {split} for {steps} steps -> {pretrained}")
+        print(f"{role}: training {name} on the {count} images of split {split} for {steps} "
+              f"steps -> {pretrained}")
         jobs[role] = torch.multiprocessing.get_context('spawn').Process(target=train_encoder, args=(
             name, pretrained, split, count, source['image_size'], source['seed']),
             kwargs=dict(steps=steps, seed={'clip': 0, 'eva': 1}[role]))  # independent towers
@@ -206,5 +225,6 @@ def train_encoders(untrained, steps, source):
     for role, job in jobs.items():
         job.join()
         if job.exitcode:
-            raise SystemExit(f"training the {role} encoder {untrained[role][0]} into {untrained[role][1]} "
-                             f"failed (exit code {job.exitcode}; its error is printed above)")
+            raise SystemExit(f"training the {role} encoder {untrained[role][0]} into "
+                             f"{untrained[role][1]} failed (exit code {job.exitcode}; its error "
+                             f"is printed above)")

@@ -51,6 +51,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import data
+import flow
 from metrics import (DIRECTIONS, FIDELITY_INTERVALS, HEADLINE_SET, RESAMPLED, TIES,
                      alignment_columns, cosine_stats, duplicate_groups, fidelity_report,
                      fidelity_rows, fidelity_summary, pair_scores, pearson, recall_columns,
@@ -65,7 +66,7 @@ splits = ('train2017', 'val2017')
 val_data = ''  # folder with clip.npy, clip_cls.npy, captions.json; '' = data_dir/splits[1]
 train_data = ''  # its clip.npy gives the mean-tokens row; '' = data_dir/splits[0]
 holdout = False  # True: evaluate train_data's held-out slice (where settings are chosen)
-val_fraction = 0.0  # the held-out slice: train_data's last val_fraction rows, as train.py's
+val_fraction = data.VAL_FRACTION  # the held-out slice: train_data's last rows, as train.py's
 mean_tokens_rows = 10000  # evenly spaced train rows averaged for it (0 = all; never held-out ones)
 generated = ''  # generated tokens; results go to <its folder>/eval/. '' = the samples folder
                 # finished last in out_dir/samples for this target, if any, else A and R only
@@ -430,9 +431,8 @@ def summary_header(target, holdout, gen_path, sampling, clip_model, clip_pretrai
             'checkpoint': made_by and {'path': made_by.get('checkpoint'),
                                        'iter_num': made_by.get('iter_num'),
                                        'use_ema': made_by.get('use_ema')},
-            'sampler': made_by and {k: made_by.get(k) for k in
-                                    ('sample_method', 'sample_steps', 'sample_shift', 'cfg_scale',
-                                     'seed')},
+            'sampler': made_by and {k: v for k, v in flow.Sampler.from_settings(made_by)
+                                    .settings().items() if k != 'use_ema'},
             'model_calls': (sampling or {}).get('model_calls'), 'sampling': sampling,
             'clip_model': clip_model, 'clip_pretrained': clip_pretrained, 'num_images': N,
             'num_captions': T, 'captions_per_image': {'min': int(counts.min()),

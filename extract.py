@@ -56,7 +56,7 @@ from PIL import Image
 from tqdm import tqdm
 
 import data
-from runtime import autocast, cast_for_autocast, resolve_device
+from runtime import autocast, cast_for_autocast, end_process_group, resolve_device
 from sources import Images, list_split
 
 # -----------------------------------------------------------------------------
@@ -663,5 +663,4 @@ if __name__ == '__main__':
         with data.lock(out, 'extract.py') if rank == 0 else contextlib.nullcontext():  # one writer
             extract_split(listings[split], out, clip, eva, device, extract_batch_size, num_workers,
                           extract_overwrite)
-    if dist.is_initialized():
-        dist.destroy_process_group()
+    end_process_group()  # under torchrun: every rank leaves together, exit 0 (runtime.py)

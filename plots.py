@@ -9,6 +9,7 @@ import os
 
 import numpy as np
 
+import flow
 from metrics import DIRECTIONS
 
 
@@ -54,7 +55,7 @@ def plot_title(common):
              else f"{common['val_data']}: {rows['count']} images (not the held-out slice)")
     if not common['generated']:
         return f"{where}\nno generated array: the CLIP baseline only"
-    ckpt, sampler, info = common['checkpoint'], common['sampler'], common['sampling'] or {}
+    ckpt, info = common['checkpoint'], common['sampling'] or {}
     if not (ckpt and ckpt['path']):  # no generated.json, or another generator's (ridge.py)
         return (f"{where}\nB: {common['generated']}\n"
                 f"{info.get('label') or 'no checkpoint named in generated.json'}")
@@ -62,13 +63,7 @@ def plot_title(common):
     made = (f"B: {os.path.basename(os.path.dirname(path))}/"
             f"{os.path.splitext(os.path.basename(path))[0]}, iteration "
             f"{ckpt['iter_num']}{', EMA weights' if ckpt['use_ema'] else ''}")
-    if sampler['sample_method'] is None:  # a regression checkpoint: one forward pass, no sampler
-        return f"{where}\n{made}\nregression: one forward pass"
-    shift = (f", shift {sampler['sample_shift']:g}" if sampler['sample_shift'] not in (None, 1)
-             else '')
-    return (f"{where}\n{made}\n{sampler['sample_method']} {sampler['sample_steps']} steps{shift}, "
-            f"cfg {sampler['cfg_scale']:g}, seed {sampler['seed']} "
-            f"({common['model_calls']} model calls)")
+    return f"{where}\n{made}\n{flow.Sampler.from_settings(common['sampler']).label()}"
 
 
 def method_colors(labels):

@@ -1,24 +1,31 @@
-"""Sweep the sampler over checkpoints on held-out rows, then report the chosen cell on the reported split.
+"""Sweep the sampler over checkpoints on held-out rows, then report the chosen cell on the reported
+split.
 
-python sweep.py config/demo.py --ckpts="('out/demo/ckpt_iter*.pt',)" --methods="('euler', 'midpoint')" \
+python sweep.py config/demo.py --ckpts="('out/demo/ckpt_iter*.pt',)" \
+    --methods="('euler', 'midpoint')" \
     --steps="(5, 10)" --cfg_scales="(1.0, 2.0)" --seeds="(1337, 1338)"
 
-The grid is ckpts x methods x steps x cfg_scales x shifts x seeds. Each cell runs sample.py (it writes
-out_dir/samples/<name>/generated.npy, name = data.samples_name) and then eval.py on that array (it writes
-<that folder>/eval/*.json) as subprocesses, with this command's config files: the stages talk only through files.
-With holdout=True (the default) the grid runs on train_data's held-out slice (its last val_fraction rows, which
-train.py never trains on); the cells are ranked there by select_metric (the mean over seeds), and only the
-select_top best are sampled and evaluated on val_data, the reported split, which so chooses nothing.
-holdout=False runs the grid on val_data itself: a look at the reported split, marked as such, that selects nothing.
-sample.py reuses a finished array only while its checkpoint (run, iteration, contents), data rows and settings are
-the same, and stops naming what changed otherwise; a cell whose eval summaries describe that same array is read,
-not rerun. So a killed sweep started again continues where it stopped. Tables: out_dir/<sweep_name>.csv and .json
-(the grid on the selection split, its ranking, and the chosen cells on the reported split, each seed a row and
-the mean and spread over seeds per cell); with matplotlib, out_dir/<sweep_name>.png (recall with its intervals
-and token cosine against model calls).
+The grid is ckpts x methods x steps x cfg_scales x shifts x seeds (AXES: a flow.Sampler field each;
+the other fields at their defaults). Each cell runs sample.py (it writes
+out_dir/samples/<name>/generated.npy, name = data.samples_name) and then eval.py on that array (it
+writes <that folder>/eval/*.json) as subprocesses, with this command's config files: the stages talk
+only through files.
+With holdout=True (the default) the grid runs on train_data's held-out slice (its last val_fraction
+rows, which train.py never trains on); the cells are ranked there by select_metric (the mean over
+seeds), and only the select_top best are sampled and evaluated on val_data, the reported split,
+which so chooses nothing. holdout=False runs the grid on val_data itself: a look at the reported
+split, marked as such, that selects nothing. sample.py reuses a finished array only while its
+checkpoint (run, iteration, contents), data rows and settings are the same, and stops naming what
+changed otherwise; a cell whose eval summaries describe that same array is read, not rerun. So a
+killed sweep started again continues where it stopped. Tables: out_dir/<sweep_name>.csv and .json
+(the grid on the selection split, its ranking, and the chosen cells on the reported split, each seed
+a row and the mean and spread over seeds per cell); with matplotlib, out_dir/<sweep_name>.png
+(recall with its intervals and token cosine against model calls).
 """
 import csv
+import dataclasses
 import glob
+import itertools
 import io
 import os
 import statistics
@@ -26,27 +33,25 @@ import subprocess
 import sys
 import time
 
-import torch
-
 import data
 import flow
 import plots
 
 # -----------------------------------------------------------------------------
-out_dir = 'out'                # samples go to out_dir/samples/<name>/, the table to out_dir/<sweep_name>.*
+out_dir = 'out'                # samples: out_dir/samples/<name>/; the table: out_dir/<sweep_name>.*
 data_dir = 'data'              # extract.py's output: data_dir/<split>
 splits = ('train2017', 'val2017')
 train_data = ''                # its held-out slice is the selection split; '' = data_dir/splits[0]
 val_data = ''                  # the reported split; '' = data_dir/splits[1]
-val_fraction = 0.0             # the held-out slice: train_data's last val_fraction rows, as train.py's (> 0 to select)
-holdout = True                 # run the grid on the held-out slice and select; False: on val_data, no selection
-ckpts = ('',)                  # checkpoint files or glob patterns ('out/demo/ckpt_iter*.pt'); '' = out_dir/ckpt.pt
-methods = ('euler', 'midpoint')  # flow.SAMPLERS
+val_fraction = data.VAL_FRACTION  # the held-out slice (train_data's last rows), as train.py's
+holdout = True                 # run the grid on the held-out slice and select; False: on val_data
+ckpts = ('',)                  # checkpoint files or globs ('out/demo/ckpt_iter*.pt'); '' = ckpt.pt
+methods = ('euler', 'midpoint')  # flow.SOLVERS
 steps = (5, 10, 20)
 cfg_scales = (1.0,)
 shifts = (1.0,)                # time grids (flow.time_grid)
-seeds = ()                     # sampling seeds per cell, for the generator's own spread; () = (seed,)
-select_metric = 'i2t_recall@5'  # a table column, higher is better: i2t/t2i_recall@K, token_cosine_mean, ...
+seeds = ()                     # sampling seeds per cell, for the generator's spread; () = (seed,)
+select_metric = 'i2t_recall@5'  # a table column, higher is better (t2i_recall@1, token_cosine_mean)
 select_top = 1                 # cells evaluated on val_data after the selection
 use_ema = True
 seed = 1337
@@ -55,10 +60,13 @@ sweep_name = 'sweep'
 # -----------------------------------------------------------------------------
 HERE = os.path.dirname(os.path.abspath(__file__))
 DIRECTIONS = {'i2t': 'image_to_text', 't2i': 'text_to_image'}
+# the grid's axes, in this order: a flow.Sampler field each, and the setting listing its values
+AXES = {'method': 'methods', 'steps': 'steps', 'cfg_scale': 'cfg_scales', 'shift': 'shifts'}
 
 
 def find_checkpoints(patterns, out_dir):
-    """The checkpoint files of `ckpts`, in order, globs expanded; SystemExit naming an entry that finds none."""
+    """The checkpoint files of `ckpts`, in order, globs expanded; SystemExit naming an entry that
+    finds none."""
     if not patterns:
         raise SystemExit("sweep.py: ckpts is empty: give checkpoint files or glob patterns, e.g. "
                          "--ckpts=\"('out/demo/ckpt_iter*.pt',)\" (or ('',) for out_dir/ckpt.pt)")
@@ -72,8 +80,8 @@ def find_checkpoints(patterns, out_dir):
     stems = [os.path.splitext(os.path.basename(p))[0] for p in paths]
     twins = sorted({s for s in stems if stems.count(s) > 1})
     if twins:
-        raise SystemExit(f"sweep.py: checkpoints {paths} share file names {twins}: their samples would share "
-                         f"out_dir/samples/ folders; sweep them with separate --out_dir")
+        raise SystemExit(f"sweep.py: checkpoints {paths} share file names {twins}: their samples "
+                         "would share out_dir/samples/ folders; sweep them with separate --out_dir")
     return paths
 
 
@@ -81,17 +89,20 @@ def check_grid(methods, steps, cfg_scales, shifts):
     """SystemExit naming the setting of a grid value that sample.py would refuse."""
     number = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)
     for key, values, ok, expected in [
-            ('methods', methods, lambda v: v in flow.SAMPLERS, f"names in {tuple(flow.SAMPLERS)}"),
+            ('methods', methods, lambda v: v in flow.SOLVERS, f"names in {tuple(flow.SOLVERS)}"),
             ('steps', steps, lambda v: isinstance(v, int) and v >= 1, "positive ints"),
             ('cfg_scales', cfg_scales, number, "numbers"),
             ('shifts', shifts, lambda v: number(v) and v > 0, "positive numbers")]:
         if not values or not all(map(ok, values)):
-            raise SystemExit(f"sweep.py: {key} should be a non-empty tuple of {expected}, got {values!r}")
+            raise SystemExit(f"sweep.py: {key} should be a non-empty tuple of {expected}, got "
+                             f"{values!r}")
 
 
 def cell_is_done(folder):
-    """Both eval summaries describe the generated array now in folder (what it depends on, as generated.json says)."""
-    summaries = [os.path.join(folder, 'eval', f'{task}_summary.json') for task in ('alignment', 'recall')]
+    """Both eval summaries describe the generated array now in folder (what it depends on, as
+    generated.json says)."""
+    summaries = [os.path.join(folder, 'eval', f'{task}_summary.json') for task in ('alignment',
+                                                                                   'recall')]
     if not all(map(os.path.exists, [os.path.join(folder, 'generated.json'), *summaries])):
         return False
     sampling = data.read_json(os.path.join(folder, 'generated.json'))
@@ -99,7 +110,8 @@ def cell_is_done(folder):
 
 
 def run_stage(script, config_files, overrides):
-    """Run a stage as a subprocess with the config files and --key=value overrides; SystemExit with its output."""
+    """Run a stage as a subprocess with the config files and --key=value overrides; SystemExit with
+    its output."""
     cmd = [sys.executable, os.path.join(HERE, script), *config_files, *overrides]
     result = subprocess.run(cmd, capture_output=True, text=True)
     if result.returncode:
@@ -121,15 +133,16 @@ def flatten(prefix, values):
 
 
 def read_cell(folder):
-    """One table row from a cell's generated.json and eval summaries; B's fields read generically, so fields a
-    newer eval.py adds (confidence intervals) come along."""
+    """One table row from a cell's generated.json and eval summaries; B's fields read generically,
+    so fields a newer eval.py adds (confidence intervals) come along."""
     info = data.read_json(os.path.join(folder, 'generated.json'))
     align = data.read_json(os.path.join(folder, 'eval', 'alignment_summary.json'))
     recall = data.read_json(os.path.join(folder, 'eval', 'recall_summary.json'))
     s = info['settings']
-    row = {'split': 'holdout' if folder.endswith('-holdout') else 'val', 'checkpoint': s['checkpoint'],
-           'iter_num': s['iter_num'], 'method': s.get('sample_method', 'regression'), 'steps': s.get('sample_steps', 1),
-           'shift': s.get('sample_shift', 1.0), 'cfg_scale': s.get('cfg_scale', 1.0), 'seed': s.get('seed'),
+    sampler = dataclasses.asdict(flow.Sampler.from_settings(s))  # regression's: method 'regression'
+    row = {'split': 'holdout' if folder.endswith('-holdout') else 'val',
+           'checkpoint': s['checkpoint'], 'iter_num': s['iter_num'],
+           **{k: v for k, v in sampler.items() if k != 'use_ema'},
            'model_calls': info['model_calls']}
     for short, direction in DIRECTIONS.items():
         row.update(flatten(f'{short}_', recall['method_b'][direction]))
@@ -142,47 +155,52 @@ def read_cell(folder):
 
 
 def run_cells(cells, seed_list, on_holdout, shared, config_files, objectives):
-    """sample.py and eval.py for every cell and seed (or read back): the table rows, A's recall on that split, and
-    the cell of each row's settings (CELL)."""
+    """sample.py and eval.py for every cell and seed (or read back): the table rows, A's recall on
+    that split, and the cell of each row's settings (CELL)."""
     rows, baseline, folders, cell_of = [], None, set(), {}
-    grid = [(cell, s) for cell in cells for s in seed_list]
+    grid = [(ckpt, dataclasses.replace(sampler, seed=s))
+            for ckpt, sampler in cells for s in seed_list]
     where = 'held-out slice of train_data' if on_holdout else 'val_data'
-    for i, ((ckpt, method, n_steps, scale, shift), s) in enumerate(grid):
-        name = data.samples_name(ckpt, method, n_steps, scale, s, shift, use_ema, objectives[ckpt], on_holdout)
+    for i, (ckpt, sampler) in enumerate(grid):
+        name = data.samples_name(ckpt, sampler.for_objective(objectives[ckpt]), on_holdout)
         folder = os.path.join(out_dir, 'samples', name)
-        if folder in folders:  # a regression checkpoint has no sampler: one folder for all its cells
+        # a regression checkpoint has no sampler: one folder for all its cells
+        if folder in folders:
             continue
         folders.add(folder)
         t0 = time.time()
         stage = shared + [f'--holdout={on_holdout}']
-        run_stage('sample.py', config_files, stage + [f'--ckpt_path={ckpt}', f'--sample_method={method}',
-                  f'--sample_steps={n_steps}', f'--cfg_scale={scale}', f'--sample_shift={shift}', f'--seed={s}',
-                  f'--use_ema={use_ema}'])
-        done = cell_is_done(folder)  # sample.py reused the array (or made it again): are its summaries current?
+        run_stage('sample.py', config_files, stage + [f'--ckpt_path={ckpt}', *sampler.arguments()])
+        # sample.py reused the array (or made it again): are its summaries current?
+        done = cell_is_done(folder)
         if not done:
-            run_stage('eval.py', config_files, stage + [f'--generated={os.path.join(folder, "generated.npy")}'])
+            run_stage('eval.py', config_files,
+                      stage + [f'--generated={os.path.join(folder, "generated.npy")}'])
         row, baseline = read_cell(folder)
         rows.append(row)
-        cell_of[tuple(row[k] for k in CELL)] = (ckpt, method, n_steps, scale, shift)
-        print(f"[{i + 1}/{len(grid)}] {name} on the {where}: " + ('reused' if done else f'sampled and evaluated in '
-              f'{time.time() - t0:.1f} s') + f", image->text R@5 {100 * row['i2t_recall@5']:.1f}%, token cosine "
-              f"{row['token_cosine_mean']:.4f}")
+        cell_of[tuple(row[k] for k in CELL)] = (ckpt, sampler)
+        how = 'reused' if done else f'sampled and evaluated in {time.time() - t0:.1f} s'
+        print(f"[{i + 1}/{len(grid)}] {name} on the {where}: {how}, image->text R@5 "
+              f"{100 * row['i2t_recall@5']:.1f}%, token cosine {row['token_cosine_mean']:.4f}")
     return rows, baseline, cell_of
 
 
-CELL = ('checkpoint', 'iter_num', 'method', 'steps', 'shift', 'cfg_scale', 'model_calls')
-SUMMARIZED = ('i2t_recall@1', 'i2t_recall@5', 'i2t_recall@10', 't2i_recall@1', 't2i_recall@5', 't2i_recall@10',
-              'alignment_mean_cosine_similarity', 'token_cosine_mean')
+# a cell's settings, its seed aside: the checkpoint and the sampler's
+CELL = ('checkpoint', 'iter_num', *(f.name for f in dataclasses.fields(flow.Sampler)
+                                    if f.name not in ('use_ema', 'seed')), 'model_calls')
+SUMMARIZED = ('i2t_recall@1', 'i2t_recall@5', 'i2t_recall@10', 't2i_recall@1', 't2i_recall@5',
+              't2i_recall@10', 'alignment_mean_cosine_similarity', 'token_cosine_mean')
 
 
 def over_seeds(rows, metric):
-    """One entry per cell: its settings, and per metric the mean over its seeds with the spread (min, max, std);
-    best first by `metric`'s mean."""
+    """One entry per cell: its settings, and per metric the mean over its seeds with the spread
+    (min, max, std); best first by `metric`'s mean."""
     cells = {}
     for row in rows:
         cells.setdefault(tuple(row[k] for k in CELL), []).append(row)
     if metric not in rows[0]:
-        raise SystemExit(f"sweep.py: select_metric={metric!r} is not a column of the table; columns: "
+        raise SystemExit(f"sweep.py: select_metric={metric!r} is not a column of the table; "
+                         "columns: "
                          f"{', '.join(k for k, v in rows[0].items() if isinstance(v, float))}")
     out = []
     for key, group in cells.items():
@@ -196,7 +214,8 @@ def over_seeds(rows, metric):
 
 
 def write_table(path, table, rows):
-    """out_dir/<sweep_name>.json (the whole table) and .csv (one row per cell, seed and split), atomically."""
+    """out_dir/<sweep_name>.json (the whole table) and .csv (one row per cell, seed and split),
+    atomically."""
     data.write_json(path + '.json', table, indent=2)
     columns = list(dict.fromkeys(k for row in rows for k in row))
     text = io.StringIO()
@@ -281,15 +300,19 @@ def plot(path, rows, baseline, title):
 def print_table(rows, baseline, where):
     """The table on the terminal: one line per cell and seed, recall in percent."""
     print(f"{where}: A (real tokens) image->text R@1/5/10 " + '/'.join(
-        f"{100 * baseline['image_to_text'][f'recall@{k}']:.1f}" for k in (1, 5, 10)) + ", text->image " + '/'.join(
+        f"{100 * baseline['image_to_text'][f'recall@{k}']:.1f}" for k in (1, 5, 10))
+        + ", text->image " + '/'.join(
         f"{100 * baseline['text_to_image'][f'recall@{k}']:.1f}" for k in (1, 5, 10)))
-    print(f"{'checkpoint':>18s} {'iter':>6s} {'method':>10s} {'steps':>5s} {'shift':>5s} {'cfg':>4s} {'seed':>6s} "
-          f"{'calls':>5s} {'i2t R@1/5/10 (%)':>17s} {'t2i R@1/5/10 (%)':>17s} {'tok cos':>7s} {'align':>7s}")
+    print(f"{'checkpoint':>18s} {'iter':>6s} {'method':>10s} {'steps':>5s} {'shift':>5s} "
+          f"{'cfg':>4s} {'seed':>6s} {'calls':>5s} {'i2t R@1/5/10 (%)':>17s} "
+          f"{'t2i R@1/5/10 (%)':>17s} {'tok cos':>7s} {'align':>7s}")
     for r in rows:
-        recall = {d: '/'.join(f"{100 * r[f'{d}_recall@{k}']:.1f}" for k in (1, 5, 10)) for d in DIRECTIONS}
-        print(f"{os.path.splitext(os.path.basename(r['checkpoint']))[0]:>18s} {r['iter_num']:>6d} {r['method']:>10s} "
-              f"{r['steps']:>5d} {r['shift']:>5g} {r['cfg_scale']:>4g} {str(r['seed']):>6s} {r['model_calls']:>5d} "
-              f"{recall['i2t']:>17s} {recall['t2i']:>17s} {r['token_cosine_mean']:>7.4f} "
+        recall = {d: '/'.join(f"{100 * r[f'{d}_recall@{k}']:.1f}" for k in (1, 5, 10))
+                  for d in DIRECTIONS}
+        print(f"{os.path.splitext(os.path.basename(r['checkpoint']))[0]:>18s} {r['iter_num']:>6d} "
+              f"{r['method']:>10s} {r['steps']:>5d} {r['shift']:>5g} {r['cfg_scale']:>4g} "
+              f"{str(r['seed']):>6s} {r['model_calls']:>5d} {recall['i2t']:>17s} "
+              f"{recall['t2i']:>17s} {r['token_cosine_mean']:>7.4f} "
               f"{r['alignment_mean_cosine_similarity']:>7.4f}")
 
 
@@ -302,23 +325,27 @@ if __name__ == '__main__':
     require_positive(config, 'select_top')
     seed_list = tuple(seeds) or (seed,)
     if holdout and not val_fraction > 0:
-        raise SystemExit(f"sweep.py: holdout=True selects on train_data's held-out slice, but val_fraction is "
-                         f"{val_fraction}: set it as train.py had it (> 0), or --holdout=False to look at val_data "
-                         f"without selecting")
+        raise SystemExit("sweep.py: holdout=True selects on train_data's held-out slice, but "
+                         f"val_fraction is {val_fraction}: set it as train.py had it (> 0), or "
+                         "--holdout=False to look at val_data without selecting")
     checkpoints = find_checkpoints(ckpts, out_dir)
-    objectives = {c: torch.load(c, map_location='cpu', mmap=True, weights_only=True).get('objective', 'flow')
+    objectives = {c: data.checkpoint_objective(data.load_checkpoint(c, 'ckpts'))
                   for c in checkpoints}
     shared = [f'--out_dir={out_dir}', f'--train_data={train_data}', f'--val_data={val_data}',
               f'--val_fraction={val_fraction}', f'--device={device}']
-    cells = [(c, m, n, g, s) for c in checkpoints for m in methods for n in steps for g in cfg_scales for s in shifts]
+    axes = [globals()[setting] for setting in AXES.values()]
+    cells = [(c, flow.Sampler(use_ema=use_ema, seed=seed, **dict(zip(AXES, values))))
+             for c in checkpoints for values in itertools.product(*axes)]
     where = 'held-out slice of train_data' if holdout else 'val_data (no selection)'
-    print(f"sweep: {len(checkpoints)} checkpoint(s) x {len(methods)} method(s) x {len(steps)} step count(s) x "
-          f"{len(cfg_scales)} cfg scale(s) x {len(shifts)} shift(s) x {len(seed_list)} seed(s) on the {where}")
+    print(f"sweep: {len(checkpoints)} checkpoint(s) x {len(methods)} method(s) x {len(steps)} step "
+          f"count(s) x {len(cfg_scales)} cfg scale(s) x {len(shifts)} shift(s) x {len(seed_list)} "
+          f"seed(s) on the {where}")
     rows, baseline, cell_of = run_cells(cells, seed_list, holdout, shared, config_files, objectives)
     ranking = over_seeds(rows, select_metric)
-    table = {'grid': {'ckpts': checkpoints, 'methods': methods, 'steps': steps, 'cfg_scales': cfg_scales,
-                      'shifts': shifts, 'seeds': seed_list, 'use_ema': use_ema, 'train_data': train_data,
-                      'val_data': val_data, 'val_fraction': val_fraction},
+    table = {'grid': {'ckpts': checkpoints, 'methods': methods, 'steps': steps,
+                      'cfg_scales': cfg_scales, 'shifts': shifts, 'seeds': seed_list,
+                      'use_ema': use_ema, 'train_data': train_data, 'val_data': val_data,
+                      'val_fraction': val_fraction},
              'grid_split': 'holdout' if holdout else 'val', 'method_a': baseline, 'cells': rows,
              'select_metric': select_metric, 'ranking': ranking, 'chosen': None, 'reported': None,
              'reported_over_seeds': None, 'method_a_reported': None}
@@ -327,20 +354,25 @@ if __name__ == '__main__':
         chosen = ranking[:select_top]
         table['chosen'] = chosen
         picked = [cell_of[tuple(e[k] for k in CELL)] for e in chosen]
-        print(f"sweep: chose {len(chosen)} cell(s) by the held-out {select_metric}; evaluating on val_data")
-        reported, table['method_a_reported'], _ = run_cells(picked, seed_list, False, shared, config_files,
-                                                            objectives)
-        table['reported'], table['reported_over_seeds'] = reported, over_seeds(reported, select_metric)
+        print(f"sweep: chose {len(chosen)} cell(s) by the held-out {select_metric}; evaluating on "
+              "val_data")
+        reported, table['method_a_reported'], _ = run_cells(picked, seed_list, False, shared,
+                                                            config_files, objectives)
+        table['reported'], table['reported_over_seeds'] = reported, over_seeds(reported,
+                                                                               select_metric)
         all_rows = rows + reported
     path = os.path.join(out_dir, sweep_name)
     write_table(path, table, all_rows)
-    plotted = plot(path, rows, baseline, f"sweep on the {where}: {val_data if not holdout else train_data}")
+    plotted = plot(path, rows, baseline,
+                   f"sweep on the {where}: {val_data if not holdout else train_data}")
     print_table(rows, baseline, f"grid on the {where}")
     if holdout:
-        print_table(table['reported'], table['method_a_reported'], "chosen on the held-out slice, on val_data")
+        print_table(table['reported'], table['method_a_reported'],
+                    "chosen on the held-out slice, on val_data")
     for entry in table['reported_over_seeds'] or ranking[:select_top]:
         m = entry[select_metric]
-        print(f"{'val_data' if holdout else 'grid'}: {os.path.basename(entry['checkpoint'])} {entry['method']} "
-              f"{entry['steps']} cfg {entry['cfg_scale']:g}: {select_metric} {m['mean']:.4f} over seeds "
-              f"{entry['seeds']} (min {m['min']:.4f}, max {m['max']:.4f}, std {m['std']:.4f})")
+        print(f"{'val_data' if holdout else 'grid'}: {os.path.basename(entry['checkpoint'])} "
+              f"{entry['method']} {entry['steps']} cfg {entry['cfg_scale']:g}: {select_metric} "
+              f"{m['mean']:.4f} over seeds {entry['seeds']} (min {m['min']:.4f}, max "
+              f"{m['max']:.4f}, std {m['std']:.4f})")
     print(f"sweep: wrote {path}.csv, {path}.json" + (f", {path}.png" if plotted else ''))

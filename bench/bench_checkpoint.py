@@ -1,8 +1,10 @@
-"""What trusting a checkpoint costs: save (torch writes the zip records' CRC32s), full verification at load (every
-record's CRC32, data.checkpoint_fault), identity (the zip directory's CRCs, data.checkpoint_weights), one JSON line.
+"""What trusting a checkpoint costs: save (torch writes the zip records' CRC32s), full verification
+at load (every record's CRC32, data.checkpoint_fault), identity (the zip directory's CRCs,
+data.checkpoint_weights), one JSON line.
 
-The tensors are fp32 and shaped like a DiT's state, `size_gb` in all; the figures scale with bytes, so dit_large's
-27 GB checkpoint (weights, EMA, two AdamW moments) takes about 27 / size_gb times as long.
+The tensors are fp32 and shaped like a DiT's state, `size_gb` in all; the figures scale with bytes,
+so dit_large's 27 GB checkpoint (weights, EMA, two AdamW moments) takes about 27 / size_gb times as
+long.
 
 python bench/bench_checkpoint.py [--size_gb=2.0] [--folder=/tmp]
 """
@@ -47,9 +49,12 @@ with tempfile.TemporaryDirectory(dir=folder or None) as tmp:
     identity = timed(lambda: data.checkpoint_weights(path))
     load = timed(lambda: torch.load(path, map_location='cpu', mmap=True, weights_only=True))
 scale = 27e9 / nbytes
-print(json.dumps({'bench': 'checkpoint', 'machine': platform.processor() or platform.machine(), 'cpus': os.cpu_count(),
-                  'bytes': nbytes, 'records': n, 'save_s': round(save, 3), 'verify_s': round(verify, 3),
+print(json.dumps({'bench': 'checkpoint', 'machine': platform.processor() or platform.machine(),
+                  'cpus': os.cpu_count(), 'bytes': nbytes, 'records': n, 'save_s': round(save, 3),
+                  'verify_s': round(verify, 3),
                   'identity_s': round(identity, 4), 'mmap_load_s': round(load, 4),
-                  'save_gb_per_s': round(nbytes / save / 1e9, 2), 'verify_gb_per_s': round(nbytes / verify / 1e9, 2),
+                  'save_gb_per_s': round(nbytes / save / 1e9, 2),
+                  'verify_gb_per_s': round(nbytes / verify / 1e9, 2),
                   'verify_over_save': round(verify / save, 3),
-                  'dit_large_27gb_estimate_s': {'save': round(save * scale, 1), 'verify': round(verify * scale, 1)}}))
+                  'dit_large_27gb_estimate_s': {'save': round(save * scale, 1),
+                                                'verify': round(verify * scale, 1)}}))

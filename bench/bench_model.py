@@ -1,16 +1,20 @@
-"""Forward + backward throughput of the DiT alone: params, samples/s, tokens/s, FLOP/s, MFU (one JSON line).
+"""Forward + backward throughput of the DiT alone: params, samples/s, tokens/s, FLOP/s, MFU (one
+JSON line).
 
-With compile: `compile_mode='regional'` compiles each block (DiT.compile_blocks(), one graph shared by all blocks),
-'full' compiles the whole model (torch.compile(model)); `first_step_s` is the wall time of the first step, which
-holds the compilation (inductor's caches off unless `compile_cache`, so it is a cold compile), `first_step_cpu_s`
-its CPU time, this process's and its C++ compilers' (steadier than wall time on a busy machine; inductor compiles in
-this process, one thread).
+With compile: `compile_mode='regional'` compiles each block (DiT.compile_blocks(), one graph shared
+by all blocks), 'full' compiles the whole model (torch.compile(model)); `first_step_s` is the wall
+time of the first step, which holds the compilation (inductor's caches off unless `compile_cache`,
+so it is a cold compile), `first_step_cpu_s` its CPU time, this process's and its C++ compilers'
+(steadier than wall time on a busy machine; inductor compiles in this process, one thread).
 
-python bench/bench_model.py [config/file.py] [--key=value]   e.g. bench/bench_model.py config/dit_large.py --batch_size=64
-`attention` forces one SDPA backend for the A/B of the kernels ('auto' = model.SDPA_PRIORITY, the model's order).
+python bench/bench_model.py [config/file.py] [--key=value]
+    e.g. bench/bench_model.py config/dit_large.py --batch_size=64
+`attention` forces one SDPA backend for the A/B of the kernels ('auto' = model.SDPA_PRIORITY, the
+model's order).
 
 python bench/bench_model.py config/demo.py --compile=True --compile_mode=full
-python bench/bench_model.py config/dit_large.py --compile=True --batch_size=64 --attention=flash   # GPU: the A/B
+python bench/bench_model.py config/dit_large.py --compile=True --batch_size=64 --attention=flash
+    (GPU: the A/B)
 """
 import dataclasses
 import functools
@@ -29,11 +33,14 @@ from runtime import autocast, peak_flops  # noqa: E402
 
 # bench settings, then every DiTConfig field as a setting
 batch_size = 8
-dtype = 'bfloat16'  # 'bfloat16' | 'float16' | 'float32' (autocast; weights stay fp32 as in training)
+# 'bfloat16' | 'float16' | 'float32' (autocast; weights stay fp32 as in training)
+dtype = 'bfloat16'
 compile = False
 compile_mode = 'regional'  # 'regional': DiT.compile_blocks() | 'full': torch.compile(model)
-compile_cache = False      # reuse inductor's on-disk caches (then first_step_s is no longer a cold compile)
-attention = 'auto'         # SDPA backend: 'auto' (model.SDPA_PRIORITY) | 'cudnn' | 'flash' | 'efficient' | 'math'
+# reuse inductor's on-disk caches (then first_step_s is no longer a cold compile)
+compile_cache = False
+# SDPA backend: 'auto' (model.SDPA_PRIORITY) | 'cudnn' | 'flash' | 'efficient' | 'math'
+attention = 'auto'
 device = 'auto'
 warmup_steps = 3
 steps = 10
@@ -43,7 +50,7 @@ globals().update(dataclasses.asdict(DiTConfig()))
 
 
 def synchronize(device):
-    """Wait for the device's queued work, so that a timer reads finished work (nothing to wait for on the CPU)."""
+    """Wait for the device's queued work, so that a timer reads finished work (CPU: no-op)."""
     if torch.device(device).type == 'cuda':
         torch.cuda.synchronize()
 
@@ -70,8 +77,8 @@ def random_inputs(cfg, batch_size, device):
 
 
 def backward_step(model, forward, ctx, optimizer=None):
-    """A training step on a stand-in loss (mean square of the output): forward under ctx, backward, the
-    optimizer's step when given, gradients cleared."""
+    """A training step on a stand-in loss (mean square of the output): forward under ctx, backward,
+    the optimizer's step when given, gradients cleared."""
     with ctx:
         loss = forward().float().square().mean()
     loss.backward()
@@ -97,10 +104,12 @@ if __name__ == '__main__':
     ptdtype = getattr(torch, dtype)
     backends = {'cudnn': SDPBackend.CUDNN_ATTENTION, 'flash': SDPBackend.FLASH_ATTENTION,
                 'efficient': SDPBackend.EFFICIENT_ATTENTION, 'math': SDPBackend.MATH}
-    if attention not in ('auto', *backends) or attention not in ('auto', 'math') and not device.startswith('cuda'):
-        raise SystemExit(f"attention should be 'auto' or 'math' on the CPU, or one of 'cudnn', 'flash', 'efficient' "
-                         f"on CUDA; got {attention!r} on {device}")
-    if attention != 'auto':  # Block.forward reads this list at every call: that one backend, or an error
+    if attention not in ('auto', *backends) or \
+            attention not in ('auto', 'math') and not device.startswith('cuda'):
+        raise SystemExit(f"attention should be 'auto' or 'math' on the CPU, or one of 'cudnn', "
+                         f"'flash', 'efficient' on CUDA; got {attention!r} on {device}")
+    # Block.forward reads this list at every call: that one backend, or an error
+    if attention != 'auto':
         SDPA_PRIORITY[:] = [backends[attention]]
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     cfg = DiTConfig(**{f.name: config[f.name] for f in dataclasses.fields(DiTConfig)})
@@ -110,7 +119,8 @@ if __name__ == '__main__':
     if compile_mode not in ('regional', 'full'):
         raise ValueError(f"compile_mode should be 'regional' or 'full', got {compile_mode!r}")
     torch.compiler.config.force_disable_caches = not compile_cache
-    torch._inductor.config.compile_threads = 1  # compile in this process: first_step_cpu_s then counts all of it
+    # compile in this process: first_step_cpu_s then counts all of it
+    torch._inductor.config.compile_threads = 1
     step_model = model
     if compile:
         step_model = model.compile_blocks() if compile_mode == 'regional' else torch.compile(model)
@@ -121,7 +131,8 @@ if __name__ == '__main__':
     cpu_start = os.times()
     first_step = seconds_per_call(step, 1, device)  # holds the compilation, if any
     cpu_end = os.times()
-    first_step_cpu = sum(cpu_end[:4]) - sum(cpu_start[:4])  # user + system, this process and its compilers
+    # user + system, this process and its compilers
+    first_step_cpu = sum(cpu_end[:4]) - sum(cpu_start[:4])
     seconds = seconds_per_call(step, steps, device, warmup=warmup_steps)
     if device.startswith('cuda'):
         name = torch.cuda.get_device_name()
@@ -133,11 +144,13 @@ if __name__ == '__main__':
         memory = None
     achieved = 3 * flops_per_sample * batch_size / seconds
     print(json.dumps({
-        'bench': 'model', 'device': name, 'dim': cfg.dim, 'n_layers': cfg.n_layers, 'n_heads': cfg.n_heads,
+        'bench': 'model', 'device': name, 'dim': cfg.dim, 'n_layers': cfg.n_layers,
+        'n_heads': cfg.n_heads,
         'params': model.num_params(), 'batch_size': batch_size, 'dtype': dtype, 'compile': compile,
-        'compile_mode': compile_mode if compile else None, 'attention': attention, 'first_step_s': round(first_step, 2),
-        'first_step_cpu_s': round(first_step_cpu, 2),
+        'compile_mode': compile_mode if compile else None, 'attention': attention,
+        'first_step_s': round(first_step, 2), 'first_step_cpu_s': round(first_step_cpu, 2),
         'ms_per_step': round(1000 * seconds, 2), 'samples_per_s': round(batch_size / seconds, 2),
-        'tokens_per_s': round(batch_size * cfg.grid_size ** 2 / seconds, 1), 'train_flops_per_sample': 3 * flops_per_sample,
+        'tokens_per_s': round(batch_size * cfg.grid_size ** 2 / seconds, 1),
+        'train_flops_per_sample': 3 * flops_per_sample,
         'achieved_tflops': round(achieved / 1e12, 4), 'peak_tflops': peak and round(peak / 1e12, 4),
         'mfu': peak and round(achieved / peak, 4), 'peak_memory_gib': memory and round(memory, 2)}))

@@ -10,7 +10,8 @@ batch_size = 128
 gradient_accumulation_steps = 1
 learning_rate = 3e-4
 # dit_large's schedule for this batch: `epochs` of the train2017 rows left after val_fraction
-iters_per_epoch = round(118287 * (1 - val_fraction) / (batch_size * gradient_accumulation_steps))  # 906
+iters_per_epoch = round(118287 * (1 - val_fraction)
+                        / (batch_size * gradient_accumulation_steps))  # 906
 max_iters = lr_decay_iters = epochs * iters_per_epoch  # 9,060
 warmup_iters = max_iters // 20
 eval_interval = iters_per_epoch

@@ -1,5 +1,5 @@
 # The seed's 1.7B DiT conditioned on open_clip's EVA02-E-14-plus (1792-d, the EVA encoder BLIP3-o
-# itself uses) instead of EVA-CLIP-8B: no transformers, a 5x smaller encoder, 2.3x less disk for eva.npy.
+# itself uses) instead of EVA-CLIP-8B: no transformers, a 5x smaller encoder, 2.3x less disk.
 #   python extract.py config/dit_large_eva02e.py --coco_root=/data/coco
 #   torchrun --standalone --nproc_per_node=8 train.py config/dit_large_eva02e.py
 exec(open('config/dit_large.py').read())

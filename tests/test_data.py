@@ -1,4 +1,5 @@
-"""data.py: the data folder's checks name the file and the values; atomic writes; the training row stream."""
+"""data.py: the data folder's checks name the file and the values; atomic writes; the training row
+stream."""
 import json
 import os
 
@@ -6,6 +7,7 @@ import numpy as np
 import pytest
 
 import data
+import flow
 from conftest import make_data_folder
 
 
@@ -18,7 +20,8 @@ def edit_meta(folder, **changes):
 
 def test_open_folder_returns_meta_paths_and_shapes(data_folder):
     meta = data.open_folder(data_folder, arrays=tuple(data.ARRAYS))
-    assert meta['count'] == 16 and meta['shapes'] == {'clip': (16, 16, 8), 'eva': (16, 16, 12), 'clip_cls': (16, 6)}
+    assert meta['count'] == 16 and meta['shapes'] == {'clip': (16, 16, 8), 'eva': (16, 16, 12),
+                                                      'clip_cls': (16, 6)}
     assert meta['paths']['eva'] == os.path.join(data_folder, 'eva.npy')
 
 
@@ -27,7 +30,8 @@ def test_open_folder_names_file_expected_and_actual(case, tmp_path):
     folder = make_data_folder(str(tmp_path / 'data'))
     meta_path = os.path.join(folder, 'meta.json')
     if case == 'no_folder':
-        folder, expected = str(tmp_path / 'nope'), ["train_data: data folder", 'nope', 'not found', 'run extract']
+        folder, expected = str(tmp_path / 'nope'), ["train_data: data folder", 'nope', 'not found',
+                                                    'run extract']
     elif case == 'incomplete':
         expected = [edit_meta(folder, complete=False), "'complete' is not true"]
     elif case == 'rows':
@@ -35,10 +39,12 @@ def test_open_folder_names_file_expected_and_actual(case, tmp_path):
         expected = [f'{folder}: clip.npy has 16 rows, eva.npy 16, meta.json count 17']
     elif case == 'tokens':
         meta = data.read_json(meta_path)
-        expected = [edit_meta(folder, clip={**meta['clip'], 'dim': 9}), 'describes clip tokens [16, 9]',
-                    os.path.join(folder, 'clip.npy'), 'holds [16, 8]']
+        expected = [edit_meta(folder, clip={**meta['clip'], 'dim': 9}),
+                    'describes clip tokens [16, 9]', os.path.join(folder, 'clip.npy'),
+                    'holds [16, 8]']
     elif case == 'stats':
-        expected = [edit_meta(folder, clip_mean=[0.0] * 3), 'clip_mean should have 8 values', 'got 3']
+        expected = [edit_meta(folder, clip_mean=[0.0] * 3), 'clip_mean should have 8 values',
+                    'got 3']
     else:
         expected = [edit_meta(folder, clip_std=[1.0] * 7 + [0.0]), 'clip_std must be positive']
     with pytest.raises(SystemExit) as e:
@@ -79,22 +85,38 @@ def test_stream_rows_is_a_seeded_permutation_per_epoch():
 
 def test_read_rows_reads_ascending(data_folder):
     clip = np.load(os.path.join(data_folder, 'clip.npy'))
-    np.testing.assert_array_equal(data.read_rows(os.path.join(data_folder, 'clip.npy'), np.array([5, 1, 3])),
+    np.testing.assert_array_equal(data.read_rows(os.path.join(data_folder, 'clip.npy'),
+                                                 np.array([5, 1, 3])),
                                   clip[[1, 3, 5]])
 
 
 def test_samples_name_tells_every_setting_the_result_depends_on():
-    assert data.samples_name('out/demo/ckpt.pt', 'heun', 5, 1.0, 1337) == 'ckpt-heun5-cfg1-seed1337'
-    assert (data.samples_name('/x/ckpt_iter000400.pt', 'euler', 10, 1.5, 7, shift=2.0, use_ema=False)
-            == 'ckpt_iter000400-euler10-shift2-cfg1.5-raw-seed7')
-    assert data.samples_name('out/demo/ckpt.pt', 'heun', 5, 1.0, 1337, holdout=True) == 'ckpt-heun5-cfg1-seed1337-holdout'
+    heun = flow.Sampler(method='heun', steps=5, cfg_scale=1.0, seed=1337)
+    assert data.samples_name('out/demo/ckpt.pt', heun) == 'ckpt-heun5-cfg1-seed1337'
+    euler = flow.Sampler(method='euler', steps=10, cfg_scale=1.5, seed=7, shift=2.0, use_ema=False)
+    assert data.samples_name('/x/ckpt_iter000400.pt',
+                             euler) == 'ckpt_iter000400-euler10-shift2-cfg1.5-raw-seed7'
+    assert data.samples_name('out/demo/ckpt.pt', heun,
+                             holdout=True) == 'ckpt-heun5-cfg1-seed1337-holdout'
     # a regression checkpoint has no sampler: every sampler setting names the same folder
-    assert data.samples_name('r/ckpt.pt', 'heun', 5, 2.0, 1, objective='regression') == 'ckpt-regression'
+    regression = flow.Sampler(method='heun', steps=5, cfg_scale=2.0,
+                              seed=1).for_objective('regression')
+    assert data.samples_name('r/ckpt.pt', regression) == 'ckpt-regression'
 
 
 def test_the_held_out_slice_is_train_pys():
     assert data.holdout_range(118287, 0.02, 'train2017') == (115921, 2366)
     assert data.holdout_range(2000, 0.2, 'train') == (1600, 400)
     for fraction in (0.0, 1.0):
-        with pytest.raises(SystemExit, match=f"val_fraction={fraction} of the 10 rows of f holds out"):
+        with pytest.raises(SystemExit,
+                           match=f"val_fraction={fraction} of the 10 rows of f holds out"):
             data.holdout_range(10, fraction, 'f')
+
+
+def test_resume_position_starts_a_new_epoch_on_another_training_set():
+    ckpt = {'data_position': {'samples_seen': 250, 'train_rows': 100, 'epoch': 2, 'index': 50}}
+    assert data.resume_position(ckpt, 100) == (250, None)
+    samples_seen, note = data.resume_position(ckpt, 80)
+    assert samples_seen == 3 * 80
+    assert note == ("resume: train_data has 80 rows, the checkpoint was trained on 100: "
+                    "starting a new epoch")

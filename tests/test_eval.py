@@ -462,9 +462,9 @@ def test_plots_are_titled_with_the_rows_checkpoint_and_sampler(tmp_path):
               'generated': '/o/g.npy',
               'checkpoint': {'path': '/o/demo/ckpt_iter000800.pt', 'iter_num': 800, 'use_ema': True},
               'sampler': {'sample_method': 'midpoint', 'sample_steps': 5, 'sample_shift': 1.0, 'cfg_scale': 2.0,
-                          'seed': 1337}, 'model_calls': 10, 'sampling': {}}
+                          'seed': 1337}, 'model_calls': 20, 'sampling': {}}
     assert plot_title(common) == ('/d/train: held-out rows 1600-1999\nB: demo/ckpt_iter000800, iteration 800, EMA '
-                                  'weights\nmidpoint 5 steps, cfg 2, seed 1337 (10 model calls)')
+                                  'weights\nmidpoint 5 steps, cfg 2, seed 1337 (20 model calls)')
     regression = {**common, 'holdout': False, 'sampler': dict.fromkeys(common['sampler'])}
     assert plot_title(regression).endswith('(not the held-out slice)\nB: demo/ckpt_iter000800, iteration 800, EMA '
                                            'weights\nregression: one forward pass')

@@ -1,4 +1,4 @@
-"""train.py end to end: a tiny DiT on random data folders, CPU, float32, run as a subprocess like a user would."""
+"""train.py end to end: a tiny DiT on random data folders, CPU, float32, run as a user would."""
 import json
 import os
 import shutil
@@ -15,9 +15,10 @@ from conftest import ROOT, make_data_folder
 
 # global batch 8 = 4 micro-batches of 2: one process does 4 micro-steps, two ranks 2 each
 TINY = ['--dim=32', '--n_layers=2', '--n_heads=2', '--in_dim=8', '--cond_dim=12', '--grid_size=4',
-        '--batch_size=2', '--gradient_accumulation_steps=4', '--compile=False', '--dtype=float32', '--device=cpu',
-        '--eval_interval=10', '--eval_iters=4', '--eval_gen_items=4', '--eval_gen_steps=2', '--log_interval=1',
-        '--learning_rate=3e-3', '--warmup_iters=5', '--lr_decay_iters=100', '--min_lr=3e-4', '--ema_decay=0.9']
+        '--batch_size=2', '--gradient_accumulation_steps=4', '--compile=False', '--dtype=float32',
+        '--device=cpu', '--eval_interval=10', '--eval_iters=4', '--eval_gen_items=4',
+        '--eval_gen_steps=2', '--log_interval=1', '--learning_rate=3e-3', '--warmup_iters=5',
+        '--lr_decay_iters=100', '--min_lr=3e-4', '--ema_decay=0.9']
 ITERS = 30
 TORCHRUN = (sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2')
 
@@ -47,7 +48,8 @@ def data(tmp_path_factory):
 
 @pytest.fixture(scope='module')
 def run(data, tmp_path_factory):
-    """The reference run: 30 iterations, validation on the last quarter of the folder, a kept checkpoint every 10."""
+    """The reference run: 30 iterations, validation on the last quarter of the folder, a kept
+    checkpoint every 10."""
     out = str(tmp_path_factory.mktemp('run') / 'out')
     train(f'--train_data={data}', '--val_fraction=0.25', f'--out_dir={out}', f'--max_iters={ITERS}',
           '--keep_interval=10')
@@ -59,9 +61,12 @@ def test_training_lowers_loss_and_logs_metrics(run):
     assert [r['iter'] for r in train_logs] == list(range(ITERS))
     assert [r['iter'] for r in evals] == [0, 10, 20, 30]
     for r in train_logs:
-        assert {'loss', 'lr', 'grad_norm', 'samples_per_s', 'tokens_per_s', 'mfu', 'ms_per_iter'} <= r.keys()
-        assert np.isfinite(r['loss']) and r['samples_per_s'] > 0 and r['mfu'] is None  # no MFU on CPU
-    first, last = np.mean([r['loss'] for r in train_logs[:10]]), np.mean([r['loss'] for r in train_logs[-10:]])
+        assert {'loss', 'lr', 'grad_norm', 'samples_per_s', 'tokens_per_s', 'mfu',
+                'ms_per_iter'} <= r.keys()
+        # no MFU on CPU
+        assert np.isfinite(r['loss']) and r['samples_per_s'] > 0 and r['mfu'] is None
+    first = np.mean([r['loss'] for r in train_logs[:10]])
+    last = np.mean([r['loss'] for r in train_logs[-10:]])
     assert last < first, (first, last)
     # the validation loss uses fixed noise and t: it should fall at every evaluation
     val = [r['val_loss'] for r in evals]
@@ -72,13 +77,14 @@ def test_training_lowers_loss_and_logs_metrics(run):
 
 def test_checkpoint_is_clean_and_complete(run, data):
     ckpt = torch.load(os.path.join(run, 'ckpt.pt'), weights_only=True)
-    assert {'model', 'ema', 'optimizer', 'scaler', 'model_args', 'iter_num', 'best_val_loss', 'config',
-            'data_stats', 'rng', 'data_position'} <= ckpt.keys()
+    assert {'model', 'ema', 'optimizer', 'scaler', 'model_args', 'iter_num', 'best_val_loss',
+            'config', 'data_stats', 'rng', 'data_position'} <= ckpt.keys()
     assert not [k for k in ckpt['model'] if k.startswith(('_orig_mod.', 'module.'))]
     assert ckpt['ema'].keys() == ckpt['model'].keys()
     assert all(v.dtype == torch.float32 for v in ckpt['ema'].values())
     assert any(not torch.equal(ckpt['ema'][k], ckpt['model'][k]) for k in ckpt['model'])
-    assert ckpt['iter_num'] == ITERS and ckpt['model_args']['dim'] == 32 and ckpt['config']['sigma_min'] == 1e-4
+    assert ckpt['iter_num'] == ITERS and ckpt['model_args']['dim'] == 32
+    assert ckpt['config']['sigma_min'] == 1e-4
     assert ckpt['data_position']['samples_seen'] == ITERS * 8
     with open(os.path.join(data, 'meta.json')) as f:
         assert ckpt['data_stats']['clip_std'] == json.load(f)['clip_std']
@@ -88,14 +94,18 @@ def test_keep_interval_keeps_small_sampling_checkpoints(run):
     kept = sorted(f for f in os.listdir(run) if f.startswith('ckpt_iter'))
     assert kept == ['ckpt_iter000010.pt', 'ckpt_iter000020.pt', 'ckpt_iter000030.pt']
     full = torch.load(os.path.join(run, 'ckpt.pt'), weights_only=True)
-    first, last = (torch.load(os.path.join(run, name), weights_only=True) for name in (kept[0], kept[-1]))
-    assert set(last) == {'ema', 'model_args', 'config', 'data_stats', 'iter_num', 'run', 'data', 'objective'}
+    first, last = (torch.load(os.path.join(run, name), weights_only=True)
+                   for name in (kept[0], kept[-1]))
+    assert set(last) == {'ema', 'model_args', 'config', 'data_stats', 'iter_num', 'run', 'data',
+                         'objective'}
     assert (first['iter_num'], last['iter_num']) == (10, ITERS)
-    assert all(torch.equal(last['ema'][k], v) for k, v in full['ema'].items())  # the EMA weights ckpt.pt holds
+    # the EMA weights ckpt.pt holds
+    assert all(torch.equal(last['ema'][k], v) for k, v in full['ema'].items())
     assert not all(torch.equal(first['ema'][k], v) for k, v in full['ema'].items())
     assert last['model_args'] == full['model_args'] and last['data_stats'] == full['data_stats']
     assert last['config']['keep_interval'] == 10
-    assert os.path.getsize(os.path.join(run, kept[-1])) < os.path.getsize(os.path.join(run, 'ckpt.pt')) / 3
+    size = os.path.getsize
+    assert size(os.path.join(run, kept[-1])) < size(os.path.join(run, 'ckpt.pt')) / 3
 
 
 def test_torchrun_two_ranks_follow_the_single_process_curve(run, data, tmp_path):
@@ -105,46 +115,54 @@ def test_torchrun_two_ranks_follow_the_single_process_curve(run, data, tmp_path)
     single, ddp = losses(run), losses(out)
     assert sorted(ddp) == list(range(8))
     np.testing.assert_allclose([ddp[i] for i in range(8)], [single[i] for i in range(8)], rtol=1e-5)
-    assert records(out, 'eval')[0]['val_loss'] == pytest.approx(records(run, 'eval')[0]['val_loss'], rel=1e-6)
+    assert records(out, 'eval')[0]['val_loss'] == \
+        pytest.approx(records(run, 'eval')[0]['val_loss'], rel=1e-6)
 
 
 def test_fsdp_follows_the_same_curve_and_resumes_across_modes(run, data, tmp_path):
-    """FSDP (2 ranks, sharded) to 10, DDP resumes to 20, hybrid FSDP (2 replicas of 1 shard) to 24, one-process
-    FSDP to 26: every leg on the single-process curve, every checkpoint in the one format."""
+    """FSDP (2 ranks, sharded) to 10, DDP resumes to 20, hybrid FSDP (2 replicas of 1 shard) to 24,
+    one-process FSDP to 26: every leg on the single-process curve, every checkpoint one format."""
     out = str(tmp_path / 'modes')
     common = [f'--train_data={data}', '--val_fraction=0.25', f'--out_dir={out}']
     train(*common, '--max_iters=10', '--parallel=fsdp', launcher=TORCHRUN)
-    ckpt, reference = (torch.load(os.path.join(d, 'ckpt.pt'), weights_only=True) for d in (out, run))
+    ckpt, reference = (torch.load(os.path.join(d, 'ckpt.pt'), weights_only=True)
+                       for d in (out, run))
     assert ckpt['model'].keys() == reference['model'].keys() == ckpt['ema'].keys()
     assert all(ckpt['model'][k].shape == v.shape and ckpt['model'][k].device.type == 'cpu'
                for k, v in reference['model'].items())
-    # AdamW's state keyed by parameter index, as optimizer.state_dict() writes it (a DDP resume loads it as is)
+    # AdamW's state keyed by parameter index, as optimizer.state_dict() writes it (a DDP resume
+    # loads it as is)
     assert list(ckpt['optimizer']['state']) == list(reference['optimizer']['state'])
     assert [g['params'] for g in ckpt['optimizer']['param_groups']] == \
         [g['params'] for g in reference['optimizer']['param_groups']]
     assert all(ckpt['optimizer']['state'][i]['exp_avg'].shape == state['exp_avg'].shape
                for i, state in reference['optimizer']['state'].items())
     train(*common, '--max_iters=20', '--init_from=resume', launcher=TORCHRUN)
-    train(*common, '--max_iters=24', '--init_from=resume', '--parallel=fsdp', '--fsdp_shard_ranks=1', launcher=TORCHRUN)
+    train(*common, '--max_iters=24', '--init_from=resume', '--parallel=fsdp',
+          '--fsdp_shard_ranks=1', launcher=TORCHRUN)
     train(*common, '--max_iters=26', '--init_from=resume', '--parallel=fsdp')
     modes, single = losses(out), losses(run)
     assert sorted(modes) == list(range(26))
-    np.testing.assert_allclose([modes[i] for i in range(26)], [single[i] for i in range(26)], rtol=1e-5)
+    np.testing.assert_allclose([modes[i] for i in range(26)], [single[i] for i in range(26)],
+                               rtol=1e-5)
     evals, reference_evals = records(out, 'eval'), records(run, 'eval')
     assert [r['iter'] for r in evals] == [0, 10, 20, 24, 26]
     for k in (0, 1, 2):  # iterations 0, 10 and 20: the raw and the EMA weights
         for key in ('val_loss', 'val_loss_ema', 'gen_token_cosine'):
-            assert evals[k][key] == pytest.approx(reference_evals[k][key], rel=1e-5), (evals[k]['iter'], key)
+            assert evals[k][key] == pytest.approx(reference_evals[k][key], rel=1e-5), \
+                (evals[k]['iter'], key)
 
 
 def test_fsdp_resumes_a_regression_run_whose_null_token_has_no_optimizer_state(data, tmp_path):
-    """The regression objective never uses null_cond: AdamW holds no state for it, which FSDP's loader must accept."""
+    """The regression objective never uses null_cond: AdamW holds no state for it, which FSDP's
+    loader must accept."""
     out = str(tmp_path / 'fsdp')
     common = [f'--train_data={data}', '--val_fraction=0.25', '--objective=regression']
     train(*common, f'--out_dir={out}', '--max_iters=10', '--parallel=fsdp')
     shutil.copytree(out, str(tmp_path / 'ddp'))
     for mode in ('fsdp', 'ddp'):
-        train(*common, f'--out_dir={tmp_path / mode}', '--max_iters=12', '--init_from=resume', f'--parallel={mode}')
+        train(*common, f'--out_dir={tmp_path / mode}', '--max_iters=12', '--init_from=resume',
+              f'--parallel={mode}')
     fsdp, ddp = losses(out), losses(str(tmp_path / 'ddp'))
     assert sorted(fsdp) == sorted(ddp) == list(range(12))
     np.testing.assert_allclose([fsdp[i] for i in (10, 11)], [ddp[i] for i in (10, 11)], rtol=1e-6)
@@ -152,14 +170,16 @@ def test_fsdp_resumes_a_regression_run_whose_null_token_has_no_optimizer_state(d
 
 def test_resume_after_sigkill_is_exact(run, data, tmp_path):
     out = str(tmp_path / 'killed')
-    args = [sys.executable, 'train.py', *TINY, f'--train_data={data}', '--val_fraction=0.25', f'--out_dir={out}']
+    args = [sys.executable, 'train.py', *TINY, f'--train_data={data}', '--val_fraction=0.25',
+            f'--out_dir={out}']
     proc = subprocess.Popen([*args, '--max_iters=100000'], cwd=ROOT,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:  # kill it once the checkpoint of iteration 10 is written (iteration 11 is logged after it)
         deadline = time.time() + 120
         while not (os.path.exists(os.path.join(out, 'metrics.jsonl')) and
                    any(r['iter'] >= 11 for r in records(out, 'train'))):
-            assert proc.poll() is None and time.time() < deadline, 'the run died or stalled before iteration 11'
+            assert proc.poll() is None and time.time() < deadline, \
+                'the run died or stalled before iteration 11'
             time.sleep(0.02)
     finally:
         proc.send_signal(signal.SIGKILL)
@@ -170,7 +190,7 @@ def test_resume_after_sigkill_is_exact(run, data, tmp_path):
           '--init_from=resume')
     resumed, reference = losses(out), losses(run)
     assert [resumed[i] for i in range(saved, ITERS)] == [reference[i] for i in range(saved, ITERS)]
-    # metrics.jsonl holds each iteration once: the killed run's records past the checkpoint were dropped
+    # metrics.jsonl holds each iteration once: the killed run's records past its checkpoint dropped
     assert [r['iter'] for r in records(out, 'train')] == list(range(ITERS))
     assert [r['iter'] for r in records(out, 'eval')] == [0, 10, 20, 30]
     assert records(out, 'eval')[-1]['val_loss'] == records(run, 'eval')[-1]['val_loss']
@@ -191,8 +211,8 @@ def test_bad_data_and_config_stop_with_a_message(case, data, tmp_path):
         'rows': ([f'--train_data={corrupt_rows(make_data_folder(str(tmp_path / "bad"), n=16))}'],
                  ['clip.npy has 16 rows, eva.npy 15']),
     }[case]
-    result = train(f'--train_data={data}', f'--val_data={data}', f'--out_dir={tmp_path}/out', '--max_iters=2',
-                   *args, check=False)
+    result = train(f'--train_data={data}', f'--val_data={data}', f'--out_dir={tmp_path}/out',
+                   '--max_iters=2', *args, check=False)
     assert result.returncode != 0
     for text in expected:
         assert text in result.stderr, result.stderr
@@ -203,7 +223,8 @@ def test_bad_data_and_config_stop_with_a_message(case, data, tmp_path):
 def test_scratch_refuses_to_replace_a_checkpoint(run, data):
     before = os.stat(os.path.join(run, 'ckpt.pt'))
     result = train(f'--train_data={data}', '--val_fraction=0.25', f'--out_dir={run}', check=False)
-    assert result.returncode != 0 and 'already exists' in result.stderr and '--overwrite=True' in result.stderr
+    assert result.returncode != 0 and 'already exists' in result.stderr
+    assert '--overwrite=True' in result.stderr
     after = os.stat(os.path.join(run, 'ckpt.pt'))
     assert (after.st_mtime_ns, after.st_size) == (before.st_mtime_ns, before.st_size)
 
