@@ -1,5 +1,5 @@
 """Evaluate generated CLIP tokens on a captioned data folder (COCO val2017): Task 1 alignment,
-Task 2 recall.
+Task 2 recall and, opt-in, Task 3 distribution fidelity.
 
 Image embeddings, all in CLIP's joint image-text space (embed_dim, 768 for ViT-L/14):
   A = normalize(mean_tokens(clip.npy) @ visual.proj)  the seed's "CLIP baseline", from real tokens
@@ -11,10 +11,12 @@ Image embeddings, all in CLIP's joint image-text space (embed_dim, 768 for ViT-L
   by plain regression), each compared with B on the same bootstrap draws
 Without a generated.npy only A, R, mean tokens and any baselines are reported (the CLIP baseline).
 The metrics, their tie rule and intervals (images resampled with all their captions) are
-metrics.py's, the figures plots.py's. Token fidelity is standardized in the DiT's own units:
-generated.json's data_stats (the checkpoint's), else train_data's meta.json. The summaries go next
-to the generated array (<its folder>/eval/; out_dir/eval/ without one) and name the checkpoint and
-sampler that made it; an array made for other rows (its generated.json 'data') is refused.
+metrics.py's, the figures plots.py's; token fidelity's units (the DiT's own) and Task 3's draws
+are fidelity.py's. The summaries go next to the generated array (<its folder>/eval/; out_dir/eval/
+without one) and name the checkpoint and sampler that made it; an array made for other rows (its
+generated.json 'data') is refused. Task 3 (fidelity_summary.json, fields in fidelity.py) runs only
+with --tasks=alignment,recall,fidelity: at COCO scale it still costs 113% of Tasks 1-2's time
+against a 25% target (bench/RESULTS.md).
 
 python eval.py config/demo.py                 # the flow DiT's samples sample.py finished last
 python eval.py config/demo.py --generated=out/demo/samples/<folder>/generated.npy
@@ -37,10 +39,8 @@ recall@K_difference (_ci95) and recall@K_relative_change (percent). save_detaile
 per-pair and per-image arrays (npz); with matplotlib, alignment_hist.png, alignment_scatter.png and
 recall.png. The recall core is a plain function: `from metrics import recall_at_k`.
 """
-import glob
 import hashlib
 import json
-import math
 import os
 import re
 import time
@@ -51,11 +51,11 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import data
+import fidelity
 import flow
-from metrics import (DIRECTIONS, FIDELITY_INTERVALS, HEADLINE_SET, RESAMPLED, TIES,
-                     alignment_columns, cosine_stats, duplicate_groups, fidelity_report,
-                     fidelity_rows, fidelity_summary, pair_scores, pearson, recall_columns,
-                     recall_difference, retrieval_counts, token_fidelity, with_ci)
+from metrics import (DIRECTIONS, RESAMPLED, TIES, alignment_columns, cosine_stats, duplicate_groups,
+                     fidelity_summary, pair_scores, pearson, recall_columns, recall_difference,
+                     retrieval_counts, token_fidelity, with_ci)
 from plots import plot_eval, plot_fidelity
 import published
 
@@ -72,7 +72,7 @@ generated = ''  # generated tokens; results go to <its folder>/eval/. '' = the s
                 # finished last in out_dir/samples for this target, if any, else A and R only
 clip_model = 'ViT-L-14-quickgelu'  # open_clip name: visual.proj and the text tower
 clip_pretrained = 'openai'  # tag or local weight file; '' = random init under torch.manual_seed(0)
-tasks = 'alignment,recall,fidelity'
+tasks = 'alignment,recall'  # ',fidelity' adds Task 3 (opt-in: its cost in the docstring)
 k_values = (1, 5, 10)
 eval_batch_size = 256  # images per token chunk, captions per text-tower batch
 save_detailed = False  # also write per-sample arrays (npz)
@@ -96,9 +96,6 @@ METHODS = {'a': 'A: real tokens, mean-pooled + proj',
                 "mean-pooled + proj"}
 COLUMNS = {'a': 'A real tokens', 'b': 'B generated', 'r': 'R CLIP CLS', 'm': 'mean tokens',
            'd': 'B - A'}
-FIDELITY_KEYS = {'f': 'floor', 'b': 'method_b', 'm': 'mean_tokens', 'u': 'unconditional',
-                 't': 'true_samples'}
-FIDELITY_COLUMNS = {'f': 'floor (A half)', 'u': 'unconditional', 't': 'true samples'}
 SUMMARY_KEYS = {'a': 'method_a', 'b': 'method_b', 'r': 'reference', 'm': 'mean_tokens'}
 
 
@@ -381,34 +378,6 @@ def load_baselines(paths, meta, target):
     return found, skipped
 
 
-def fidelity_stats(sampling, info_path, train_data, meta, val_data):
-    """(clip_mean, clip_std, source) that standardize token fidelity in the DiT's own units:
-    generated.json's data_stats (the checkpoint's), else train_data's meta.json (the training
-    folder's), else val_data's, noted."""
-    train_meta = os.path.join(train_data, 'meta.json')
-    if (sampling or {}).get('data_stats'):
-        stats, path = sampling['data_stats'], info_path
-        source = f"{info_path} data_stats ({stats.get('source', 'no source given')})"
-    elif os.path.exists(train_meta):
-        stats, path = data.read_json(train_meta), train_meta
-        source = f"{train_meta} (the training folder)"
-    else:
-        source = (f"{os.path.join(val_data, 'meta.json')} (the evaluated folder: no data_stats and "
-                  f"no {train_meta})")
-        print(f"eval: note: token fidelity is standardized with {source}, not in the DiT's own "
-              f"units")
-        return meta['clip_mean'], meta['clip_std'], source
-    D = meta['clip']['dim']
-    mean, std = stats.get('clip_mean'), stats.get('clip_std')
-    if not (isinstance(mean, list) and isinstance(std, list) and len(mean) == len(std) == D
-            and all(isinstance(s, (int, float)) and s > 0 and math.isfinite(s) for s in std)):
-        describe = lambda v: f"{len(v)} values" if isinstance(v, list) else f"{v!r:.80}"
-        raise SystemExit(f"eval.py: {path}: clip_mean and clip_std should be {D} numbers each (the "
-                         f"token width; std positive and finite), got {describe(mean)} and "
-                         f"{describe(std)}")
-    return mean, std, source
-
-
 def describe_columns(found, has_b):
     """What each method is, each column's table heading, and B's paired differences {column:
     (minuend, subtrahend)}: B - A ('d') and B - each baseline (b_minus_<label>); none without B."""
@@ -524,124 +493,7 @@ def print_report(table, columns, headings, differences, bootstrap_samples, per_i
         print(f"[95% interval: {bootstrap_samples} bootstrap resamples of images, each with all "
               f"its captions (both recall directions and alignment); B - A{paired} paired; recall "
               f"differences in points]")
-    tokens_line = lambda f: (f"per-token cosine {f['token_cosine_mean']:.4f} (standardized "
-                             f"{f['token_cosine_standardized_mean']:.4f}), standardized MSE "
-                             f"{f['mse_standardized']:.4f}")
-    for key in per_image:
-        if key != 'm':
-            short = 'B' if key == 'b' else headings[key]
-            print(f"token fidelity, {short}: {tokens_line(fidelity_summary(per_image[key]))}, "
-                  f"A.{short} image cosine {per_image[key]['image_vector_cosine'].mean():.4f}")
-    print(f"token fidelity, mean tokens: {tokens_line(fidelity_summary(per_image['m']))}")
-    print(f"token fidelity: standardized with {stats_source}")
-
-
-def seed_draws(gen_path, sampling, paths, target):
-    """The arrays of B's sampling run that differ from it only in the seed ([] without any);
-    SystemExit naming both files where generated.json's depends_on differs elsewhere."""
-    paths = sorted({p for pattern in paths for p in glob.glob(pattern) or [pattern]})
-    paths = [p for p in paths if os.path.abspath(p) != os.path.abspath(gen_path or '')]
-    if paths and not (sampling or {}).get('depends_on'):
-        raise SystemExit(f"eval.py: seed_generated needs generated.json's depends_on beside B "
-                         f"({gen_path}) to check that the seed arrays come from the same run")
-    for path in paths:
-        info = os.path.splitext(path)[0] + '.json'
-        theirs = data.read_json(info).get('depends_on', {}) if os.path.exists(info) else {}
-        changed = {k: v for k, v in data.differences(sampling['depends_on'], theirs).items()
-                   if k.split('.')[-1] != 'seed'}
-        if changed or not theirs:
-            raise SystemExit(f"eval.py: seed_generated {path} is not B's sampling run with another "
-                             f"seed: {info} and {os.path.splitext(gen_path)[0]}.json differ in "
-                             f"{changed or 'everything (no depends_on)'} (then, now)")
-    return paths
-
-
-@torch.no_grad()
-def pooled_rows(path, rows, visual, batch_size, device):
-    """Image vectors [n, S, E] of an array's rows (S = 1 for [N, L, D]; S draws for
-    clip_samples.npy's [N, S, L, D]), a chunk at a time."""
-    out = []
-    for s in range(0, len(rows), batch_size):
-        x = np.load(path, mmap_mode='r')[rows[s:s + batch_size]].astype(np.float32)
-        x = torch.from_numpy(x).to(device)
-        out.append(pool_project(x.flatten(0, -3), visual).view(len(x), -1, visual.proj.shape[1]))
-    return torch.cat(out).cpu()
-
-
-def token_rows(path, rows, positions, mean, std):
-    """Standardized tokens [n, S, P, D] at each row's positions [n, P], read alone from the
-    memmap."""
-    array = np.load(path, mmap_mode='r')
-    array = array[:, None] if array.ndim == 3 else array
-    S = np.arange(array.shape[1])[None, :, None]
-    return (torch.from_numpy(array[rows[:, None, None], S, positions[:, None]].astype(np.float32))
-            - mean) / std
-
-
-def fidelity_inputs(image_emb, gen_paths, meta, target, mean_tok, train_data, val_fraction,
-                    settings, visual, stats, batch_size, device):
-    """Task 3's draws: {column: (image vectors [N, S, E], tokens [N, S, P, D])} of B (with its
-    seed arrays), the baselines, the mean tokens, the unconditional control (train_data's rows at
-    random) and the true conditional samples (clip_samples.npy, where it exists); the real ones."""
-    N, L = target['count'], token_shape(meta)[0]
-    rng = np.random.default_rng(settings['seed'])
-    positions = rng.integers(L, size=(N, settings['tokens']))
-    mean, std = (torch.tensor(x, dtype=torch.float32) for x in stats)
-    rows = np.arange(target['start'], target['start'] + N)
-    real = (torch.from_numpy(image_emb['a'])[:, None],
-            token_rows(meta['paths']['clip'], rows, positions, mean, std))
-    draws = {key: (torch.from_numpy(image_emb[key])[:, None],
-                   token_rows(path, rows - target['start'], positions, mean, std))
-             for key, path in gen_paths.items()}
-    if 'b' in draws:
-        for path in settings['seed_paths']:
-            more = pooled_rows(path, rows - target['start'], visual, batch_size, device)
-            draws['b'] = tuple(torch.cat(d, 1) for d in zip(draws['b'], (more, token_rows(
-                path, rows - target['start'], positions, mean, std))))
-    m_tokens = (mean_tok.cpu()[torch.from_numpy(positions)] - mean) / std
-    draws['m'] = (torch.from_numpy(image_emb['m'])[:, None], m_tokens[:, None])
-    true = os.path.join(target['folder'], 'clip_samples.npy')
-    if os.path.exists(true):
-        shape = data.open_array(true, np.float16, remedy='regenerate it').shape
-        if shape[0] != meta['count'] or shape[2:] != token_shape(meta) or shape[1] < 2:
-            raise SystemExit(f"eval.py: {true} has shape {list(shape)}, expected [{meta['count']}, "
-                             f"S >= 2, {', '.join(map(str, token_shape(meta)))}] (count, draws, "
-                             f"tokens, dim)")
-        draws['t'] = (pooled_rows(true, rows, visual, batch_size, device),
-                      token_rows(true, rows, positions, mean, std))
-    train_clip = os.path.join(train_data, 'clip.npy')
-    if os.path.exists(train_clip):  # two draws an image where conditional MMD needs them
-        n = data.holdout_range(len(np.load(train_clip, mmap_mode='r')), val_fraction,
-                               train_data)[0] if val_fraction > 0 else len(np.load(train_clip,
-                                                                                     mmap_mode='r'))
-        S = 2 if 't' in draws else 1
-        pick = rng.choice(n, N * S, replace=n < N * S)
-        order = np.argsort(pick)  # read in file order
-        vec = torch.empty(N * S, 1, visual.proj.shape[1])
-        vec[order] = pooled_rows(train_clip, pick[order], visual, batch_size, device)
-        toks = token_rows(train_clip, pick, np.repeat(positions, S, 0), mean, std)
-        draws['u'] = (vec.view(N, S, -1), toks.view(N, S, *toks.shape[2:]))
-    return real, draws, positions
-
-
-def fidelity_task(report, settings, differences, common, headings):
-    """Task 3's summary (FIDELITY_KEYS' names, baselines by key) and the printed table's rows."""
-    name = lambda c: FIDELITY_KEYS.get(c, c)
-    named = lambda block: block and {name(c): v for c, v in block.items()}
-    cond = report['conditional_mmd2']
-    headline = ({'metric': 'conditional_mmd2', 'columns': named(cond)} if cond else
-                {'metrics': list(HEADLINE_SET), 'embedding': 'pooled',
-                 'columns': {name(c): {m: b[m] for m in HEADLINE_SET}
-                             for c, b in report['pooled'].items()}})
-    protocol = {**{k: v for k, v in settings.items() if k != 'seed_paths'},
-                'seed_generated': settings['seed_paths'], 'rbf_sigma': report['sigma'],
-                'rbf_sigma_rule': 'median distance between real rows (median heuristic)',
-                'intervals': FIDELITY_INTERVALS}
-    summary = {'task': 'fidelity', **common, 'protocol': protocol, 'headline': headline,
-               'pooled': named(report['pooled']), 'tokens': named(report['tokens']),
-               'conditional_mmd2': named(cond), 'seed_spread': report['seed_spread']}
-    columns = [c for c in report['pooled'] if c not in differences] + list(differences)
-    return summary, fidelity_rows(report, columns), columns
+    fidelity.print_tokens(per_image, headings, stats_source)
 
 
 if __name__ == '__main__':
@@ -659,10 +511,8 @@ if __name__ == '__main__':
     meta, target = data.open_target(holdout, train_data, val_data, val_fraction,
                                     ('clip', 'clip_cls'))
     eval_data, start, N = target['folder'], target['start'], target['count']
-    half = min(N, fidelity_images or N) // 2
-    if 'fidelity' in task_list and not 0 < fidelity_k < half:
-        raise SystemExit(f"eval.py: fidelity_k={fidelity_k} should be at least 1 and below the "
-                         f"images of each half: {N} images give halves of {half}")
+    if 'fidelity' in task_list:
+        fidelity.check_k(fidelity_k, fidelity_images, N)
     captions, text_image = load_captions(meta, target)
     T = len(captions)
     gen_path, sampling, info_path = load_generated(generated, out_dir, holdout, meta, target)
@@ -681,8 +531,8 @@ if __name__ == '__main__':
     text = torch.from_numpy(text).to(device)
     mean_tok, mean_source = mean_tokens(train_data, val_fraction, meta, eval_data, mean_tokens_rows,
                                         eval_batch_size, device)
-    clip_mean, clip_std, stats_source = fidelity_stats(sampling, info_path, train_data, meta,
-                                                       eval_data)
+    clip_mean, clip_std, stats_source = fidelity.fidelity_stats(sampling, info_path, train_data,
+                                                                meta, eval_data)
     gen_paths = {**({'b': gen_path} if gen_path else {}),
                  **{key: path for key, (_, path, _) in found.items()}}
     A, gens, m_vec, per_image = embed_tokens(meta['paths']['clip'], gen_paths, mean_tok,
@@ -749,20 +599,20 @@ if __name__ == '__main__':
         t_fidelity = time.time()
         settings = {'k': fidelity_k, 'halvings': fidelity_halvings, 'images': fidelity_images,
                     'tokens': fidelity_tokens, 'seed': fidelity_seed,
-                    'seed_paths': seed_draws(gen_path, sampling, seed_generated, target)}
-        real, draws, positions = fidelity_inputs(image_emb, gen_paths, meta, target, mean_tok,
-                                                 train_data, val_fraction, settings, model.visual,
-                                                 (clip_mean, clip_std), eval_batch_size, device)
-        pairs = {c: xy for c, xy in differences.items() if c != 'd'}
-        report = fidelity_report(real, draws, pairs, settings, *bootstrap)
-        summary, rows3, columns3 = fidelity_task(report, settings, pairs, common, headings)
+                    'seed_paths': fidelity.seed_draws(gen_path, sampling, seed_generated)}
+        real, draws = fidelity.inputs(image_emb, gen_paths, meta, token_shape(meta), target,
+                                      mean_tok, train_data, val_fraction, settings,
+                                      lambda x: pool_project(x, model.visual),
+                                      (clip_mean, clip_std), eval_batch_size, device)
+        report, summary, rows3, columns3 = fidelity.task(real, draws, differences, settings,
+                                                         common, bootstrap)
         summary['seconds'] = time.time() - t_fidelity
         data.write_json(os.path.join(eval_dir, 'fidelity_summary.json'), summary, indent=2)
-        plot_fidelity(eval_dir, report, real, draws, {**headings, **FIDELITY_COLUMNS}, common)
+        plot_fidelity(eval_dir, report, real, draws, {**headings, **fidelity.COLUMNS}, common)
 
     # write: the figures and the table
     plot_eval(eval_dir, sims, recalls, ci, k_values, headings, common)  # ci: recall's, where it ran
     print_report(table, columns, headings, differences, bootstrap_samples, per_image, stats_source)
     if 'fidelity' in task_list:
-        print_table(rows3, columns3, {**headings, **FIDELITY_COLUMNS})
+        print_table(rows3, columns3, {**headings, **fidelity.COLUMNS})
     print(f"eval: wrote {eval_dir} in {time.time() - t_start:.1f} s")
