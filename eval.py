@@ -1,5 +1,5 @@
 """Evaluate generated CLIP tokens on a captioned data folder (COCO val2017): Task 1 alignment,
-Task 2 recall.
+Task 2 recall and, opt-in, Task 3 distribution fidelity.
 
 Image embeddings, all in CLIP's joint image-text space (embed_dim, 768 for ViT-L/14):
   A = normalize(mean_tokens(clip.npy) @ visual.proj)  the seed's "CLIP baseline", from real tokens
@@ -11,10 +11,12 @@ Image embeddings, all in CLIP's joint image-text space (embed_dim, 768 for ViT-L
   by plain regression), each compared with B on the same bootstrap draws
 Without a generated.npy only A, R, mean tokens and any baselines are reported (the CLIP baseline).
 The metrics, their tie rule and intervals (images resampled with all their captions) are
-metrics.py's, the figures plots.py's. Token fidelity is standardized in the DiT's own units:
-generated.json's data_stats (the checkpoint's), else train_data's meta.json. The summaries go next
-to the generated array (<its folder>/eval/; out_dir/eval/ without one) and name the checkpoint and
-sampler that made it; an array made for other rows (its generated.json 'data') is refused.
+metrics.py's, the figures plots.py's; token fidelity's units (the DiT's own) and Task 3's draws
+are fidelity.py's. The summaries go next to the generated array (<its folder>/eval/; out_dir/eval/
+without one) and name the checkpoint and sampler that made it; an array made for other rows (its
+generated.json 'data') is refused. Task 3 (fidelity_summary.json, fields in fidelity.py) runs only
+with --tasks=alignment,recall,fidelity: at COCO scale it still costs 113% of Tasks 1-2's time
+against a 25% target (bench/RESULTS.md).
 
 python eval.py config/demo.py                 # the flow DiT's samples sample.py finished last
 python eval.py config/demo.py --generated=out/demo/samples/<folder>/generated.npy
@@ -39,7 +41,6 @@ recall.png. The recall core is a plain function: `from metrics import recall_at_
 """
 import hashlib
 import json
-import math
 import os
 import re
 import time
@@ -50,11 +51,12 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import data
+import fidelity
 import flow
 from metrics import (DIRECTIONS, RESAMPLED, TIES, alignment_columns, cosine_stats, duplicate_groups,
                      fidelity_summary, pair_scores, pearson, recall_columns, recall_difference,
                      retrieval_counts, token_fidelity, with_ci)
-from plots import plot_eval
+from plots import plot_eval, plot_fidelity
 import published
 
 # -----------------------------------------------------------------------------
@@ -70,7 +72,7 @@ generated = ''  # generated tokens; results go to <its folder>/eval/. '' = the s
                 # finished last in out_dir/samples for this target, if any, else A and R only
 clip_model = 'ViT-L-14-quickgelu'  # open_clip name: visual.proj and the text tower
 clip_pretrained = 'openai'  # tag or local weight file; '' = random init under torch.manual_seed(0)
-tasks = 'alignment,recall'
+tasks = 'alignment,recall'  # ',fidelity' adds Task 3 (opt-in: its cost in the docstring)
 k_values = (1, 5, 10)
 eval_batch_size = 256  # images per token chunk, captions per text-tower batch
 save_detailed = False  # also write per-sample arrays (npz)
@@ -79,6 +81,12 @@ bootstrap_seed = 0
 baselines = ()  # generated.npy arrays of baseline generators (ridge.py; a regression DiT sampled by
                 # sample.py), each with its generated.json: a column each, B - baseline paired;
                 # one made for other rows is skipped
+fidelity_k = 5  # Task 3's k-NN metrics (k-NN recall, coverage; precision, density)
+fidelity_halvings = 10  # split-half rounds averaged: a method's half against the real other half
+fidelity_images = 1000  # images drawn per round (0 = all), then halved: bounds Task 3's cost
+fidelity_tokens = 1  # token positions per image (drawn with fidelity_seed) in the token set
+fidelity_seed = 0  # the rounds, the token positions, the unconditional control's train rows
+seed_generated = ()  # B's sampling run with other seeds (paths or globs): spread, conditional MMD
 device = 'auto'
 # -----------------------------------------------------------------------------
 METHODS = {'a': 'A: real tokens, mean-pooled + proj',
@@ -94,9 +102,9 @@ SUMMARY_KEYS = {'a': 'method_a', 'b': 'method_b', 'r': 'reference', 'm': 'mean_t
 def parse_tasks(tasks, k_values):
     """The task list and the sorted distinct K of recall@K; a clear error for anything else."""
     task_list = [t.strip() for t in tasks.split(',') if t.strip()]
-    if not task_list or set(task_list) - {'alignment', 'recall'}:
-        raise SystemExit(f"eval.py: tasks should be a comma list of 'alignment' and 'recall', got "
-                         f"{tasks!r}")
+    if not task_list or set(task_list) - {'alignment', 'recall', 'fidelity'}:
+        raise SystemExit(f"eval.py: tasks should be a comma list of 'alignment', 'recall' and "
+                         f"'fidelity', got {tasks!r}")
     ks = sorted(set(k_values))
     if not ks or any(not isinstance(k, int) or k < 1 for k in ks):
         raise SystemExit(f"eval.py: k_values should be positive integers, got {k_values!r}")
@@ -370,34 +378,6 @@ def load_baselines(paths, meta, target):
     return found, skipped
 
 
-def fidelity_stats(sampling, info_path, train_data, meta, val_data):
-    """(clip_mean, clip_std, source) that standardize token fidelity in the DiT's own units:
-    generated.json's data_stats (the checkpoint's), else train_data's meta.json (the training
-    folder's), else val_data's, noted."""
-    train_meta = os.path.join(train_data, 'meta.json')
-    if (sampling or {}).get('data_stats'):
-        stats, path = sampling['data_stats'], info_path
-        source = f"{info_path} data_stats ({stats.get('source', 'no source given')})"
-    elif os.path.exists(train_meta):
-        stats, path = data.read_json(train_meta), train_meta
-        source = f"{train_meta} (the training folder)"
-    else:
-        source = (f"{os.path.join(val_data, 'meta.json')} (the evaluated folder: no data_stats and "
-                  f"no {train_meta})")
-        print(f"eval: note: token fidelity is standardized with {source}, not in the DiT's own "
-              f"units")
-        return meta['clip_mean'], meta['clip_std'], source
-    D = meta['clip']['dim']
-    mean, std = stats.get('clip_mean'), stats.get('clip_std')
-    if not (isinstance(mean, list) and isinstance(std, list) and len(mean) == len(std) == D
-            and all(isinstance(s, (int, float)) and s > 0 and math.isfinite(s) for s in std)):
-        describe = lambda v: f"{len(v)} values" if isinstance(v, list) else f"{v!r:.80}"
-        raise SystemExit(f"eval.py: {path}: clip_mean and clip_std should be {D} numbers each (the "
-                         f"token width; std positive and finite), got {describe(mean)} and "
-                         f"{describe(std)}")
-    return mean, std, source
-
-
 def describe_columns(found, has_b):
     """What each method is, each column's table heading, and B's paired differences {column:
     (minuend, subtrahend)}: B - A ('d') and B - each baseline (b_minus_<label>); none without B."""
@@ -497,27 +477,23 @@ def recall_task(ranked, text_image, k_values, differences, found, common, bootst
     return hits, ranks, recalls, ci, summary, rows
 
 
-def print_report(table, columns, headings, differences, bootstrap_samples, per_image, stats_source):
-    """The table on the terminal, a column per method and difference, then token fidelity."""
+def print_table(table, columns, headings):
+    """A table on the terminal: a column per method and difference."""
     width = max(len(cell) for _, row in table for cell in [*row.values(), *headings.values()]) + 2
     print(f"{'':26s}" + ''.join(f"{headings[m]:>{width}s}" for m in columns))
     for name, row in table:
         print(f"{name:26s}" + ''.join(f"{row.get(m, ''):>{width}s}" for m in columns))
+
+
+def print_report(table, columns, headings, differences, bootstrap_samples, per_image, stats_source):
+    """The table on the terminal, a column per method and difference, then token fidelity."""
+    print_table(table, columns, headings)
     if bootstrap_samples:
         paired = ''.join(f", {headings[c]}" for c in differences if c != 'd')
         print(f"[95% interval: {bootstrap_samples} bootstrap resamples of images, each with all "
               f"its captions (both recall directions and alignment); B - A{paired} paired; recall "
               f"differences in points]")
-    tokens_line = lambda f: (f"per-token cosine {f['token_cosine_mean']:.4f} (standardized "
-                             f"{f['token_cosine_standardized_mean']:.4f}), standardized MSE "
-                             f"{f['mse_standardized']:.4f}")
-    for key in per_image:
-        if key != 'm':
-            short = 'B' if key == 'b' else headings[key]
-            print(f"token fidelity, {short}: {tokens_line(fidelity_summary(per_image[key]))}, "
-                  f"A.{short} image cosine {per_image[key]['image_vector_cosine'].mean():.4f}")
-    print(f"token fidelity, mean tokens: {tokens_line(fidelity_summary(per_image['m']))}")
-    print(f"token fidelity: standardized with {stats_source}")
+    fidelity.print_tokens(per_image, headings, stats_source)
 
 
 if __name__ == '__main__':
@@ -535,6 +511,8 @@ if __name__ == '__main__':
     meta, target = data.open_target(holdout, train_data, val_data, val_fraction,
                                     ('clip', 'clip_cls'))
     eval_data, start, N = target['folder'], target['start'], target['count']
+    if 'fidelity' in task_list:
+        fidelity.check_k(fidelity_k, fidelity_images, N)
     captions, text_image = load_captions(meta, target)
     T = len(captions)
     gen_path, sampling, info_path = load_generated(generated, out_dir, holdout, meta, target)
@@ -553,8 +531,8 @@ if __name__ == '__main__':
     text = torch.from_numpy(text).to(device)
     mean_tok, mean_source = mean_tokens(train_data, val_fraction, meta, eval_data, mean_tokens_rows,
                                         eval_batch_size, device)
-    clip_mean, clip_std, stats_source = fidelity_stats(sampling, info_path, train_data, meta,
-                                                       eval_data)
+    clip_mean, clip_std, stats_source = fidelity.fidelity_stats(sampling, info_path, train_data,
+                                                                meta, eval_data)
     gen_paths = {**({'b': gen_path} if gen_path else {}),
                  **{key: path for key, (_, path, _) in found.items()}}
     A, gens, m_vec, per_image = embed_tokens(meta['paths']['clip'], gen_paths, mean_tok,
@@ -616,7 +594,25 @@ if __name__ == '__main__':
                      **{f'hits_{d}_{m}': h for m, hs in hits.items() if m not in differences
                         for d, h in hs.items()})
 
+    # task 3: distribution fidelity
+    if 'fidelity' in task_list:
+        t_fidelity = time.time()
+        settings = {'k': fidelity_k, 'halvings': fidelity_halvings, 'images': fidelity_images,
+                    'tokens': fidelity_tokens, 'seed': fidelity_seed,
+                    'seed_paths': fidelity.seed_draws(gen_path, sampling, seed_generated)}
+        real, draws = fidelity.inputs(image_emb, gen_paths, meta, token_shape(meta), target,
+                                      mean_tok, train_data, val_fraction, settings,
+                                      lambda x: pool_project(x, model.visual),
+                                      (clip_mean, clip_std), eval_batch_size, device)
+        report, summary, rows3, columns3 = fidelity.task(real, draws, differences, settings,
+                                                         common, bootstrap)
+        summary['seconds'] = time.time() - t_fidelity
+        data.write_json(os.path.join(eval_dir, 'fidelity_summary.json'), summary, indent=2)
+        plot_fidelity(eval_dir, report, real, draws, {**headings, **fidelity.COLUMNS}, common)
+
     # write: the figures and the table
     plot_eval(eval_dir, sims, recalls, ci, k_values, headings, common)  # ci: recall's, where it ran
     print_report(table, columns, headings, differences, bootstrap_samples, per_image, stats_source)
+    if 'fidelity' in task_list:
+        print_table(rows3, columns3, {**headings, **fidelity.COLUMNS})
     print(f"eval: wrote {eval_dir} in {time.time() - t_start:.1f} s")

@@ -325,3 +325,284 @@ def fidelity_summary(per_image):
     out = {f'{k}_{stat}': float(getattr(v, stat)()) for k, v in per_image.items()
            for stat in ('mean', 'std') if k != 'mse_standardized'}
     return {**out, 'mse_standardized': float(per_image['mse_standardized'].mean())}
+
+
+# --- Task 3: distribution fidelity ---------------------------------------------------------------
+def sq_distances(x, y):
+    """Squared Euclidean distances [n, m] between the rows of x and y, float64, clamped at 0."""
+    x, y = x.double(), y.double()
+    d = (x * x).sum(1)[:, None] + (y * y).sum(1)[None] - 2 * x @ y.T
+    return d.clamp_(min=0)
+
+
+def within_distances(x):
+    """sq_distances(x, x) with an exact 0 diagonal: each point is its own nearest neighbour."""
+    return sq_distances(x, x).fill_diagonal_(0)
+
+
+def trace_sqrt_product(xc, yc):
+    """tr((Sx^1/2 Sy Sx^1/2)^1/2) of two centred sets' covariances (n - 1 normalized): the sum of
+    the square roots of the eigenvalues of Sx Sy, which are those of C C^T, C = xc yc^T, over
+    (n - 1)(m - 1). Symmetric eigenvalues clamped at 0 (no complex sqrtm), through the [n, n] or
+    the [d, d] product, whichever is smaller."""
+    (n, d), m = xc.shape, len(yc)
+    if min(n, m) < d:
+        c = xc @ yc.T
+        lam = torch.linalg.eigvalsh(c @ c.T if n <= m else c.T @ c)
+    else:
+        w, v = torch.linalg.eigh(xc.T @ xc)
+        r = (v * w.clamp(min=0).sqrt()) @ v.T
+        lam = torch.linalg.eigvalsh(r @ (yc.T @ yc) @ r)
+    return float(lam.clamp(min=0).sqrt().sum()) / math.sqrt((n - 1) * (m - 1))
+
+
+def frechet_distance(x, y):
+    """Fréchet distance of Gaussians fitted to the sets x [n, d] and y [m, d] (FID's formula,
+    covariances over n - 1): |mu_x - mu_y|^2 + tr(Sx + Sy - 2 (Sx^1/2 Sy Sx^1/2)^1/2). Lower is
+    better; 0 for equal means and covariances."""
+    x, y = torch.as_tensor(x).double(), torch.as_tensor(y).double()
+    xc, yc = x - x.mean(0), y - y.mean(0)
+    spread = lambda c: float((c * c).sum()) / (len(c) - 1)
+    return (float(((x.mean(0) - y.mean(0)) ** 2).sum()) + spread(xc) + spread(yc)
+            - 2 * trace_sqrt_product(xc, yc))
+
+
+def rbf_bandwidth(real, max_rows=1000, seed=0):
+    """The RBF kernel's sigma, the median heuristic: the median distance between distinct rows of
+    the real set [N, d] (at most max_rows of them, drawn with seed). Fixed per representation, so
+    every column is measured with one kernel."""
+    real = torch.as_tensor(real).double()
+    if len(real) > max_rows:
+        real = real[torch.randperm(len(real), generator=torch.Generator().manual_seed(seed))
+                    [:max_rows]]
+    d = sq_distances(real, real)
+    return float(d[torch.triu_indices(len(d), len(d), 1).unbind()].median().sqrt())
+
+
+def rbf(d, sigma):
+    """CMMD's Gaussian RBF kernel exp(-|u - v|^2 / (2 sigma^2)) of squared distances."""
+    return torch.exp(-d / (2 * sigma ** 2))
+
+
+def mmd2_terms(d_xx, d_yy, d_xy, sigma):
+    """Per-point terms (a [n], b [m]) of the unbiased RBF MMD^2 of the sets x and y, from their
+    squared distances: MMD^2 = a.mean() + b.mean(). Near 0 (it can go below) when x and y come from
+    one distribution; lower is better."""
+    kxx, kyy, kxy = rbf(d_xx, sigma), rbf(d_yy, sigma), rbf(d_xy, sigma)
+    n, m = len(kxx), len(kyy)
+    a = (kxx.sum(1) - kxx.diagonal()) / (n - 1) - kxy.mean(1)
+    b = (kyy.sum(1) - kyy.diagonal()) / (m - 1) - kxy.mean(0)
+    return a, b
+
+
+def mmd2(x, y, sigma):
+    """Unbiased RBF MMD^2 (CMMD, Jayasumana et al. 2024) of the sets x [n, d], y [m, d]."""
+    x, y = torch.as_tensor(x), torch.as_tensor(y)
+    a, b = mmd2_terms(within_distances(x), within_distances(y), sq_distances(x, y), sigma)
+    return float(a.mean() + b.mean())
+
+
+def knn_radii(d, k):
+    """Each point's distance (squared) to its k-th nearest other point of its set, from the set's
+    within_distances [n, n]; ValueError when k >= n."""
+    if not 0 < k < len(d):
+        raise ValueError(f"k-NN metrics: k={k} needs more than k points in each set, got "
+                         f"{len(d)} (k should be below the number of images)")
+    return d.kthvalue(k + 1, dim=1).values  # the point itself is its 0th neighbour
+
+
+def knn_terms(d_rr, d_ff, d_rf, k):
+    """k-NN precision/recall (Kynkäänniemi et al. 2019) and density/coverage (Naeem et al. 2020;
+    the prdc package's definitions) per point, from squared distances real-real [n, n],
+    fake-fake [m, m] and real-fake [n, m]: precision, density per generated point; recall, coverage
+    per real point. Their means are the metrics, all higher is better; precision and density
+    reward a collapsed generator (it sits where the real points are dense)."""
+    real_r, fake_r = knn_radii(d_rr, k), knn_radii(d_ff, k)
+    inside = d_rf < real_r[:, None]  # generated point j inside real point i's k-NN ball
+    return {'precision': inside.any(0).double(), 'density': inside.sum(0).double() / k,
+            'recall': (d_rf < fake_r[None]).any(1).double(),
+            'coverage': (d_rf.min(1).values < real_r).double()}
+
+
+def prdc(real, fake, k):
+    """precision, recall, density, coverage of fake [m, d] against real [n, d]: prdc.compute_prdc's
+    numbers."""
+    real, fake = torch.as_tensor(real), torch.as_tensor(fake)
+    terms = knn_terms(within_distances(real), within_distances(fake), sq_distances(real, fake), k)
+    return {name: float(v.mean()) for name, v in terms.items()}
+
+
+SIDES = {'generated': ('precision', 'density'), 'real': ('recall', 'coverage'), 'both': ('mmd2',)}
+
+
+def halving_terms(real, columns, k, sigma, halvings, images, seed):
+    """Set metrics of every column against the real set, in the split-half protocol: each of
+    `halvings` rounds draws `images` images (0 = all), a column's points of one half against the
+    real points of the other, real against real for the floor 'f'.
+
+    real [N, P, d] and columns {key: [N, P, d]}: P points per image (1 pooled embedding, or P
+    tokens). Returns per-image sums {(column, metric): [N]} of the points' knn_terms and
+    mmd2_terms, their counts {side: [N]} (SIDES: which half a metric's points lie in; the ratio
+    of the sums is the mean over rounds) and each round's Fréchet distances {column: [R]}.
+    """
+    N, P = real.shape[:2]
+    n, g = min(N, images or N) // 2, torch.Generator().manual_seed(seed)
+    keys = ['f', *columns]
+    sums = {(c, m): torch.zeros(N, dtype=torch.float64) for c in keys for s in SIDES
+            for m in SIDES[s]}
+    counts = {s: torch.zeros(N, dtype=torch.float64) for s in SIDES}
+    fd = {c: [] for c in keys}
+    per_image = lambda v: v.view(n, P).sum(1)
+    for _ in range(halvings):
+        perm = torch.randperm(N, generator=g)
+        gen, ref = perm[:n], perm[n:2 * n]
+        y = real[ref].flatten(0, 1)
+        d_yy = within_distances(y)
+        for c in keys:
+            x = (real if c == 'f' else columns[c])[gen].flatten(0, 1)
+            d_xy = sq_distances(x, y)
+            terms = knn_terms(d_yy, within_distances(x), d_xy.T, k)
+            a, b = mmd2_terms(within_distances(x), d_yy, d_xy, sigma)
+            for m in SIDES['generated']:
+                sums[c, m].index_add_(0, gen, per_image(terms[m]))
+            for m in SIDES['real']:
+                sums[c, m].index_add_(0, ref, per_image(terms[m]))
+            sums[c, 'mmd2'].index_add_(0, gen, per_image(a)).index_add_(0, ref, per_image(b))
+            fd[c].append(frechet_distance(x, y))
+        counts['generated'][gen] += P
+        counts['real'][ref] += P
+    counts['both'] = (counts['generated'] + counts['real']) / 2
+    return sums, counts, {c: np.array(v) for c, v in fd.items()}
+
+
+def spread_terms(x, real):
+    """Per image [N]: each point's squared distance to its set's mean (x [N, P, d] against real):
+    their sums' ratio is the total variance generated / real."""
+    sq = lambda z: ((z - z.flatten(0, 1).mean(0)) ** 2).sum(-1).sum(1)
+    return sq(x.double()), sq(real.double())
+
+
+def conditional_mmd2(draws, true, sigma):
+    """Per image [N], the unbiased RBF MMD^2 of a method's draws [N, S1, d] and true conditional
+    draws [N, S2, d] (S2 >= 2): near 0 for a sampler of p(CLIP | EVA), lower is better. One draw
+    is a deterministic method's point mass: its own kernel term is 1 exactly."""
+    k = lambda u, v: rbf(torch.cdist(u.double(), v.double()) ** 2, sigma)
+    own = lambda z: (torch.ones(len(z), dtype=torch.float64) if z.shape[1] == 1 else
+                     (k(z, z).sum((1, 2)) - z.shape[1]) / (z.shape[1] * (z.shape[1] - 1)))
+    return own(draws) + own(true) - 2 * k(draws, true).mean((1, 2))
+
+
+def seed_spread(draws, real):
+    """Per image [N]: the mean distance of a method's draws [N, S, d] (S >= 2, seeds apart) to
+    their mean, and the first draw's distance to the real embedding [N, d]. Their ratio says how
+    much of the distance to the real embedding is the sampler's own noise."""
+    draws, real = draws.double(), real.double()
+    spread = (draws - draws.mean(1, keepdim=True)).norm(dim=-1).mean(1)
+    return spread, (draws[:, 0] - real).norm(dim=-1)
+
+
+def percentile_ci(values):
+    """95% percentile interval [lo, hi] of a metric's values over rounds."""
+    return np.percentile(values, [2.5, 97.5]).tolist()
+
+
+def fidelity_columns(real, columns, differences, k, sigma, halvings, images, seed, samples,
+                     bootstrap_seed):
+    """Task 3's set metrics of one representation: {column: {metric: {value, ci95}}} for the floor
+    'f' and every column {key: [N, P, d]}, and {difference: ...} for {difference: (x, y)}, x - y.
+
+    k-NN precision/recall/density/coverage and MMD^2 (halving_terms; ci95: bootstrap over images,
+    radii and sigma held), the variance ratio over all images (bootstrap over images) and the
+    Fréchet distance (ci95: percentiles over the halving rounds, each paired by round).
+    """
+    sums, counts, fd = halving_terms(real, columns, k, sigma, halvings, images, seed)
+    keys = ['f', *columns]
+    gen_var, real_var = zip(*(spread_terms(real if c == 'f' else columns[c], real) for c in keys))
+    var = dict(zip(keys, gen_var))
+    out = {c: {} for c in [*keys, *differences]}
+    for side, metrics in SIDES.items():
+        for m in metrics:
+            col = {c: sums[c, m] for c in keys}
+            col.update({d: col[x] - col[y] for d, (x, y) in differences.items()})
+            ci = bootstrap_ci(torch.stack(list(col.values()), 1), counts[side], samples,
+                              bootstrap_seed)
+            for (c, v), interval in zip(col.items(), ci):
+                out[c][m] = {'value': float(v.sum() / counts[side].sum()), 'ci95': interval}
+    var.update({d: var[x] - var[y] for d, (x, y) in differences.items()})
+    ci = bootstrap_ci(torch.stack(list(var.values()), 1), real_var[0], samples, bootstrap_seed)
+    fd.update({d: fd[x] - fd[y] for d, (x, y) in differences.items()})
+    for (c, v), interval in zip(var.items(), ci):
+        out[c]['variance_ratio'] = {'value': float(v.sum() / real_var[0].sum()), 'ci95': interval}
+        out[c]['frechet_distance'] = {'value': float(fd[c].mean()),
+                                      'ci95': percentile_ci(fd[c]) if samples else None}
+    return out
+
+
+SET_METRICS = ('frechet_distance', 'mmd2', 'recall', 'coverage', 'variance_ratio', 'precision',
+               'density')  # precision and density last: they reward collapse, never headlined
+HEADLINE_SET = ('frechet_distance', 'coverage', 'recall')
+
+
+def conditional_block(draws, true, differences, sigma, samples, seed):
+    """Conditional MMD^2 per column {column: {value, ci95}} against the true conditional draws
+    (the true-samples column 't': its first half of draws against the second half), averaged
+    over images with a bootstrap interval; B needs two draws or more (seed arrays)."""
+    per = {}
+    for c, (vec, _) in draws.items():
+        if c == 't':
+            h = true.shape[1] // 2
+            if h >= 2:
+                per[c] = conditional_mmd2(true[:, :h], true[:, h:], sigma)
+        elif c != 'b' or vec.shape[1] > 1:
+            per[c] = conditional_mmd2(vec, true, sigma)
+    per.update({d: per[x] - per[y] for d, (x, y) in differences.items() if x in per and y in per})
+    ci = bootstrap_ci(torch.stack(list(per.values()), 1), torch.ones(len(true)), samples, seed)
+    return {c: {'value': float(v.mean()), 'ci95': i} for (c, v), i in zip(per.items(), ci)}
+
+
+def fidelity_report(real, draws, differences, settings, samples, seed):
+    """Task 3 from the real (image vectors [N, 1, E], tokens [N, 1, P, D]) and every column's draws
+    {column: (vectors [N, S, E], tokens [N, S, P, D])}: set metrics on both (the first draw of
+    each image), conditional MMD^2 against the true draws 't' and B's spread across seeds.
+    Returns {'pooled', 'tokens': fidelity_columns' blocks, 'conditional_mmd2', 'seed_spread',
+    'sigma'}."""
+    out, args = {'sigma': {}}, (settings['k'],)
+    for i, name in enumerate(('pooled', 'tokens')):
+        flat = lambda x: x[:, 0].reshape(len(x), -1, x.shape[-1])  # [N, points, d]
+        r = flat(real[i])
+        out['sigma'][name] = rbf_bandwidth(r.flatten(0, 1), seed=settings['seed'])
+        out[name] = fidelity_columns(r, {c: flat(d[i]) for c, d in draws.items()}, differences,
+                                     *args, out['sigma'][name], settings['halvings'],
+                                     settings['images'], settings['seed'], samples, seed)
+    out['conditional_mmd2'] = (conditional_block(draws, draws['t'][0], differences,
+                                                 out['sigma']['pooled'], samples, seed)
+                               if 't' in draws else None)
+    out['seed_spread'] = None
+    if draws['b'][0].shape[1] > 1 if 'b' in draws else False:
+        spread, dist = seed_spread(draws['b'][0], real[0][:, 0])
+        ci = bootstrap_ci(spread[:, None], dist, samples, seed)[0]
+        out['seed_spread'] = {'draws': draws['b'][0].shape[1],
+                              'mean_spread': float(spread.mean()),
+                              'mean_distance_to_real': float(dist.mean()),
+                              'spread_over_distance': {'value': float(spread.sum() / dist.sum()),
+                                                       'ci95': ci}}
+    return out
+
+
+def fidelity_rows(report, columns):
+    """The printed table's rows of Task 3: set metrics on both representations, conditional
+    MMD^2 (x 1e3) where it ran."""
+    cell = lambda b, m, scale=1: (with_ci(scale * b[m]['value'], b[m]['ci95'] and
+                                          [scale * x for x in b[m]['ci95']]) if m in b else '')
+    rows = [(f"{name} {m}", {c: cell(report[name][c], m) for c in columns if c in report[name]})
+            for name in ('pooled', 'tokens') for m in SET_METRICS]
+    if report['conditional_mmd2']:
+        rows.append(('conditional MMD2 x1e3', {c: cell(report['conditional_mmd2'], c, 1e3)
+                                               for c in report['conditional_mmd2']}))
+    return rows
+
+
+FIDELITY_INTERVALS = ('95%: bootstrap over images (the same draws as Tasks 1-2, so B - baseline '
+                      'is paired) for k-NN metrics and MMD^2 (radii and sigma held), the variance '
+                      'ratio and conditional MMD^2; percentiles over the halving rounds for the '
+                      'Fréchet distance (each round paired)')

@@ -139,3 +139,60 @@ def plot_eval(eval_dir, sims, recalls, intervals, k_values, labels, common):
     if recalls:
         recall_bars(plt, os.path.join(eval_dir, 'recall.png'), recalls, intervals, k_values, labels,
                     colors, title)
+
+
+def fidelity_bars(plt, path, report, labels, colors, title):
+    """The headline metrics per column (pooled embeddings; conditional MMD^2 where it ran), with
+    their 95% intervals."""
+    blocks = [(m, report['pooled'], 1) for m in ('frechet_distance', 'coverage', 'recall')]
+    if report['conditional_mmd2']:
+        blocks.insert(0, ('conditional MMD2 x1e3', {c: {'cmmd': v} for c, v in
+                                                   report['conditional_mmd2'].items()}, 1e3))
+    fig, axes = plt.subplots(1, len(blocks), figsize=(3.6 * len(blocks), 4.2))
+    for ax, (m, block, scale) in zip(axes, blocks):
+        cols = [c for c in block if c in colors and not c.startswith('b_minus_')]
+        key = 'cmmd' if scale != 1 else m
+        values = [scale * block[c][key]['value'] for c in cols]
+        cis = [block[c][key]['ci95'] for c in cols]
+        err = (np.maximum(np.array([[v - scale * c[0], scale * c[1] - v] for v, c in
+                                    zip(values, cis)]).T, 0) if all(cis) else None)
+        ax.bar(range(len(cols)), values, color=[colors[c] for c in cols], yerr=err,
+               error_kw=dict(lw=0.8, capsize=2, ecolor='k'))
+        ax.set_xticks(range(len(cols)), [labels[c] for c in cols], rotation=45, ha='right',
+                      fontsize=7)
+        ax.set_title(m.replace('_', ' '), fontsize=9)
+    fig.suptitle(f"Task 3: distribution fidelity (95% intervals)\n{title}", fontsize=8, wrap=True)
+    save(fig, path)
+
+
+def fidelity_projection(plt, path, real, draws, labels, images=4):
+    """A 2-D PCA (fitted on the real and true samples) of a few images: the true conditional
+    samples, B's draws and each other column's point."""
+    true, vecs = draws['t'][0], {c: d[0] for c, d in draws.items() if c not in ('t', 'u', 'm')}
+    fit = np.concatenate([real[:, 0], true.reshape(-1, true.shape[-1])]).astype(np.float64)
+    centre = fit.mean(0)
+    axes2 = np.linalg.svd(fit - centre, full_matrices=False)[2][:2].T
+    proj = lambda x: (np.asarray(x, np.float64) - centre) @ axes2
+    colors = method_colors([*labels, 't'])
+    fig, axes = plt.subplots(1, images, figsize=(3.2 * images, 3.6))
+    for i, ax in enumerate(np.atleast_1d(axes)):
+        ax.scatter(*proj(true[i]).T, s=14, c='k', marker='o', label=labels['t'])
+        for c, v in vecs.items():
+            ax.scatter(*proj(v[i]).T, s=24, color=colors[c], marker='x', label=labels[c])
+        ax.scatter(*proj(real[i])[0], s=40, facecolors='none', edgecolors='tab:blue', label='real')
+        ax.set_title(f"val image {i}", fontsize=8)
+    save(fig, path, legend_below(fig, np.atleast_1d(axes)[0], 4))
+
+
+def plot_fidelity(eval_dir, report, real, draws, labels, common):
+    """eval.py's fidelity.png (headline bars) and, with true samples, fidelity_projection.png."""
+    plt = pyplot()
+    if plt is None:
+        return
+    colors = {**method_colors(labels), 'f': 'tab:blue', 'u': 'tab:olive', 't': 'k'}
+    fidelity_bars(plt, os.path.join(eval_dir, 'fidelity.png'), report, labels, colors,
+                  plot_title(common))
+    if 't' in draws:
+        fidelity_projection(plt, os.path.join(eval_dir, 'fidelity_projection.png'),
+                            real[0].numpy(), {c: (d[0].numpy(),) for c, d in draws.items()},
+                            labels, min(4, len(real[0])))

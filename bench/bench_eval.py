@@ -24,7 +24,8 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from bench_model import synchronize  # noqa: E402
 # noqa: E402
-from metrics import bootstrap_ci, cosine_stats, duplicate_groups, hit_rates, retrieval_counts
+from metrics import (bootstrap_ci, cosine_stats, duplicate_groups, fidelity_report, hit_rates,
+                     retrieval_counts)
 
 # -----------------------------------------------------------------------------
 n_images, captions_per_image = 5000, 5  # COCO 2017 val's scale: 5,000 images, ~25,000 captions
@@ -35,6 +36,9 @@ bootstrap_samples = 1000
 device = 'cpu'
 threads = 0  # torch CPU threads; 0 = torch's default (one per core)
 seed = 0
+columns = 6  # eval.py's columns at COCO: A, B, R, mean tokens, ridge, regression DiT
+fidelity = True  # also time Task 3 (eval.py's defaults) on 768-d vectors and 1,024-d tokens
+fidelity_settings = {'k': 5, 'halvings': 10, 'images': 1000, 'tokens': 1, 'seed': 0}
 # -----------------------------------------------------------------------------
 from configurator import configure  # noqa: E402
 config = configure(globals())
@@ -107,6 +111,19 @@ for _ in range(repeats):
         del out
 best = {k: min(v) for k, v in times.items()}
 bootstrap_s = intervals(images, texts, text_image)
+fidelity_s = None
+if fidelity:  # Task 3 on random draws: B, two baselines, mean tokens, unconditional
+    def draw(d, p=None):
+        return torch.randn(n_images, 1, *([p] if p else []), d, generator=g)
+    real = (F.normalize(draw(dim), dim=-1), draw(1024, fidelity_settings['tokens']))
+    draws = {c: (F.normalize(draw(dim), dim=-1), draw(1024, fidelity_settings['tokens']))
+             for c in ('b', 'ridge', 'regression', 'u')}
+    draws['m'] = tuple(x[:1].expand_as(x).clone() for x in draws['b'])
+    pairs = {f'b_minus_{c}': ('b', c) for c in ('ridge', 'regression')}
+    t0 = time.perf_counter()
+    fidelity_report(real, draws, pairs, fidelity_settings, bootstrap_samples, seed)
+    fidelity_s = time.perf_counter() - t0
+tasks_12_s = columns * best['eval'] + bootstrap_s * columns / 2
 agree = all(results['eval'][1][d][k] == results['naive'][d][k] for d in results['naive']
             for k in k_values)
 print(json.dumps({
@@ -121,5 +138,8 @@ print(json.dumps({
     'cpu_s': {k: round(min(v), 3) for k, v in cpu.items()}, 'recall_agrees_with_naive': agree,
     'cpu_ratio_to_floor': round(min(cpu['eval']) / min(cpu['floor']), 3),
     'bootstrap_samples': bootstrap_samples, 'bootstrap_s': round(bootstrap_s, 3),
+    'columns': columns, 'tasks_1_2_s': round(tasks_12_s, 3),
+    'fidelity_s': fidelity_s and round(fidelity_s, 3),
+    'fidelity_percent_of_tasks_1_2': fidelity_s and round(100 * fidelity_s / tasks_12_s, 1),
     'all_runs_s': {k: [round(t, 3) for t in v] for k, v in times.items()},
 }))

@@ -23,13 +23,16 @@ EVAL = os.path.join(ROOT, 'eval.py')
 # A tiny CLIP: 16 tokens of width 8 (4x4 patches of a 16 px image), joint space 6, one layer per
 # tower.
 TINY_CLIP = {'embed_dim': 6, 'quick_gelu': True,
-             'vision_cfg': {'image_size': 16, 'layers': 1, 'width': 8, 'head_width': 8, 'patch_size': 4},
-             'text_cfg': {'context_length': 16, 'vocab_size': 49408, 'width': 8, 'heads': 1, 'layers': 1}}
+             'vision_cfg': {'image_size': 16, 'layers': 1, 'width': 8, 'head_width': 8,
+                            'patch_size': 4},
+             'text_cfg': {'context_length': 16, 'vocab_size': 49408, 'width': 8, 'heads': 1,
+                          'layers': 1}}
 
 
 @pytest.fixture(scope='module')
 def tiny_clip(tmp_path_factory):
-    """Register eval-test-tiny-clip (and its pool_type='avg' twin) with open_clip; return the name."""
+    """Register eval-test-tiny-clip (and its pool_type='avg' twin) with open_clip; return the
+    name."""
     import open_clip
     folder = tmp_path_factory.mktemp('encoders')
     avg = json.loads(json.dumps(TINY_CLIP))
@@ -73,7 +76,8 @@ def test_repeated_captions_get_identical_features(tiny_clip, tmp_path):
     assert np.array_equal(feats[0], feats[5])
     assert not np.array_equal(feats[0], feats[1])
     with torch.no_grad():
-        alone = F.normalize(model.encode_text(open_clip.get_tokenizer(tiny_clip)(['a blue square'])), dim=-1)
+        tokens = open_clip.get_tokenizer(tiny_clip)(['a blue square'])
+        alone = F.normalize(model.encode_text(tokens), dim=-1)
     np.testing.assert_allclose(feats[1], alone[0].numpy(), atol=1e-6)
 
 
@@ -98,21 +102,13 @@ def write_generated(path, array):
 
 
 def load_summaries(out):
-    with open(out / 'eval' / 'alignment_summary.json') as f, open(out / 'eval' / 'recall_summary.json') as g:
+    with open(out / 'eval' / 'alignment_summary.json') as f, \
+            open(out / 'eval' / 'recall_summary.json') as g:
         return json.load(f), json.load(g)
 
 
-def test_end_to_end_writes_every_field(eval_setup, monkeypatch, capsys):
-    data, out, args = eval_setup
-    clip = np.load(os.path.join(data, 'clip.npy'))
-    train = make_data_folder(str(out.parent / 'train'), n=30, tokens=16, clip_dim=8, embed_dim=6,
-                             seed=1)
-    os.makedirs(out)
-    noisy = clip.astype(np.float32) + np.random.default_rng(0).normal(0, 0.5, clip.shape)
-    write_generated(out / 'generated.npy', noisy)
-    run_eval(monkeypatch, *args, f'--generated={out / "generated.npy"}', '--save_detailed=True',
-             f'--train_data={train}')
-    align, recall = load_summaries(out)
+def check_header_and_fields(align, recall, train):
+    """The summaries' common header, and every method's alignment and recall fields."""
     for s in (align, recall):
         assert s['embedding_space'] == 6 and s['uses_visual_projection'] is True
         assert s['num_images'] == 24 and s['num_captions'] == 8 * 1 + 8 * 5 + 8 * 7
@@ -130,18 +126,25 @@ def test_end_to_end_writes_every_field(eval_setup, monkeypatch, capsys):
         for d in ('image_to_text', 'text_to_image'):
             assert set(recall[m][d]) == {f'recall@{k}{s}' for k in (1, 5, 10)
                                          for s in ('', '_ci95')}
-            assert 0 <= recall[m][d]['recall@1'] <= recall[m][d]['recall@5'] <= recall[m][d]['recall@10'] <= 1
+            r = recall[m][d]
+            assert 0 <= r['recall@1'] <= r['recall@5'] <= r['recall@10'] <= 1
             for k in (1, 5, 10):
                 lo, hi = recall[m][d][f'recall@{k}_ci95']
                 assert 0 <= lo <= hi <= 1
                 assert lo - 1e-12 <= recall[m][d][f"recall@{k}"] <= hi + 1e-12
-    assert align['difference_mean'] == pytest.approx(align['method_b']['mean_cosine_similarity']
-                                                     - align['method_a']['mean_cosine_similarity'], abs=1e-9)
+
+
+def check_difference_and_token_fidelity(align, data):
+    """B - A's alignment difference, and B's token fidelity against the noise it was given."""
+    assert align['difference_mean'] == pytest.approx(
+        align['method_b']['mean_cosine_similarity']
+        - align['method_a']['mean_cosine_similarity'], abs=1e-9)
     lo, hi = align['difference_mean_ci95']
     assert lo < align['difference_mean'] < hi
     assert align['difference_std'] > 0 and -1 <= align['correlation'] < 1
     fid, mean_fid = align['token_fidelity'], align['mean_tokens_fidelity']
-    keys = {f'{k}_{s}' for k in ('token_cosine', 'token_cosine_standardized', 'image_vector_cosine')
+    keys = {f'{k}_{s}' for k in ('token_cosine', 'token_cosine_standardized',
+                                 'image_vector_cosine')
             for s in ('mean', 'std')} | {'mse_standardized'}
     assert set(fid) == keys and set(mean_fid) == keys
     assert 0 < fid['token_cosine_mean'] < 1 and 0 < fid['image_vector_cosine_mean'] < 1
@@ -151,24 +154,34 @@ def test_end_to_end_writes_every_field(eval_setup, monkeypatch, capsys):
     meta = json.load(open(os.path.join(data, 'meta.json')))
     expected_mse = np.mean(0.25 / np.square(meta['clip_std']))
     assert fid['mse_standardized'] == pytest.approx(expected_mse, rel=0.1)
-    # the mean tokens: the train folder's per-position mean; a constant, so its recall is chance
-    # exactly
+
+
+def check_mean_tokens(align, recall, out, train):
+    """The mean tokens: the train folder's per-position mean; a constant, so its recall is chance
+    exactly."""
+    fid, mean_fid = align['token_fidelity'], align['mean_tokens_fidelity']
     detailed = np.load(out / 'eval' / 'alignment_detailed.npz')
     train_mean = np.load(os.path.join(train, 'clip.npy')).astype(np.float64).mean(0)
     np.testing.assert_allclose(detailed['mean_tokens'], train_mean, rtol=1e-6, atol=1e-6)
-    assert abs(mean_fid['token_cosine_standardized_mean']) < 0.2 < fid['token_cosine_standardized_mean']
+    assert (abs(mean_fid['token_cosine_standardized_mean']) < 0.2
+            < fid['token_cosine_standardized_mean'])
     assert mean_fid['mse_standardized'] > 0.9 > fid['mse_standardized']
     assert mean_fid['image_vector_cosine_std'] > 0
     text_image = detailed['text_image']
     # every image ranks them alike
     best_captions = np.argsort(-detailed['similarity_m'], kind='stable')
+    mean_recall = recall['mean_tokens']
     for k in (1, 5, 10):
-        assert recall['mean_tokens']['text_to_image'][f'recall@{k}'] == pytest.approx(k / 24,
-                                                                                      rel=1e-12)
-        assert recall['mean_tokens']['text_to_image'][f'recall@{k}_ci95'] == pytest.approx([k / 24] * 2, rel=1e-12)
+        assert mean_recall['text_to_image'][f'recall@{k}'] == pytest.approx(k / 24, rel=1e-12)
+        assert mean_recall['text_to_image'][f'recall@{k}_ci95'] == pytest.approx([k / 24] * 2,
+                                                                                 rel=1e-12)
         distinct = len(set(text_image[best_captions[:k]]))
-        assert recall['mean_tokens']['image_to_text'][f'recall@{k}'] == pytest.approx(distinct / 24,
-                                                                                      rel=1e-12)
+        assert mean_recall['image_to_text'][f'recall@{k}'] == pytest.approx(distinct / 24,
+                                                                            rel=1e-12)
+
+
+def check_recall_difference(recall):
+    """B - A's recall difference per direction and K, with its interval and relative change."""
     for d in ('image_to_text', 'text_to_image'):
         diff = recall['difference'][d]
         for k in (1, 5, 10):
@@ -176,11 +189,17 @@ def test_end_to_end_writes_every_field(eval_setup, monkeypatch, capsys):
             assert diff[f'recall@{k}_difference'] == pytest.approx(b - a)
             lo, hi = diff[f'recall@{k}_difference_ci95']
             assert -1 <= lo <= b - a <= hi <= 1
-            assert diff[f'recall@{k}_relative_change'] == (pytest.approx(100 * (b - a) / a) if a else None)
+            assert diff[f'recall@{k}_relative_change'] == (pytest.approx(100 * (b - a) / a)
+                                                           if a else None)
+
+
+def check_detailed_plots_and_table(out, data, recall, printed):
+    """The detailed arrays, the figures (or the note without matplotlib), the printed table and
+    the text-feature cache."""
+    detailed = np.load(out / 'eval' / 'alignment_detailed.npz')
     assert detailed['similarity_a'].shape == (104,)
     assert detailed['image_embedding_b'].shape == (24, 6)
     assert np.load(out / 'eval' / 'recall_detailed.npz')['rank_text_to_image_r'].shape == (104,)
-    printed = capsys.readouterr().out
     if importlib.util.find_spec('matplotlib'):  # an optional dependency
         for png in ('alignment_hist.png', 'alignment_scatter.png', 'recall.png'):
             assert os.path.getsize(out / 'eval' / png) > 1000
@@ -192,18 +211,15 @@ def test_end_to_end_writes_every_field(eval_setup, monkeypatch, capsys):
     assert 'mean tokens' in table
     assert 'B - A' in table
     r5 = recall['method_b']['image_to_text']
-    assert f"{100 * r5['recall@5']:.1f}% [{100 * r5['recall@5_ci95'][0]:.1f}, {100 * r5['recall@5_ci95'][1]:.1f}]" \
-        in table
-    cache = [f for f in os.listdir(data) if f.startswith('text_features_eval-test-tiny-clip_random_')]
+    assert (f"{100 * r5['recall@5']:.1f}% [{100 * r5['recall@5_ci95'][0]:.1f}, "
+            f"{100 * r5['recall@5_ci95'][1]:.1f}]") in table
+    cache = [f for f in os.listdir(data)
+             if f.startswith('text_features_eval-test-tiny-clip_random_')]
     assert len(cache) == 2  # the .npy and its key .json
 
-    # the real tokens fed as generated: B is A exactly; the cached text features are reused
-    write_generated(out / 'generated.npy', clip)
-    run_eval(monkeypatch, *args, f'--generated={out / "generated.npy"}', f'--train_data={train}',
-             '--mean_tokens_rows=7',
-             '--save_detailed=True')
-    align2, recall2 = load_summaries(out)
-    assert 'text features: cached' in capsys.readouterr().out
+
+def check_b_is_a(align2, recall2, align, out, train):
+    """The real tokens fed as generated: B is A exactly; mean_tokens_rows=7 takes 7 rows."""
     assert align2['method_b'] == align2['method_a'] and align2['method_a'] == align['method_a']
     assert align2['difference_mean'] == 0 and align2['difference_std'] == 0
     assert align2['difference_mean_ci95'] == [0, 0]
@@ -224,6 +240,35 @@ def test_end_to_end_writes_every_field(eval_setup, monkeypatch, capsys):
                                rows.astype(np.float64).mean(0), rtol=1e-6, atol=1e-6)
 
 
+def test_end_to_end_writes_every_field(eval_setup, monkeypatch, capsys):
+    data, out, args = eval_setup
+    clip = np.load(os.path.join(data, 'clip.npy'))
+    train = make_data_folder(str(out.parent / 'train'), n=30, tokens=16, clip_dim=8, embed_dim=6,
+                             seed=1)
+    os.makedirs(out)
+    noisy = clip.astype(np.float32) + np.random.default_rng(0).normal(0, 0.5, clip.shape)
+    write_generated(out / 'generated.npy', noisy)
+    run_eval(monkeypatch, *args, f'--generated={out / "generated.npy"}', '--save_detailed=True',
+             f'--train_data={train}')
+    align, recall = load_summaries(out)
+    check_header_and_fields(align, recall, train)
+    check_difference_and_token_fidelity(align, data)
+    check_mean_tokens(align, recall, out, train)
+    check_recall_difference(recall)
+    check_detailed_plots_and_table(out, data, recall, capsys.readouterr().out)
+    # Task 3 is opt-in: the default tasks are alignment and recall
+    assert not os.path.exists(out / 'eval' / 'fidelity_summary.json')
+
+    # the real tokens fed as generated: B is A exactly; the cached text features are reused
+    write_generated(out / 'generated.npy', clip)
+    run_eval(monkeypatch, *args, f'--generated={out / "generated.npy"}', f'--train_data={train}',
+             '--mean_tokens_rows=7',
+             '--save_detailed=True')
+    align2, recall2 = load_summaries(out)
+    assert 'text features: cached' in capsys.readouterr().out
+    check_b_is_a(align2, recall2, align, out, train)
+
+
 def test_without_generated_reports_the_clip_baseline(eval_setup, monkeypatch, capsys):
     data, out, args = eval_setup
     run_eval(monkeypatch, *args, '--tasks=recall,alignment', '--k_values=(1, 3)',
@@ -238,13 +283,15 @@ def test_without_generated_reports_the_clip_baseline(eval_setup, monkeypatch, ca
     assert recall['method_a']['image_to_text']['recall@3_ci95'] is None
     assert recall['bootstrap'] is None
     assert align['generated'] is None
-    assert align['method_a']['mean_cosine_similarity'] != align['reference']['mean_cosine_similarity']
+    assert (align['method_a']['mean_cosine_similarity']
+            != align['reference']['mean_cosine_similarity'])
     # no train folder: the mean tokens fall back to the evaluated folder's per-channel mean, still
     # at chance
     assert 'meta.json clip_mean' in align['mean_tokens_source']
     assert recall['mean_tokens']['text_to_image'] == {'recall@1': pytest.approx(1 / 24),
                                                       'recall@1_ci95': None,
-                                                      'recall@3': pytest.approx(3 / 24), 'recall@3_ci95': None}
+                                                      'recall@3': pytest.approx(3 / 24),
+                                                      'recall@3_ci95': None}
     table = capsys.readouterr().out.split('A real tokens')[1]
     assert 'mean tokens' in table and 'B - A' not in table and '[' not in table
 
@@ -279,7 +326,8 @@ def test_images_without_captions_named(eval_setup, monkeypatch):
     captions['105'] = []
     del captions['110']
     json.dump(captions, open(path, 'w'))
-    with pytest.raises(SystemExit, match=r"captions.json has no captions for 2 of 24 images \(image ids \[105, 110\]"):
+    with pytest.raises(SystemExit, match=r"captions.json has no captions for 2 of 24 images "
+                                         r"\(image ids \[105, 110\]"):
         run_eval(monkeypatch, *args)
 
 
@@ -292,8 +340,9 @@ def test_clip_model_that_does_not_fit_the_data(tmp_path, tiny_clip, monkeypatch)
 
 
 def test_default_finds_what_sample_py_wrote_and_names_its_maker(eval_setup, monkeypatch):
-    """With no --generated, eval.py takes the flow DiT's samples folder finished last in out_dir/samples for the
-    target (val or held-out), writes its summaries there, and records the checkpoint and the sampler."""
+    """With no --generated, eval.py takes the flow DiT's samples folder finished last in
+    out_dir/samples for the target (val or held-out), writes its summaries there, and records the
+    checkpoint and the sampler."""
     data_dir, out, args = eval_setup
     settings = {'checkpoint': str(out / 'ckpt.pt'), 'iter_num': 800, 'use_ema': True,
                 'sample_method': 'heun',
@@ -327,11 +376,12 @@ def test_default_finds_what_sample_py_wrote_and_names_its_maker(eval_setup, monk
 
 @pytest.mark.parametrize('value, expected', [
     # not letters
-    ('a red circle', r"image 105: expected a non-empty list of caption strings, got str 'a red circle'"),
+    ('a red circle',
+     r"image 105: expected a non-empty list of caption strings, got str 'a red circle'"),
     (['a red circle', 7], r"image 105: expected non-blank caption strings, got int 7"),
     (['a red circle', '  '], r"image 105: expected non-blank caption strings, got str '  '"),
-    ([], r"no captions for 1 of 24 images \(image ids \[105\]\); every image needs at least one: expected a "
-         r"non-empty list of caption strings, got \[\] for 105"),
+    ([], r"no captions for 1 of 24 images \(image ids \[105\]\); every image needs at least one: "
+         r"expected a non-empty list of caption strings, got \[\] for 105"),
 ])
 def test_bad_captions_named(eval_setup, monkeypatch, value, expected):
     data, out, args = eval_setup
@@ -349,7 +399,8 @@ def write_info(npy_path, info):
 
 
 def test_token_fidelity_in_the_dits_units(eval_setup, monkeypatch, capsys):
-    """Standardized fidelity uses generated.json's data_stats, else train_data's meta.json, else val_data's (noted)."""
+    """Standardized fidelity uses generated.json's data_stats, else train_data's meta.json, else
+    val_data's (noted)."""
     data, out, args = eval_setup
     train = make_data_folder(str(out.parent / 'train'), n=30, tokens=16, clip_dim=8, embed_dim=6,
                              seed=1)
@@ -373,7 +424,8 @@ def test_token_fidelity_in_the_dits_units(eval_setup, monkeypatch, capsys):
     train_align = json.load(open(out / 'eval' / 'alignment_summary.json'))
     assert train_align['token_fidelity_stats'].startswith(os.path.join(train, 'meta.json'))
     train_std = np.array(json.load(open(os.path.join(train, 'meta.json')))['clip_std'])
-    assert train_align['token_fidelity']['mse_standardized'] == pytest.approx(np.mean(0.25 / train_std ** 2), rel=0.1)
+    assert train_align['token_fidelity']['mse_standardized'] == pytest.approx(
+        np.mean(0.25 / train_std ** 2), rel=0.1)
     run_eval(monkeypatch, *args)  # no training folder: the evaluated one's, with a note
     val_align = json.load(open(out / 'eval' / 'alignment_summary.json'))
     assert val_align['token_fidelity_stats'].startswith(os.path.join(data, 'meta.json'))
@@ -381,11 +433,12 @@ def test_token_fidelity_in_the_dits_units(eval_setup, monkeypatch, capsys):
     cosines = [s['token_fidelity']['token_cosine_standardized_mean'] for s in (align, train_align,
                                                                                val_align)]
     assert len(set(cosines)) == 3  # the standardized cosine depends on the statistics used
-    assert align['token_fidelity']['token_cosine_mean'] == val_align['token_fidelity']['token_cosine_mean']
+    assert (align['token_fidelity']['token_cosine_mean']
+            == val_align['token_fidelity']['token_cosine_mean'])
     write_info(out / 'generated.npy', {'data_stats': {'clip_mean': [0.0] * 7,
                                                       'clip_std': [1.0] * 8}})
-    with pytest.raises(SystemExit, match=r"generated.json: clip_mean and clip_std should be 8 numbers each .* got 7 "
-                                         r"values and 8 values"):
+    with pytest.raises(SystemExit, match=r"generated.json: clip_mean and clip_std should be 8 "
+                                         r"numbers each .* got 7 values and 8 values"):
         run_eval(monkeypatch, *args)
 
 
@@ -412,8 +465,9 @@ def test_baselines_beside_b(eval_setup, monkeypatch, capsys):
     align, recall = load_summaries(out / 'b')
     printed = capsys.readouterr().out
     assert "baseline 'twin'" in printed and "has no 'data'" in printed  # compared on its shape only
-    assert f"baseline 'other' ({baselines[2]}) skipped: made for {data} (id another-extraction, rows 0 + 24), the " \
-           f"evaluated data is {data} (id {ours['id']}, rows 0 + 24)" in printed
+    assert (f"baseline 'other' ({baselines[2]}) skipped: made for {data} (id another-extraction, "
+            f"rows 0 + 24), the evaluated data is {data} (id {ours['id']}, rows 0 + 24)"
+            in printed)
     assert "baseline 'slice'" in printed and "rows 4 + 20" in printed
     for s in (align, recall):
         assert set(s['baselines']) == {'noisier', 'twin'}
@@ -432,13 +486,17 @@ def test_baselines_beside_b(eval_setup, monkeypatch, capsys):
                if k.endswith('_ci95'))
     # a worse baseline: its own rows, and B - baseline with paired intervals
     noisier, b = align['baselines']['noisier'], align['method_b']
-    assert noisier['token_fidelity']['mse_standardized'] > align['token_fidelity']['mse_standardized']
+    assert (noisier['token_fidelity']['mse_standardized']
+            > align['token_fidelity']['mse_standardized'])
     diff = align['b_minus_noisier']
-    assert diff['difference_mean'] == pytest.approx(b['mean_cosine_similarity'] - noisier['mean_cosine_similarity'])
-    assert diff['difference_mean_ci95'][0] < diff['difference_mean'] < diff['difference_mean_ci95'][1]
+    assert diff['difference_mean'] == pytest.approx(b['mean_cosine_similarity']
+                                                    - noisier['mean_cosine_similarity'])
+    lo, hi = diff['difference_mean_ci95']
+    assert lo < diff['difference_mean'] < hi
     for d in ('image_to_text', 'text_to_image'):
         for k in (1, 5, 10):
-            x, y = recall['method_b'][d][f'recall@{k}'], recall['baselines']['noisier'][d][f'recall@{k}']
+            x = recall['method_b'][d][f'recall@{k}']
+            y = recall['baselines']['noisier'][d][f'recall@{k}']
             lo, hi = recall['b_minus_noisier'][d][f'recall@{k}_difference_ci95']
             assert recall['b_minus_noisier'][d][f'recall@{k}_difference'] == pytest.approx(x - y)
             assert lo - 1e-12 <= x - y <= hi + 1e-12
@@ -460,14 +518,17 @@ def test_baselines_beside_b(eval_setup, monkeypatch, capsys):
 def test_plots_are_titled_with_the_rows_checkpoint_and_sampler(tmp_path):
     common = {'val_data': '/d/train', 'data': {'start': 1600, 'count': 400}, 'holdout': True,
               'generated': '/o/g.npy',
-              'checkpoint': {'path': '/o/demo/ckpt_iter000800.pt', 'iter_num': 800, 'use_ema': True},
-              'sampler': {'sample_method': 'midpoint', 'sample_steps': 5, 'sample_shift': 1.0, 'cfg_scale': 2.0,
-                          'seed': 1337}, 'model_calls': 20, 'sampling': {}}
-    assert plot_title(common) == ('/d/train: held-out rows 1600-1999\nB: demo/ckpt_iter000800, iteration 800, EMA '
-                                  'weights\nmidpoint 5 steps, cfg 2, seed 1337 (20 model calls)')
+              'checkpoint': {'path': '/o/demo/ckpt_iter000800.pt', 'iter_num': 800,
+                             'use_ema': True},
+              'sampler': {'sample_method': 'midpoint', 'sample_steps': 5, 'sample_shift': 1.0,
+                          'cfg_scale': 2.0, 'seed': 1337}, 'model_calls': 20, 'sampling': {}}
+    assert plot_title(common) == ('/d/train: held-out rows 1600-1999\nB: demo/ckpt_iter000800, '
+                                  'iteration 800, EMA weights\nmidpoint 5 steps, cfg 2, seed 1337 '
+                                  '(20 model calls)')
     regression = {**common, 'holdout': False, 'sampler': dict.fromkeys(common['sampler'])}
-    assert plot_title(regression).endswith('(not the held-out slice)\nB: demo/ckpt_iter000800, iteration 800, EMA '
-                                           'weights\nregression: one forward pass')
+    assert plot_title(regression).endswith('(not the held-out slice)\nB: demo/ckpt_iter000800, '
+                                           'iteration 800, EMA weights\nregression: one forward '
+                                           'pass')
     ridge = {**common, 'checkpoint': dict.fromkeys(common['checkpoint']),
              'sampling': {'label': 'ridge'}}
     assert plot_title(ridge).endswith('\nB: /o/g.npy\nridge')
