@@ -147,7 +147,9 @@ def fidelity_headline(folder):
         raise SystemExit(f"sweep.py: {path} should hold a 'headline' dict of figures, got keys "
                          f"{sorted(summary)}")
     for name, figure in summary['headline'].items():
-        if not isinstance(figure, dict) or figure.get('better') not in ('lower', 'higher') \
+        if not isinstance(figure, dict) or 'value' not in figure:
+            continue  # not a figure of this layout (eval.py may add other headline entries)
+        if figure.get('better') not in ('lower', 'higher') \
                 or not isinstance(figure.get('value'), (int, float)):
             raise SystemExit(f"sweep.py: {path}: headline {name!r} should be {{'value': a number, "
                              f"'ci95': [lo, hi], 'better': 'lower' or 'higher'}}, got {figure!r}")

@@ -201,6 +201,7 @@ def test_cells_ranked_by_a_task3_figure_in_its_direction(tmp_path):
         headline = {'conditional_mmd': {'value': mmd, 'ci95': [mmd - 0.05, mmd + 0.05],
                                         'better': 'lower'},
                     'coverage': {'value': cover, 'ci95': [0.6, 1.0], 'better': 'higher'}}
+        headline['metric'] = 'conditional_mmd2'  # entries that are not figures are skipped
         json.dump({'headline': headline, 'other': {'pooled_fd': 1.0}},
                   open(folder / 'eval' / 'fidelity_summary.json', 'w'))
         row, _ = read_cell(str(folder))
