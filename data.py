@@ -9,6 +9,11 @@
                                         EVA02-E-14-plus
       clip_cls.npy   float32 [N, E]     CLIP's own image embedding ln_post(CLS) @ proj (method R);
                                         E = 768
+      clip_samples.npy  float16 [N, S, T, D]  where EVA's view hides something (the partial-view
+                                        demo; extract.py's true_samples = S): row i's S true draws
+                                        of p(CLIP | EVA), clip.npy's tokens of S re-renders of
+                                        image i with the hidden attribute redrawn; meta.json's
+                                        true_samples {file, samples: S, rule} says how
       meta.json      what the arrays hold, below
       captions.json  {image_id: [caption, ...]} where the source has captions (COCO: 5 to 7
                                         an image)

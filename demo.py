@@ -15,6 +15,13 @@ Both stand-ins are trained, each from its own seed. The real EVA-CLIP is itself 
 trained CLIP whose features relate to CLIP's by meaning; a random tower keeps each image's pixels
 but not that relation. On the demo, B's image->text R@5 was 0.63x A's with a random EVA stand-in and
 0.84x with a trained one (classifier-free guidance 1.0; README).
+
+The partial-view demo (config/demo_partial.py): with eva_view='grey_shapes' the stand-in EVA is
+trained on, and extracts, every shape in one grey (GreyShapes), so the shapes' colours, which CLIP
+and the captions carry, are hidden from it and p(CLIP | EVA) is no longer a point. true_samples > 0
+renders each scene that many times more with the colours redrawn by the scene's own rule
+(recoloured_scene) and stores their CLIP tokens (write_true_samples): a perfect sampler of
+p(CLIP | EVA), for Task 3's conditional measures.
 """
 import math
 import os
@@ -26,6 +33,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image, ImageDraw
+from tqdm import tqdm
 
 import data
 
@@ -56,7 +64,11 @@ def synthetic_scene(seed, split, index):
 
 def synthetic_image(seed, split, size, index):
     """The synthetic image `index` of `split`, drawn at size x size pixels."""
-    background, shapes = synthetic_scene(seed, split, index)
+    return draw_scene(*synthetic_scene(seed, split, index), size)
+
+
+def draw_scene(background, shapes, size):
+    """A scene (synthetic_scene's) drawn at size x size pixels."""
     image = Image.new('RGB', (size, size), COLORS[background])
     draw = ImageDraw.Draw(image)
     for shape, color, scale, place, (jx, jy) in shapes:
@@ -70,6 +82,18 @@ def synthetic_image(seed, split, size, index):
         else:
             draw.polygon([(cx, cy - r), (cx - r, cy + r), (cx + r, cy + r)], fill=COLORS[color])
     return image
+
+
+def recoloured_scene(seed, split, index, sample):
+    """synthetic_scene(seed, split, index) with every shape's colour drawn again by the scene's own
+    rule (uniform over the colours other than the background) from stream `sample`; background,
+    shapes, sizes, places and counts stay: a true draw of the scene that the grey_shapes view
+    shows."""
+    background, shapes = synthetic_scene(seed, split, index)
+    rng = np.random.default_rng([seed, zlib.crc32(split.encode()), index, sample + 1])
+    others = [c for c in COLORS if c != background]
+    return background, [(shape, others[rng.integers(len(others))], *rest)
+                        for shape, _, *rest in shapes]
 
 
 def synthetic_captions(background, shapes):
@@ -103,13 +127,84 @@ def list_synthetic(split, counts, seed=0, image_size=224, limit=0):
                 source={'kind': 'synthetic', 'split': split, 'seed': seed,
                         'image_size': image_size, 'listed': n})
 
+# --- the partial-view demo: what EVA sees, and true draws of what it cannot see ------------------
+
+GREY = (128, 128, 128)  # no colour of COLORS
+TRUE_SAMPLES_RULE = ("demo.recoloured_scene: each shape's colour drawn again uniformly from the "
+                     "colours other than the background, stream [synthetic_seed, crc32(split), "
+                     "index, s + 1]; background, shapes, sizes, places and counts kept")
+
+
+class GreyShapes:
+    """EVA's grey_shapes view: every pixel not of the background (the image's most common colour,
+    over 3/4 of a synthetic image) in one grey. Two scenes that differ only in the shapes' colours,
+    which CLIP and the captions carry, give EVA the same pixels."""
+
+    def __call__(self, image):
+        pixels = np.asarray(image.convert('RGB'))
+        colours, counts = np.unique(pixels.reshape(-1, 3), axis=0, return_counts=True)
+        shape = (pixels != colours[counts.argmax()]).any(-1, keepdims=True)
+        return Image.fromarray(np.where(shape, np.array(GREY, dtype=np.uint8), pixels))
+
+    def __repr__(self):  # extract.py's shared-crop check compares transforms by their repr
+        return 'GreyShapes()'
+
+
+VIEWS = {'full': None, 'grey_shapes': GreyShapes()}  # eva_view: what the stand-in EVA sees
+
+
+def eva_view(view):
+    """The PIL -> PIL transform of eva_view `view` (None: the image itself); SystemExit if
+    unknown."""
+    if view not in VIEWS:
+        raise SystemExit(f"eva_view must be one of {tuple(VIEWS)}, got {view!r}")
+    return VIEWS[view]
+
+
+def viewed(crop, view, true_samples=0, source='synthetic'):
+    """An encoder's crop transform (a torchvision Compose) seeing the image through eva_view
+    `view`; SystemExit if true_samples > 0 (extract.py's) have nothing to redraw."""
+    from torchvision import transforms
+    see = eva_view(view)
+    if true_samples and (see is None or source != 'synthetic'):
+        raise SystemExit(f"true_samples={true_samples} redraws what a synthetic eva_view hides; "
+                         f"got eva_view={view!r}, source={source!r}")
+    return crop if see is None else transforms.Compose([see, *crop.transforms])
+
+
+def write_true_samples(out, samples, encode, batch_size=64):
+    """out/clip_samples.npy, float16 [N, S, T, D] with S = samples: row i holds the CLIP tokens
+    (`encode`: PIL images -> clip.npy's float16 tokens) of S redraws of row i's scene
+    (recoloured_scene), true draws of p(CLIP | EVA) when EVA's view hides the colours; meta.json
+    records true_samples {file, samples, rule}. Written to a temporary name and renamed, then
+    recorded; a folder that records the same is kept."""
+    meta_path, path = os.path.join(out, 'meta.json'), os.path.join(out, 'clip_samples.npy')
+    meta = data.read_json(meta_path)
+    record = {'file': 'clip_samples.npy', 'samples': samples, 'rule': TRUE_SAMPLES_RULE}
+    if meta.get('true_samples') == record and os.path.exists(path):
+        return
+    source, ids = meta['source'], meta['image_ids']
+    shape = (len(ids), samples, meta['clip']['tokens'], meta['clip']['dim'])
+    array = np.lib.format.open_memmap(path + '.tmp', mode='w+', dtype=np.float16, shape=shape)
+    for lo in tqdm(range(0, len(ids), batch_size), desc=f"{source['split']} true samples"):
+        rows = ids[lo:lo + batch_size]
+        images = [draw_scene(*recoloured_scene(source['seed'], source['split'], i, s),
+                             source['image_size']) for i in rows for s in range(samples)]
+        array[lo:lo + len(rows)] = encode(images).reshape(len(rows), *shape[1:])
+    array.flush()
+    del array
+    os.replace(path + '.tmp', path)
+    data.write_json(meta_path, {**meta, 'true_samples': record})  # last: marks the array done
+
 # --- the stand-in encoders: tiny open_clip CLIPs trained contrastively on a synthetic split ------
 
 
-def listed_split(listing, preprocess, tokenizer):
-    """The images of a list_synthetic listing, preprocessed as extraction does [count, 3, S, S];
-    their captions, tokenized [C, 77]; and the image row of every caption [C]."""
-    images = torch.stack([preprocess(listing['load'](key)) for key in listing['keys']])
+def listed_split(listing, preprocess, tokenizer, view='full'):
+    """The images of a list_synthetic listing, seen through eva_view `view` and preprocessed as
+    extraction does [count, 3, S, S]; their captions, tokenized [C, 77]; and the image row of every
+    caption [C]."""
+    see = eva_view(view) or (lambda image: image)
+    images = torch.stack([preprocess(see(listing['load'](key))) for key in listing['keys']])
     captions = [listing['captions'][str(i)] for i in listing['ids']]
     owner = torch.repeat_interleave(torch.arange(len(images)),
                                     torch.tensor([len(c) for c in captions]))
@@ -132,7 +227,8 @@ def encode_text(model, text, embedding):
 
 def train_encoder(model_name, out_path, split, count, image_size, synthetic_seed, steps=600,
                   batch_size=128,
-                  lr=1e-3, weight_decay=0.1, warmup=30, token_loss=0.25, seed=0, threads=1):
+                  lr=1e-3, weight_decay=0.1, warmup=30, token_loss=0.25, seed=0, threads=1,
+                  view='full'):
     """Train open_clip `model_name`, both towers, with open_clip's ClipLoss on the synthetic images
     of `split` (each step: batch_size images from a seeded per-epoch order, one of each image's
     captions at random; AdamW, linear warm-up then cosine decay; no augmentation, extraction sees
@@ -140,14 +236,16 @@ def train_encoder(model_name, out_path, split, count, image_size, synthetic_seed
     mean of the patch tokens @ proj, Method A's image vector: a CLIP trained through its CLS token
     alone leaves A near chance on this data (R@5 11-19% at 600 steps). Seeded: the same settings
     give the same file. About 80-90 s for the demo, on one thread: on a model this small a second
-    thread costs more than it brings."""
+    thread costs more than it brings. `view`: the images as eva_view shows them (the stand-in EVA
+    learns from what it sees)."""
     import open_clip
     from open_clip.loss import ClipLoss
     torch.set_num_threads(threads)
     model, _, preprocess = data.open_clip_model(model_name, '')
     listing = list_synthetic(split, {split: count}, synthetic_seed,
                              image_size)  # the images extraction lists
-    images, text, owner = listed_split(listing, preprocess, open_clip.get_tokenizer(model_name))
+    images, text, owner = listed_split(listing, preprocess, open_clip.get_tokenizer(model_name),
+                                       view)
     first_caption = torch.searchsorted(owner, torch.arange(count))
     captions_per_image = torch.bincount(owner, minlength=count)
     # the captions use a few dozen of the 49,408 token ids: train only those rows, then write back
@@ -210,9 +308,10 @@ def untrained_encoders(encoders):
             and pretrained not in open_clip.list_pretrained_tags_by_model(name)}
 
 
-def train_encoders(untrained, steps, source):
+def train_encoders(untrained, steps, source, view='full'):
     """Train the `untrained` encoders for `steps` steps on the synthetic split a listing's `source`
-    describes, both at once, a process and a core each; SystemExit naming one that failed."""
+    describes (EVA through eva_view `view`), both at once, a process and a core each; SystemExit
+    naming one that failed."""
     split, count = source['split'], source['listed']
     jobs = {}
     for role, (name, pretrained) in untrained.items():
@@ -220,7 +319,8 @@ def train_encoders(untrained, steps, source):
               f"steps -> {pretrained}")
         jobs[role] = torch.multiprocessing.get_context('spawn').Process(target=train_encoder, args=(
             name, pretrained, split, count, source['image_size'], source['seed']),
-            kwargs=dict(steps=steps, seed={'clip': 0, 'eva': 1}[role]))  # independent towers
+            kwargs=dict(steps=steps, seed={'clip': 0, 'eva': 1}[role],  # independent towers
+                        view=view if role == 'eva' else 'full'))
         jobs[role].start()
     for role, job in jobs.items():
         job.join()

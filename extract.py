@@ -86,6 +86,11 @@ eva_pretrained = ''  # for an open_clip eva_model, as clip_pretrained
 # 'synthetic' only: an open_clip encoder whose *_pretrained file is missing is first trained on the
 # first split for this many steps into it (the demo)
 train_encoder_steps = 0
+# 'synthetic' only (demo.py): what the EVA encoder sees, 'full' or 'grey_shapes' (every shape in
+# one grey: the partial-view demo); true_samples > 0 (a view that hides something): that many
+# redraws of each row's hidden colours, encoded as clip.npy, in clip_samples.npy
+eva_view = 'full'
+true_samples = 0
 grid_size = 16  # both encoders must give grid_size**2 patch tokens
 # run
 extract_batch_size = 64
@@ -427,6 +432,26 @@ def assign_rows(listing, out, clip, eva, batch_size, num_workers):
     return state, mine, first_row, count
 
 
+def shares_crop(a, b):
+    """Whether two crop transforms are one (e.g. both 224 px: cropped once): the same repr and the
+    same crop of a noise probe. The probe alone is blind where noise never goes: a view that
+    changes only pixels of a few exact colours (a background, say) passes it."""
+    probe = Image.fromarray(np.random.default_rng(0).integers(0, 256, (251, 317, 3), np.uint8))
+    return repr(a) == repr(b) and torch.equal(a(probe), b(probe))
+
+
+@torch.no_grad()
+def encode_clip(clip, images, device):
+    """clip.npy's float16 tokens of PIL images, encoded as launch encodes them (demo.py's true
+    samples)."""
+    x = torch.stack([clip.crop(image) for image in images]).to(device)
+    with autocast(device, clip.dtype):
+        tokens, _ = clip.forward(clip.normalize(x))
+    tokens, peak, _ = float16_tokens(tokens)
+    check_float16(peak.cpu(), ['a true sample'] * len(images), 'clip', clip.dtype, clamp=False)
+    return tokens.cpu().numpy()
+
+
 @torch.no_grad()
 def launch(crops, clip, eva, device):
     """A batch's device work, queued and not waited for: both towers on the crops (one [both] or
@@ -486,10 +511,7 @@ def encode_rows(listing, out, clip, eva, device, state, mine, first_row, batch_s
     sumsq = np.array(state['clip_sumsq'])
     clamped, clamped_files = state['eva_clamped_values'], list(state['eva_clamped_files'])
     todo = mine[done:]
-    pixels = np.random.default_rng(0).integers(0, 256, (251, 317, 3), dtype=np.uint8)
-    probe = Image.fromarray(pixels)
-    shared = torch.equal(clip.crop(probe), eva.crop(probe))  # e.g. both 224 px: cropped once
-    crops = [clip.crop] if shared else [clip.crop, eva.crop]
+    crops = [clip.crop] if shares_crop(clip.crop, eva.crop) else [clip.crop, eva.crop]
     images = Images([keys[i] for i in todo], listing['load'], crops)
     loader = torch.utils.data.DataLoader(images, batch_size=batch_size, num_workers=num_workers,
                                          pin_memory=cuda)
@@ -643,10 +665,15 @@ if __name__ == '__main__':
     if source != 'synthetic':
         check_disjoint(listings, source)
     if untrained and rank == 0:  # on the first split
-        demo.train_encoders(untrained, train_encoder_steps, listings[splits[0]]['source'])
+        demo.train_encoders(untrained, train_encoder_steps, listings[splits[0]]['source'],
+                            eva_view)
     barrier()
     clip = build_encoder('clip', clip_model, clip_pretrained, device, ptdtypes['clip'], grid_size)
     eva = build_encoder('eva', eva_model, eva_pretrained, device, ptdtypes['eva'], grid_size)
+    if eva_view != 'full' or true_samples:  # the partial-view demo (demo.py)
+        import demo
+        eva.crop = demo.viewed(eva.crop, eva_view, true_samples, source)
+        eva.spec['view'] = eva_view
     # stop now, not hours later, on a data_dir that cannot take the arrays (less what a killed run
     # already wrote)
     row_bytes = (grid_size ** 2 * (clip.spec['dim'] + eva.spec['dim']) * 2
@@ -663,4 +690,8 @@ if __name__ == '__main__':
         with data.lock(out, 'extract.py') if rank == 0 else contextlib.nullcontext():  # one writer
             extract_split(listings[split], out, clip, eva, device, extract_batch_size, num_workers,
                           extract_overwrite)
+            if true_samples and rank == 0:
+                demo.write_true_samples(out, true_samples,
+                                        lambda images: encode_clip(clip, images, device),
+                                        extract_batch_size)
     end_process_group()  # under torchrun: every rank leaves together, exit 0 (runtime.py)

@@ -12,7 +12,8 @@ writes <that folder>/eval/*.json) as subprocesses, with this command's config fi
 only through files.
 With holdout=True (the default) the grid runs on train_data's held-out slice (its last val_fraction
 rows, which train.py never trains on); the cells are ranked there by select_metric (the mean over
-seeds), and only the select_top best are sampled and evaluated on val_data, the reported split,
+seeds; a recall column, or a Task 3 figure in the direction eval.py's fidelity_summary.json gives
+it), and only the select_top best are sampled and evaluated on val_data, the reported split,
 which so chooses nothing. holdout=False runs the grid on val_data itself: a look at the reported
 split, marked as such, that selects nothing. sample.py reuses a finished array only while its
 checkpoint (run, iteration, contents), data rows and settings are the same, and stops naming what
@@ -51,7 +52,9 @@ steps = (5, 10, 20)
 cfg_scales = (1.0,)
 shifts = (1.0,)                # time grids (flow.time_grid)
 seeds = ()                     # sampling seeds per cell, for the generator's spread; () = (seed,)
-select_metric = 'i2t_recall@5'  # a table column, higher is better (t2i_recall@1, token_cosine_mean)
+# the ranking's figure: a table column, higher is better (t2i_recall@1, token_cosine_mean), or a
+# Task 3 headline figure in its own direction (fidelity_headline: conditional_mmd, pooled_fd)
+select_metric = 'i2t_recall@5'
 select_top = 1                 # cells evaluated on val_data after the selection
 use_ema = True
 seed = 1337
@@ -132,6 +135,29 @@ def flatten(prefix, values):
     return out
 
 
+def fidelity_headline(folder):
+    """Columns of the Task 3 headline figures in a cell's eval/fidelity_summary.json (eval.py),
+    {name: {value, ci95: [lo, hi], better: 'lower' | 'higher'}}: name, name_ci95_lo / _hi and
+    name_better, the figure's direction; {} where eval.py wrote no such file."""
+    path = os.path.join(folder, 'eval', 'fidelity_summary.json')
+    if not os.path.exists(path):
+        return {}
+    summary, row = data.read_json(path), {}
+    if not isinstance(summary.get('headline'), dict):
+        raise SystemExit(f"sweep.py: {path} should hold a 'headline' dict of figures, got keys "
+                         f"{sorted(summary)}")
+    for name, figure in summary['headline'].items():
+        if not isinstance(figure, dict) or 'value' not in figure:
+            continue  # not a figure of this layout (eval.py may add other headline entries)
+        if figure.get('better') not in ('lower', 'higher') \
+                or not isinstance(figure.get('value'), (int, float)):
+            raise SystemExit(f"sweep.py: {path}: headline {name!r} should be {{'value': a number, "
+                             f"'ci95': [lo, hi], 'better': 'lower' or 'higher'}}, got {figure!r}")
+        row.update({name: figure['value'], **flatten(f'{name}_', {'ci95': figure.get('ci95')}),
+                    f'{name}_better': figure['better']})
+    return row
+
+
 def read_cell(folder):
     """One table row from a cell's generated.json and eval summaries; B's fields read generically,
     so fields a newer eval.py adds (confidence intervals) come along."""
@@ -150,6 +176,7 @@ def read_cell(folder):
                 if k.startswith('mean_cosine_similarity')})
     row['alignment_correlation'] = align['correlation']
     row.update(flatten('', align['token_fidelity']))
+    row.update(fidelity_headline(folder))
     row['samples'] = folder
     return row, recall['method_a']
 
@@ -194,12 +221,14 @@ SUMMARIZED = ('i2t_recall@1', 'i2t_recall@5', 'i2t_recall@10', 't2i_recall@1', '
 
 def over_seeds(rows, metric):
     """One entry per cell: its settings, and per metric the mean over its seeds with the spread
-    (min, max, std); best first by `metric`'s mean."""
+    (min, max, std); best first by `metric`'s mean (lowest first where its _better column says
+    'lower')."""
     cells = {}
     for row in rows:
         cells.setdefault(tuple(row[k] for k in CELL), []).append(row)
     if metric not in rows[0]:
-        raise SystemExit(f"sweep.py: select_metric={metric!r} is not a column of the table; "
+        raise SystemExit(f"sweep.py: select_metric={metric!r} is not a column of the table nor a "
+                         f"headline figure of {rows[0]['samples']}/eval/fidelity_summary.json; "
                          "columns: "
                          f"{', '.join(k for k, v in rows[0].items() if isinstance(v, float))}")
     out = []
@@ -210,7 +239,8 @@ def over_seeds(rows, metric):
             entry[m] = {'mean': statistics.fmean(values), 'min': min(values), 'max': max(values),
                         'std': statistics.stdev(values) if len(values) > 1 else 0.0}
         out.append(entry)
-    return sorted(out, key=lambda e: -e[metric]['mean'])
+    sign = 1 if rows[0].get(f'{metric}_better') == 'lower' else -1
+    return sorted(out, key=lambda e: sign * e[metric]['mean'])
 
 
 def write_table(path, table, rows):

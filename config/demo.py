@@ -2,7 +2,8 @@
 # minutes on 2 cores.
 # python extract.py config/demo.py && python train.py config/demo.py
 # python sample.py config/demo.py && python ridge.py config/demo.py
-# python train.py config/demo.py --objective=regression --out_dir=out/demo-regression
+# python train.py config/demo.py --objective=regression --always_save_checkpoint=False \
+#     --out_dir=out/demo-regression   (its best held-out checkpoint: regression can overfit)
 # python sample.py config/demo.py --ckpt_path=out/demo-regression/ckpt.pt
 # python eval.py config/demo.py
 

@@ -653,3 +653,25 @@ def test_coco_karpathy_malformed_entries_stop_before_any_folder(tmp_path, fault,
     with pytest.raises(SystemExit, match=re.escape(path) + " is not Karpathy's dataset_coco.json"):
         run_extract(*TINY, '--source=coco_karpathy', f'--coco_root={root}',
                     "--splits=('karpathy_test',)")
+
+
+def test_crops_are_shared_only_by_equal_transforms():
+    import extract
+    from torchvision import transforms
+
+    class RedToBlue:
+        """Changes only pure red pixels: the noise probe has none, so it cannot see this."""
+        def __call__(self, image):
+            pixels = np.array(image)
+            pixels[(pixels == (255, 0, 0)).all(-1)] = (0, 0, 255)
+            return Image.fromarray(pixels)
+
+    crop = lambda *first: transforms.Compose([*first, transforms.Resize(32),
+                                              transforms.CenterCrop(32), transforms.PILToTensor()])
+    probe = Image.fromarray(np.random.default_rng(0).integers(0, 256, (251, 317, 3), np.uint8))
+    assert torch.equal(crop()(probe), crop(RedToBlue())(probe))  # the probe is blind to it
+    assert not extract.shares_crop(crop(), crop(RedToBlue()))
+    assert extract.shares_crop(crop(), crop())  # two equal transforms, built apart
+    assert not extract.shares_crop(crop(), transforms.Compose([transforms.Resize(48),
+                                                               transforms.CenterCrop(32),
+                                                               transforms.PILToTensor()]))

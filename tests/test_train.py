@@ -1,6 +1,7 @@
 """train.py end to end: a tiny DiT on random data folders, CPU, float32, run as a user would."""
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -246,3 +247,20 @@ def test_non_finite_loss_stops_and_keeps_the_checkpoint(run, data, tmp_path):
     assert f'(iteration {ITERS}) is kept' in result.stderr
     with open(os.path.join(out, 'ckpt.pt'), 'rb') as f:
         assert f.read() == before
+
+
+def test_regression_keeps_its_best_held_out_checkpoint(data, tmp_path):
+    """The demos' regression baseline (--always_save_checkpoint=False): ckpt.pt is saved only at
+    the evaluations that lower the held-out loss, so it holds the iteration of the lowest one."""
+    out = str(tmp_path / 'out')
+    printed = train(f'--train_data={data}', '--val_fraction=0.25', f'--out_dir={out}',
+                    '--max_iters=40', '--eval_interval=5', '--learning_rate=3e-2',
+                    '--objective=regression', '--always_save_checkpoint=False').stdout
+    evals = {r['iter']: r['val_loss'] for r in records(out, 'eval')}
+    improved = [i for i in evals if i > 0 and evals[i] < min(v for j, v in evals.items() if j < i)]
+    saved = [int(n) for n in re.findall(r'saved \S+ckpt\.pt \(iteration (\d+)\)', printed)]
+    assert saved == improved and 0 < len(saved) < len(evals) - 1  # some evaluations did not save
+    ckpt = torch.load(os.path.join(out, 'ckpt.pt'), map_location='cpu', weights_only=False)
+    best = min(evals, key=evals.get)
+    assert (ckpt['iter_num'], ckpt['best_val_loss'], ckpt['objective']) == (best, evals[best],
+                                                                           'regression')
