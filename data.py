@@ -13,14 +13,12 @@
                                         demo; extract.py's true_samples = S): row i's S true draws
                                         of p(CLIP | EVA), clip.npy's tokens of S re-renders of
                                         image i with the hidden attribute redrawn; meta.json's
-                                        true_samples {file, samples: S, rule} says how
+                                        true_samples {file, samples: S, rule} says how;
+                                        optional; eval.py's Task 3 scores conditional MMD
+                                        against them (S >= 2; its true-samples column: S >= 4)
       meta.json      what the arrays hold, below
       captions.json  {image_id: [caption, ...]} where the source has captions (COCO: 5 to 7
                                         an image)
-      clip_samples.npy  float16 [N, S, T, D]  optional: S >= 2 true draws of CLIP tokens per
-                                        image from p(CLIP | EVA) (a demo that can redraw what EVA
-                                        does not see); eval.py's Task 3 scores conditional MMD
-                                        against them
 
 Row i of every array is the same image. The arrays are `np.lib.format.open_memmap` files: the shape
 lives in the header, readers open them with `np.load(path, mmap_mode='r')` and never load a whole
