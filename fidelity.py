@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 import data
-from metrics import (FIDELITY_INTERVALS, HEADLINE_SET, fidelity_report, fidelity_rows,
+from metrics import (BETTER, FIDELITY_INTERVALS, HEADLINE_SET, fidelity_report, fidelity_rows,
                      fidelity_summary)
 
 KEYS = {'f': 'floor', 'b': 'method_b', 'm': 'mean_tokens', 'u': 'unconditional',
@@ -189,6 +189,7 @@ def task(real, draws, differences, settings, common, bootstrap):
                 {'metrics': list(HEADLINE_SET), 'embedding': 'pooled',
                  'columns': {name(c): {m: b[m] for m in HEADLINE_SET}
                              for c, b in report['pooled'].items()}})
+    headline['better'] = {m: BETTER[m] for m in headline.get('metrics', [headline.get('metric')])}
     protocol = {**{k: v for k, v in settings.items() if k != 'seed_paths'},
                 'seed_generated': settings['seed_paths'], 'rbf_sigma': report['sigma'],
                 'rbf_sigma_rule': 'median distance between real rows (median heuristic)',

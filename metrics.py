@@ -541,6 +541,9 @@ def fidelity_columns(real, columns, differences, k, sigma, halvings, images, see
 SET_METRICS = ('frechet_distance', 'mmd2', 'recall', 'coverage', 'variance_ratio', 'precision',
                'density')  # precision and density last: they reward collapse, never headlined
 HEADLINE_SET = ('frechet_distance', 'coverage', 'recall')
+# which way each Task 3 figure is better (the variance ratio's best is 1: none)
+BETTER = {'frechet_distance': 'lower', 'mmd2': 'lower', 'conditional_mmd2': 'lower',
+          'recall': 'higher', 'coverage': 'higher', 'precision': 'higher', 'density': 'higher'}
 
 
 def conditional_block(draws, true, differences, sigma, samples, seed):

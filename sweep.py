@@ -37,6 +37,7 @@ import time
 import data
 import flow
 import plots
+from metrics import BETTER
 
 # -----------------------------------------------------------------------------
 out_dir = 'out'                # samples: out_dir/samples/<name>/; the table: out_dir/<sweep_name>.*
@@ -53,7 +54,8 @@ cfg_scales = (1.0,)
 shifts = (1.0,)                # time grids (flow.time_grid)
 seeds = ()                     # sampling seeds per cell, for the generator's spread; () = (seed,)
 # the ranking's figure: a table column, higher is better (t2i_recall@1, token_cosine_mean), or a
-# Task 3 headline figure in its own direction (fidelity_headline: conditional_mmd, pooled_fd)
+# Task 3 headline figure in its own direction (conditional_mmd2 where the data folder has true
+# samples, else frechet_distance, coverage, recall): then every cell's eval runs Task 3
 select_metric = 'i2t_recall@5'
 select_top = 1                 # cells evaluated on val_data after the selection
 use_ema = True
@@ -101,11 +103,11 @@ def check_grid(methods, steps, cfg_scales, shifts):
                              f"{values!r}")
 
 
-def cell_is_done(folder):
-    """Both eval summaries describe the generated array now in folder (what it depends on, as
-    generated.json says)."""
-    summaries = [os.path.join(folder, 'eval', f'{task}_summary.json') for task in ('alignment',
-                                                                                   'recall')]
+def cell_is_done(folder, fidelity=False):
+    """The eval summaries (Task 3's too when fidelity) describe the generated array now in folder
+    (what it depends on, as generated.json says)."""
+    tasks = ('alignment', 'recall', 'fidelity') if fidelity else ('alignment', 'recall')
+    summaries = [os.path.join(folder, 'eval', f'{task}_summary.json') for task in tasks]
     if not all(map(os.path.exists, [os.path.join(folder, 'generated.json'), *summaries])):
         return False
     sampling = data.read_json(os.path.join(folder, 'generated.json'))
@@ -136,25 +138,22 @@ def flatten(prefix, values):
 
 
 def fidelity_headline(folder):
-    """Columns of the Task 3 headline figures in a cell's eval/fidelity_summary.json (eval.py),
-    {name: {value, ci95: [lo, hi], better: 'lower' | 'higher'}}: name, name_ci95_lo / _hi and
-    name_better, the figure's direction; {} where eval.py wrote no such file."""
+    """B's Task 3 headline figures in a cell's eval/fidelity_summary.json (eval.py --tasks=...,
+    fidelity): name, name_ci95_lo / _hi and name_better (the figure's direction, as the summary
+    says); {} where eval.py wrote no such file."""
     path = os.path.join(folder, 'eval', 'fidelity_summary.json')
     if not os.path.exists(path):
         return {}
-    summary, row = data.read_json(path), {}
-    if not isinstance(summary.get('headline'), dict):
-        raise SystemExit(f"sweep.py: {path} should hold a 'headline' dict of figures, got keys "
-                         f"{sorted(summary)}")
-    for name, figure in summary['headline'].items():
-        if not isinstance(figure, dict) or 'value' not in figure:
-            continue  # not a figure of this layout (eval.py may add other headline entries)
-        if figure.get('better') not in ('lower', 'higher') \
-                or not isinstance(figure.get('value'), (int, float)):
-            raise SystemExit(f"sweep.py: {path}: headline {name!r} should be {{'value': a number, "
-                             f"'ci95': [lo, hi], 'better': 'lower' or 'higher'}}, got {figure!r}")
+    headline, row = data.read_json(path).get('headline') or {}, {}
+    figures = (headline.get('columns') or {}).get('method_b')
+    if not isinstance(figures, dict) or not isinstance(headline.get('better'), dict):
+        raise SystemExit(f"sweep.py: {path} should hold B's figures under headline.columns.method_b "
+                         f"and their directions under headline.better, got {headline!r:.200}")
+    if 'value' in figures:  # one figure (conditional MMD^2), else {metric: figure}
+        figures = {headline['metric']: figures}
+    for name, figure in figures.items():
         row.update({name: figure['value'], **flatten(f'{name}_', {'ci95': figure.get('ci95')}),
-                    f'{name}_better': figure['better']})
+                    f'{name}_better': headline['better'][name]})
     return row
 
 
@@ -181,34 +180,39 @@ def read_cell(folder):
     return row, recall['method_a']
 
 
-def run_cells(cells, seed_list, on_holdout, shared, config_files, objectives):
-    """sample.py and eval.py for every cell and seed (or read back): the table rows, A's recall on
-    that split, and the cell of each row's settings (CELL)."""
-    rows, baseline, folders, cell_of = [], None, set(), {}
-    grid = [(ckpt, dataclasses.replace(sampler, seed=s))
-            for ckpt, sampler in cells for s in seed_list]
+def run_cells(cells, seed_list, on_holdout, shared, config_files, objectives, fidelity=False):
+    """sample.py for every cell and seed, then eval.py for each (or read back): the table rows, A's
+    recall on that split, and the cell of each row's settings (CELL). fidelity: eval.py runs Task 3
+    too, each seed's array with the cell's other seeds beside it (B's spread, conditional MMD)."""
+    rows, baseline, seen, cell_of = [], None, set(), {}
     where = 'held-out slice of train_data' if on_holdout else 'val_data'
-    for i, (ckpt, sampler) in enumerate(grid):
-        name = data.samples_name(ckpt, sampler.for_objective(objectives[ckpt]), on_holdout)
-        folder = os.path.join(out_dir, 'samples', name)
-        # a regression checkpoint has no sampler: one folder for all its cells
-        if folder in folders:
-            continue
-        folders.add(folder)
-        t0 = time.time()
-        stage = shared + [f'--holdout={on_holdout}']
-        run_stage('sample.py', config_files, stage + [f'--ckpt_path={ckpt}', *sampler.arguments()])
-        # sample.py reused the array (or made it again): are its summaries current?
-        done = cell_is_done(folder)
-        if not done:
-            run_stage('eval.py', config_files,
-                      stage + [f'--generated={os.path.join(folder, "generated.npy")}'])
-        row, baseline = read_cell(folder)
-        rows.append(row)
-        cell_of[tuple(row[k] for k in CELL)] = (ckpt, sampler)
-        how = 'reused' if done else f'sampled and evaluated in {time.time() - t0:.1f} s'
-        print(f"[{i + 1}/{len(grid)}] {name} on the {where}: {how}, image->text R@5 "
-              f"{100 * row['i2t_recall@5']:.1f}%, token cosine {row['token_cosine_mean']:.4f}")
+    stage = shared + [f'--holdout={on_holdout}']
+    for ckpt, cell in cells:
+        started = {}  # this cell's folders, not sampled yet (regression: one folder for every cell)
+        for sampler in (dataclasses.replace(cell, seed=s) for s in seed_list):
+            name = data.samples_name(ckpt, sampler.for_objective(objectives[ckpt]), on_holdout)
+            folder = os.path.join(out_dir, 'samples', name)
+            if folder not in seen:
+                seen.add(folder)
+                started[folder] = time.time()
+                run_stage('sample.py', config_files,
+                          stage + [f'--ckpt_path={ckpt}', *sampler.arguments()])
+        for folder, t0 in started.items():
+            # sample.py reused the array (or made it again): are its summaries current?
+            done = cell_is_done(folder, fidelity)
+            if not done:
+                others = tuple(os.path.join(f, 'generated.npy') for f in started if f != folder)
+                task3 = ['--tasks=alignment,recall,fidelity', f'--seed_generated={others}']
+                run_stage('eval.py', config_files, stage + [
+                    f'--generated={os.path.join(folder, "generated.npy")}',
+                    *(task3 if fidelity else [])])
+            row, baseline = read_cell(folder)
+            rows.append(row)
+            cell_of[tuple(row[k] for k in CELL)] = (ckpt, cell)
+            how = 'reused' if done else f'sampled and evaluated in {time.time() - t0:.1f} s'
+            print(f"[{len(rows)}/{len(cells) * len(seed_list)}] {os.path.basename(folder)} on the "
+                  f"{where}: {how}, image->text R@5 {100 * row['i2t_recall@5']:.1f}%, token "
+                  f"cosine {row['token_cosine_mean']:.4f}")
     return rows, baseline, cell_of
 
 
@@ -370,7 +374,9 @@ if __name__ == '__main__':
     print(f"sweep: {len(checkpoints)} checkpoint(s) x {len(methods)} method(s) x {len(steps)} step "
           f"count(s) x {len(cfg_scales)} cfg scale(s) x {len(shifts)} shift(s) x {len(seed_list)} "
           f"seed(s) on the {where}")
-    rows, baseline, cell_of = run_cells(cells, seed_list, holdout, shared, config_files, objectives)
+    fidelity = select_metric in BETTER  # a Task 3 figure: eval.py runs Task 3 in every cell
+    rows, baseline, cell_of = run_cells(cells, seed_list, holdout, shared, config_files, objectives,
+                                        fidelity)
     ranking = over_seeds(rows, select_metric)
     table = {'grid': {'ckpts': checkpoints, 'methods': methods, 'steps': steps,
                       'cfg_scales': cfg_scales, 'shifts': shifts, 'seeds': seed_list,
@@ -387,7 +393,7 @@ if __name__ == '__main__':
         print(f"sweep: chose {len(chosen)} cell(s) by the held-out {select_metric}; evaluating on "
               "val_data")
         reported, table['method_a_reported'], _ = run_cells(picked, seed_list, False, shared,
-                                                            config_files, objectives)
+                                                            config_files, objectives, fidelity)
         table['reported'], table['reported_over_seeds'] = reported, over_seeds(reported,
                                                                                select_metric)
         all_rows = rows + reported

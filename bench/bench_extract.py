@@ -27,6 +27,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import demo  # noqa: E402
 import extract  # noqa: E402
+import sources  # noqa: E402
 from bench_model import seconds_per_call  # noqa: E402
 
 # -----------------------------------------------------------------------------
@@ -107,7 +108,7 @@ try:
     else:
         kw = dict(synthetic_counts={'bench': images}, synthetic_image_size=setting['image_size'])
     t0 = time.time()
-    listing = extract.list_split('bench', source, **kw)
+    listing = sources.list_split('bench', source, **kw)
     list_s = time.time() - t0
     extract.extract_split(listing, os.path.join(tmp, 'out'), clip, eva, device,
                           setting['batch_size'], num_workers, overwrite=True)

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 
+import sweep
 from metrics import (conditional_mmd2, fidelity_columns, frechet_distance, knn_radii, mmd2,
                      prdc, within_distances)
 from test_eval import eval_setup, load_summaries, run_eval, tiny_clip, write_generated  # noqa: F401
@@ -156,6 +157,10 @@ def test_end_to_end_with_true_samples_and_seeds(eval_setup, monkeypatch, capsys)
     with open(out / 'seed1' / 'eval' / 'fidelity_summary.json') as f:
         s = json.load(f)
     assert s['headline']['metric'] == 'conditional_mmd2'
+    assert s['headline']['better'] == {'conditional_mmd2': 'lower'}
+    # sweep.py ranks cells by this figure, read from the summary eval.py wrote
+    assert sweep.fidelity_headline(str(out / 'seed1'))['conditional_mmd2'] == \
+        s['conditional_mmd2']['method_b']['value']
     cols = s['conditional_mmd2']
     assert set(cols) >= {'method_b', 'baseline_ridge', 'mean_tokens', 'true_samples',
                          'unconditional', 'b_minus_ridge'}

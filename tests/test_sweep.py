@@ -188,41 +188,49 @@ def test_table_reads_new_fields_generically(tmp_path):
 
 
 def test_cells_ranked_by_a_task3_figure_in_its_direction(tmp_path):
-    """select_metric may name a headline figure of eval.py's fidelity_summary.json: lower is better
-    where it says so (conditional MMD), higher where it says that; recall still ranks highest
-    first."""
+    """select_metric may name B's headline figure in eval.py's fidelity_summary.json: lower first
+    where the summary says lower is better (conditional MMD^2), higher first where it says higher;
+    recall still ranks highest first."""
     recall = {d: {'recall@1': 0.2, 'recall@5': 0.5, 'recall@10': 0.7}
               for d in ('image_to_text', 'text_to_image')}
     rows = []
-    for k, (mmd, cover, r5) in enumerate([(0.3, 0.9, 0.6), (0.1, 0.7, 0.4), (0.2, 0.8, 0.5)]):
+    for k, (mmd, r5) in enumerate([(0.3, 0.6), (0.1, 0.4), (0.2, 0.5)]):
         i2t = {**recall['image_to_text'], 'recall@5': r5}
         folder = cell_folder(tmp_path / f'cell{k}', {**recall, 'image_to_text': i2t},
                              {'mean_cosine_similarity': 0.3})
-        headline = {'conditional_mmd': {'value': mmd, 'ci95': [mmd - 0.05, mmd + 0.05],
-                                        'better': 'lower'},
-                    'coverage': {'value': cover, 'ci95': [0.6, 1.0], 'better': 'higher'}}
-        headline['metric'] = 'conditional_mmd2'  # entries that are not figures are skipped
-        json.dump({'headline': headline, 'other': {'pooled_fd': 1.0}},
-                  open(folder / 'eval' / 'fidelity_summary.json', 'w'))
+        headline = {'metric': 'conditional_mmd2', 'better': {'conditional_mmd2': 'lower'},
+                    'columns': {'floor': {'value': 0.0, 'ci95': [-0.1, 0.1]},
+                                'method_b': {'value': mmd, 'ci95': [mmd - 0.05, mmd + 0.05]}}}
+        json.dump({'headline': headline}, open(folder / 'eval' / 'fidelity_summary.json', 'w'))
         row, _ = read_cell(str(folder))
         rows.append({**row, 'cfg_scale': float(k), 'seed': 1})  # three cells
-    assert (rows[1]['conditional_mmd'], rows[1]['conditional_mmd_ci95_lo'],
-            rows[1]['conditional_mmd_better']) == (0.1, 0.05, 'lower')
-    assert [e['cfg_scale'] for e in over_seeds(rows, 'conditional_mmd')] == [1.0, 2.0, 0.0]
-    assert [e['cfg_scale'] for e in over_seeds(rows, 'coverage')] == [0.0, 2.0, 1.0]
+    assert (rows[1]['conditional_mmd2'], rows[1]['conditional_mmd2_ci95_lo'],
+            rows[1]['conditional_mmd2_better']) == (0.1, 0.05, 'lower')
+    assert [e['cfg_scale'] for e in over_seeds(rows, 'conditional_mmd2')] == [1.0, 2.0, 0.0]
     assert [e['cfg_scale'] for e in over_seeds(rows, 'i2t_recall@5')] == [0.0, 2.0, 1.0]
-    assert over_seeds(rows, 'conditional_mmd')[0]['conditional_mmd']['mean'] == 0.1
+    assert over_seeds(rows, 'conditional_mmd2')[0]['conditional_mmd2']['mean'] == 0.1
     with pytest.raises(SystemExit, match=r"select_metric='pooled_fd' is not a column of the table "
                                          r"nor a headline figure of .*cell0/eval/fidelity_summary"):
         over_seeds(rows, 'pooled_fd')
+    # without true samples the headline is a set of figures, each in its own direction
+    sets = cell_folder(tmp_path / 'sets', recall, {})
+    figures = {m: {'value': v, 'ci95': [v, v]} for m, v in
+               (('frechet_distance', 2.0), ('coverage', 0.8), ('recall', 0.9))}
+    json.dump({'headline': {'metrics': list(figures), 'embedding': 'pooled',
+                            'better': {'frechet_distance': 'lower', 'coverage': 'higher',
+                                       'recall': 'higher'},
+                            'columns': {'method_b': figures}}},
+              open(sets / 'eval' / 'fidelity_summary.json', 'w'))
+    row = read_cell(str(sets))[0]
+    assert (row['frechet_distance'], row['frechet_distance_better'], row['coverage_better']) == \
+        (2.0, 'lower', 'higher')
     # a cell that eval.py evaluated without Task 3 has no such columns; a bad headline is named
-    assert 'conditional_mmd' not in read_cell(str(cell_folder(tmp_path / 'old', recall, {})))[0]
+    assert 'conditional_mmd2' not in read_cell(str(cell_folder(tmp_path / 'old', recall, {})))[0]
     bad = cell_folder(tmp_path / 'bad', recall, {})
-    json.dump({'headline': {'conditional_mmd': {'value': 0.1, 'better': 'smaller'}}},
+    json.dump({'headline': {'metric': 'conditional_mmd2', 'columns': {}}},
               open(bad / 'eval' / 'fidelity_summary.json', 'w'))
-    with pytest.raises(SystemExit, match=r"bad/eval/fidelity_summary.json: headline "
-                                         r"'conditional_mmd' should be .*'better': 'lower' or "
-                                         r"'higher'}, got .*'smaller'"):
+    with pytest.raises(SystemExit, match=r"bad/eval/fidelity_summary.json should hold B's figures "
+                                         r"under headline.columns.method_b"):
         read_cell(str(bad))
 
 

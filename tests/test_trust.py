@@ -17,7 +17,7 @@ import torch
 from PIL import Image
 
 import data
-import extract
+import sources
 from conftest import ROOT, make_data_folder
 
 TINY = ['--dim=32', '--n_layers=2', '--n_heads=2', '--in_dim=8', '--cond_dim=12', '--grid_size=4',
@@ -241,7 +241,7 @@ def test_a_16_bit_png_reads_like_the_8_bit_picture(tmp_path):
     Image.fromarray((picture * 65535).round().astype(np.uint16)).save(tmp_path / 'deep.png')
     Image.fromarray((picture * 255).round().astype(np.uint8)).save(tmp_path / 'plain.png')
     assert Image.open(tmp_path / 'deep.png').mode == 'I;16'
-    deep, plain = (np.asarray(extract.load_file(str(tmp_path / f)), dtype=np.int16)
+    deep, plain = (np.asarray(sources.load_file(str(tmp_path / f)), dtype=np.int16)
                    for f in ('deep.png', 'plain.png'))
     assert deep.shape == plain.shape == (64, 64, 3) and np.abs(deep - plain).max() <= 1
     assert plain.mean() < 150  # not the near-white that PIL's convert('RGB') makes of it
