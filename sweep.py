@@ -147,8 +147,9 @@ def fidelity_headline(folder):
     headline, row = data.read_json(path).get('headline') or {}, {}
     figures = (headline.get('columns') or {}).get('method_b')
     if not isinstance(figures, dict) or not isinstance(headline.get('better'), dict):
-        raise SystemExit(f"sweep.py: {path} should hold B's figures under headline.columns.method_b "
-                         f"and their directions under headline.better, got {headline!r:.200}")
+        raise SystemExit(f"sweep.py: {path} should hold B's figures under "
+                         f"headline.columns.method_b and their directions under headline.better, "
+                         f"got {headline!r:.200}")
     if 'value' in figures:  # one figure (conditional MMD^2), else {metric: figure}
         figures = {headline['metric']: figures}
     for name, figure in figures.items():
