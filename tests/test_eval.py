@@ -256,8 +256,8 @@ def test_end_to_end_writes_every_field(eval_setup, monkeypatch, capsys):
     check_mean_tokens(align, recall, out, train)
     check_recall_difference(recall)
     check_detailed_plots_and_table(out, data, recall, capsys.readouterr().out)
-    # Task 3 is opt-in: the default tasks are alignment and recall
-    assert not os.path.exists(out / 'eval' / 'fidelity_summary.json')
+    # Task 3 runs by default, beside alignment and recall
+    assert os.path.exists(out / 'eval' / 'fidelity_summary.json')
 
     # the real tokens fed as generated: B is A exactly; the cached text features are reused
     write_generated(out / 'generated.npy', clip)
