@@ -15,7 +15,7 @@ metrics.py's, the figures plots.py's; token fidelity's units (the DiT's own) and
 are fidelity.py's. The summaries go next to the generated array (<its folder>/eval/; out_dir/eval/
 without one) and name the checkpoint and sampler that made it; an array made for other rows (its
 generated.json 'data') is refused. Task 3 (fidelity_summary.json, fields in fidelity.py) runs by
-default: at COCO scale it adds TASK3_PERCENT% to eval.py's time on one CPU thread (bench/RESULTS.md);
+default: at COCO scale it adds 7% to eval.py's time on one CPU thread (bench/RESULTS.md);
 --tasks=alignment,recall leaves it out.
 
 python eval.py config/demo.py                 # the flow DiT's samples sample.py finished last
