@@ -67,7 +67,8 @@ def check_k(k, images, N):
     half = min(N, images or N) // 2
     if not 0 < k < half:
         raise SystemExit(f"eval.py: fidelity_k={k} should be at least 1 and below the "
-                         f"images of each half: {N} images give halves of {half}")
+                         f"images of each half: {N} images give halves of {half} (Task 3 needs "
+                         f"more images; --tasks=alignment,recall leaves it out)")
 
 
 def seed_draws(gen_path, sampling, paths):

@@ -384,15 +384,21 @@ def rbf(d, sigma):
     return torch.exp(-d / (2 * sigma ** 2))
 
 
-def mmd2_terms(d_xx, d_yy, d_xy, sigma):
+def mmd2_terms(d_xx, d_yy, d_xy, sigma, own_y=None):
     """Per-point terms (a [n], b [m]) of the unbiased RBF MMD^2 of the sets x and y, from their
     squared distances: MMD^2 = a.mean() + b.mean(). Near 0 (it can go below) when x and y come from
-    one distribution; lower is better."""
-    kxx, kyy, kxy = rbf(d_xx, sigma), rbf(d_yy, sigma), rbf(d_xy, sigma)
-    n, m = len(kxx), len(kyy)
-    a = (kxx.sum(1) - kxx.diagonal()) / (n - 1) - kxy.mean(1)
-    b = (kyy.sum(1) - kyy.diagonal()) / (m - 1) - kxy.mean(0)
-    return a, b
+    one distribution; lower is better. own_y: own_kernel_means(d_yy, sigma), shared by callers
+    that measure many sets against one y."""
+    kxy = rbf(d_xy, sigma)
+    own_y = own_kernel_means(d_yy, sigma) if own_y is None else own_y
+    return own_kernel_means(d_xx, sigma) - kxy.mean(1), own_y - kxy.mean(0)
+
+
+def own_kernel_means(d, sigma):
+    """Each point's mean RBF kernel value with the other points of its set, from the set's
+    within_distances [n, n]: the within-set half of mmd2_terms."""
+    k = rbf(d, sigma)
+    return (k.sum(1) - k.diagonal()) / (len(k) - 1)
 
 
 def mmd2(x, y, sigma):
@@ -411,13 +417,15 @@ def knn_radii(d, k):
     return d.kthvalue(k + 1, dim=1).values  # the point itself is its 0th neighbour
 
 
-def knn_terms(d_rr, d_ff, d_rf, k):
+def knn_terms(d_rr, d_ff, d_rf, k, real_r=None):
     """k-NN precision/recall (Kynkäänniemi et al. 2019) and density/coverage (Naeem et al. 2020;
     the prdc package's definitions) per point, from squared distances real-real [n, n],
     fake-fake [m, m] and real-fake [n, m]: precision, density per generated point; recall, coverage
     per real point. Their means are the metrics, all higher is better; precision and density
-    reward a collapsed generator (it sits where the real points are dense)."""
-    real_r, fake_r = knn_radii(d_rr, k), knn_radii(d_ff, k)
+    reward a collapsed generator (it sits where the real points are dense). real_r:
+    knn_radii(d_rr, k), shared by callers that measure many sets against one real set."""
+    real_r = knn_radii(d_rr, k) if real_r is None else real_r
+    fake_r = knn_radii(d_ff, k)
     inside = d_rf < real_r[:, None]  # generated point j inside real point i's k-NN ball
     return {'precision': inside.any(0).double(), 'density': inside.sum(0).double() / k,
             'recall': (d_rf < fake_r[None]).any(1).double(),
@@ -453,16 +461,19 @@ def halving_terms(real, columns, k, sigma, halvings, images, seed):
     counts = {s: torch.zeros(N, dtype=torch.float64) for s in SIDES}
     fd = {c: [] for c in keys}
     per_image = lambda v: v.view(n, P).sum(1)
+    real, columns = real.double(), {c: v.double() for c, v in columns.items()}  # once, not a round
     for _ in range(halvings):
         perm = torch.randperm(N, generator=g)
         gen, ref = perm[:n], perm[n:2 * n]
         y = real[ref].flatten(0, 1)
+        # the real half's statistics, shared by every column of the round
         d_yy = within_distances(y)
+        real_r, own_y = knn_radii(d_yy, k), own_kernel_means(d_yy, sigma)
         for c in keys:
             x = (real if c == 'f' else columns[c])[gen].flatten(0, 1)
-            d_xy = sq_distances(x, y)
-            terms = knn_terms(d_yy, within_distances(x), d_xy.T, k)
-            a, b = mmd2_terms(within_distances(x), d_yy, d_xy, sigma)
+            d_xx, d_xy = within_distances(x), sq_distances(x, y)
+            terms = knn_terms(d_yy, d_xx, d_xy.T, k, real_r)
+            a, b = mmd2_terms(d_xx, d_yy, d_xy, sigma, own_y)
             for m in SIDES['generated']:
                 sums[c, m].index_add_(0, gen, per_image(terms[m]))
             for m in SIDES['real']:

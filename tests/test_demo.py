@@ -1,6 +1,7 @@
 """The README's main job, shortened: extract -> train -> sample -> eval with config/demo.py, the
 same entry points."""
 import json
+import math
 import os
 import subprocess
 import sys
@@ -45,6 +46,7 @@ def test_demo_end_to_end_learns_and_reports_both_tasks(tmp_path):
     check_training(out)
     recall = check_summaries(data, out, printed)
     check_baselines(out, recall)
+    check_fidelity(out)
     check_sweep(tmp_path, data, folders, out)
 
 
@@ -54,6 +56,21 @@ def check_training(out):
     untrained, trained = evals[0], evals[-1]
     assert (untrained['iter'], trained['iter']) == (0, 150)
     assert trained['gen_token_cosine'] > untrained['gen_token_cosine'] + 0.2, (untrained, trained)
+
+
+def check_fidelity(out):
+    """Task 3 ran by default: a headline of finite figures with B in it, and the floor (A's split
+    half against the other half) has the real set's spread exactly."""
+    [samples] = [f for f in os.listdir(out / 'samples') if f not in ('ridge', 'ckpt-regression')]
+    summary = json.load(open(out / 'samples' / samples / 'eval' / 'fidelity_summary.json'))
+    values = lambda block: ([block['value']] if 'value' in block else
+                            [v for b in block.values() if isinstance(b, dict) for v in values(b)])
+    headline = summary['headline']['columns']
+    assert {'method_b', 'floor'} <= set(summary['pooled'])
+    assert values(headline) and all(math.isfinite(v) for v in values(headline))
+    for representation in ('pooled', 'tokens'):
+        assert summary[representation]['floor']['variance_ratio']['value'] == \
+            pytest.approx(1, abs=1e-12)
 
 
 def check_summaries(data, out, printed):

@@ -256,8 +256,8 @@ def test_end_to_end_writes_every_field(eval_setup, monkeypatch, capsys):
     check_mean_tokens(align, recall, out, train)
     check_recall_difference(recall)
     check_detailed_plots_and_table(out, data, recall, capsys.readouterr().out)
-    # Task 3 is opt-in: the default tasks are alignment and recall
-    assert not os.path.exists(out / 'eval' / 'fidelity_summary.json')
+    # Task 3 runs by default, beside alignment and recall
+    assert os.path.exists(out / 'eval' / 'fidelity_summary.json')
 
     # the real tokens fed as generated: B is A exactly; the cached text features are reused
     write_generated(out / 'generated.npy', clip)
@@ -334,9 +334,9 @@ def test_images_without_captions_named(eval_setup, monkeypatch):
 def test_clip_model_that_does_not_fit_the_data(tmp_path, tiny_clip, monkeypatch):
     data = make_data_folder(str(tmp_path / 'data'), n=4, tokens=16, clip_dim=12, embed_dim=6)
     with pytest.raises(SystemExit, match=r"projects 8 -> 6, but .* token dim 12"):
+        # 4 images: too few for Task 3's k-NN halves, so Tasks 1-2 only
         run_eval(monkeypatch, f'--val_data={data}', f'--out_dir={tmp_path}',
-                 f'--clip_model={tiny_clip}',
-                 '--clip_pretrained=')
+                 f'--clip_model={tiny_clip}', '--clip_pretrained=', '--tasks=alignment,recall')
 
 
 def test_default_finds_what_sample_py_wrote_and_names_its_maker(eval_setup, monkeypatch):
