@@ -212,6 +212,11 @@ def open_folder(folder, arrays=('clip', 'eva'), setting='val_data', remedy='run 
     return meta
 
 
+def token_shape(meta):
+    """(tokens, dim) of a data folder's CLIP tokens: every generated array's row shape."""
+    return meta['clip']['tokens'], meta['clip']['dim']
+
+
 def check_captions(captions, path):
     """SystemExit naming the file, the image and the value unless every entry is a non-empty list of
     non-blank strings (a bare string would be read as a list of letters)."""

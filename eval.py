@@ -11,7 +11,9 @@ Image embeddings, all in CLIP's joint image-text space (embed_dim, 768 for ViT-L
   by plain regression), each compared with B on the same bootstrap draws
 Without a generated.npy only A, R, mean tokens and any baselines are reported (the CLIP baseline).
 The metrics, their tie rule and intervals (images resampled with all their captions) are
-metrics.py's, the figures plots.py's; token fidelity's units (the DiT's own) and Task 3's draws
+metrics.py's, the figures plots.py's; token fidelity's units (the DiT's own), Task 3's draws and
+the columns that come from train_data (the mean tokens; the unconditional control, real tokens of
+random training images, which Tasks 1-2 score too, as the true samples where the folder has them)
 are fidelity.py's. The summaries go next to the generated array (<its folder>/eval/; out_dir/eval/
 without one) and name the checkpoint and sampler that made it; an array made for other rows (its
 generated.json 'data') is refused. Task 3 (fidelity_summary.json, fields in fidelity.py) runs by
@@ -26,7 +28,8 @@ Why A is below R: CLIP was trained through its CLS token; its patch tokens were 
 mean-pooled and projected. Published CLIP COCO figures use R, on COCO 2014's Karpathy 5K test split.
 
 alignment_summary.json (Task 1, every image-caption pair): method_a, method_b, reference,
-mean_tokens, and baselines {label: ...}, each with mean_cosine_similarity (and _ci95), std_, min_,
+mean_tokens, true_samples and unconditional (null where Task 3 did not run or the folder has no
+true samples), and baselines {label: ...}, each with mean_cosine_similarity (and _ci95), std_, min_,
 max_cosine_similarity; difference_mean (_ci95), difference_std (B - A per pair) and b_minus_<label>
 for each baseline; correlation (Pearson, per-pair A vs B), reference_correlation (A vs R);
 embedding_space, uses_visual_projection; token_fidelity (B's), mean_tokens_fidelity:
@@ -93,10 +96,13 @@ METHODS = {'a': 'A: real tokens, mean-pooled + proj',
            'b': 'B: generated tokens, mean-pooled + proj',
            'r': 'R: CLIP CLS embedding (clip_cls)',
            'm': "mean tokens: the training set's mean CLIP tokens for every image, "
-                "mean-pooled + proj"}
+                "mean-pooled + proj",
+           't': 'true samples: the first of clip_samples.npy\'s draws, mean-pooled + proj',
+           'u': 'unconditional: real tokens of random training images, mean-pooled + proj'}
 COLUMNS = {'a': 'A real tokens', 'b': 'B generated', 'r': 'R CLIP CLS', 'm': 'mean tokens',
-           'd': 'B - A'}
-SUMMARY_KEYS = {'a': 'method_a', 'b': 'method_b', 'r': 'reference', 'm': 'mean_tokens'}
+           't': 'true samples', 'u': 'unconditional', 'd': 'B - A'}
+SUMMARY_KEYS = {'a': 'method_a', 'b': 'method_b', 'r': 'reference', 'm': 'mean_tokens',
+                't': 'true_samples', 'u': 'unconditional'}  # t, u: where Task 3 runs
 
 
 def parse_tasks(tasks, k_values):
@@ -109,11 +115,6 @@ def parse_tasks(tasks, k_values):
     if not ks or any(not isinstance(k, int) or k < 1 for k in ks):
         raise SystemExit(f"eval.py: k_values should be positive integers, got {k_values!r}")
     return task_list, ks
-
-
-def token_shape(meta):
-    """(tokens, dim) of the data folder's CLIP tokens: every generated array's row shape."""
-    return meta['clip']['tokens'], meta['clip']['dim']
 
 
 def pool_project(tokens, visual):
@@ -186,32 +187,6 @@ def text_features(model, tokenizer, captions, folder, name, pretrained, batch_si
     data.write_atomic(path, lambda f: np.save(f, feats), 'wb')
     data.write_json(meta_path, key)
     return feats
-
-
-@torch.no_grad()
-def mean_tokens(train_data, val_fraction, meta, eval_data, max_rows, batch_size, device):
-    """The mean tokens [tokens, dim] and where they come from: the per-position, per-channel mean
-    of at most max_rows evenly spaced rows (0 = all) of train_data's clip.npy that train.py trains
-    on (never held-out ones), a chunk at a time; without it, the evaluated data's channel means."""
-    train_clip = os.path.join(train_data, 'clip.npy')
-    if not os.path.exists(train_clip):
-        source = f"{eval_data}/meta.json clip_mean at every position (no {train_clip})"
-        print(f"eval: the mean-tokens row uses {source}")
-        channel_mean = torch.tensor(meta['clip_mean'], dtype=torch.float32)
-        return channel_mean.expand(token_shape(meta)), source
-    n, *shape = data.open_array(train_clip, np.float16).shape
-    if tuple(shape) != token_shape(meta):
-        raise SystemExit(f"eval.py: {train_clip} holds tokens of shape {shape}, the evaluated data "
-                         f"{list(token_shape(meta))} (tokens, dim): train_data should be the same "
-                         f"encoder's training folder")
-    n = data.holdout_range(n, val_fraction, train_data)[0] if val_fraction > 0 else n
-    rows = (np.linspace(0, n, max_rows, endpoint=False).astype(int) if 0 < max_rows < n
-            else np.arange(n))
-    total = 0
-    for s in tqdm(range(0, len(rows), batch_size), desc='mean tokens', unit='batch'):
-        chunk = np.load(train_clip, mmap_mode='r')[rows[s:s + batch_size]]
-        total = total + torch.from_numpy(chunk).to(device).float().sum(0).double()
-    return (total / len(rows)).float(), f"{train_clip}: per-position mean of {len(rows)} rows"
 
 
 def check_finite(gen, gen_path, first_row):
@@ -312,7 +287,7 @@ def load_generated(generated, out_dir, holdout, meta, target):
         print(f"eval: no samples in {out_dir}/samples for this target: reporting the CLIP baseline "
               f"(A and R) only")
     else:
-        expected = (target['count'], *token_shape(meta))
+        expected = (target['count'], *data.token_shape(meta))
         shape = data.open_array(gen_path, np.float16, remedy='regenerate it with sample.py').shape
         if shape != expected:
             raise SystemExit(f"eval.py: {gen_path} has shape {list(shape)}, but {target['folder']} "
@@ -340,7 +315,7 @@ def load_baseline(path, meta, target):
     info_path = os.path.splitext(path)[0] + '.json'
     info = data.read_json(info_path) if os.path.exists(info_path) else {}
     label = str(info.get('label') or os.path.basename(os.path.dirname(os.path.abspath(path))))
-    expected, val_data = (target['count'], *token_shape(meta)), target['folder']
+    expected, val_data = (target['count'], *data.token_shape(meta)), target['folder']
     if 'data' not in info:
         print(f"eval: warning: baseline {label!r}: {info_path} has no 'data' (the rows it was made "
               f"for): checking its shape only")
@@ -388,6 +363,16 @@ def describe_columns(found, has_b):
     differences = {'d': ('b', 'a'), **{f'b_minus_{label}': ('b', key)
                                        for key, (label, _, _) in found.items()}} if has_b else {}
     return names, headings, differences
+
+
+def write_detailed(eval_dir, text_image, meta, mean_tok, image_emb, sims, per_image):
+    """alignment_detailed.npz: every image vector, pair cosine and per-image token figure."""
+    extra = {f'{k}_per_image_{m}': v for m, f in per_image.items() for k, v in f.items()}
+    np.savez(os.path.join(eval_dir, 'alignment_detailed.npz'), text_image=text_image,
+             image_ids=np.array([str(i) for i in meta['image_ids']]),
+             mean_tokens=mean_tok.cpu().numpy(),
+             **{f'image_embedding_{m}': e for m, e in image_emb.items()},
+             **{f'similarity_{m}': s for m, s in sims.items()}, **extra)
 
 
 def summary_header(target, holdout, gen_path, sampling, clip_model, clip_pretrained, text_image,
@@ -529,7 +514,8 @@ if __name__ == '__main__':
     text = text_features(model, tokenizer, captions, eval_data, clip_model, clip_pretrained,
                          eval_batch_size, device, rows)
     text = torch.from_numpy(text).to(device)
-    mean_tok, mean_source = mean_tokens(train_data, val_fraction, meta, eval_data, mean_tokens_rows,
+    mean_tok, mean_source = fidelity.mean_tokens(train_data, val_fraction, meta, eval_data,
+                                                 mean_tokens_rows,
                                         eval_batch_size, device)
     clip_mean, clip_std, stats_source = fidelity.fidelity_stats(sampling, info_path, train_data,
                                                                 meta, eval_data)
@@ -542,6 +528,17 @@ if __name__ == '__main__':
     R = F.normalize(torch.from_numpy(R).float(), dim=-1).numpy()
     # the columns: A, B, the baselines, R, mean tokens (one vector for every image), differences
     image_emb = {'a': A, **gens, 'r': R, 'm': np.tile(m_vec, (N, 1))}
+    if 'fidelity' in task_list:  # Task 3's draws: Tasks 1-2 score its true samples and control too
+        t_fidelity = time.time()
+        settings = {'k': fidelity_k, 'halvings': fidelity_halvings, 'images': fidelity_images,
+                    'tokens': fidelity_tokens, 'seed': fidelity_seed,
+                    'seed_paths': fidelity.seed_draws(gen_path, sampling, seed_generated)}
+        real, draws = fidelity.inputs(image_emb, gen_paths, meta, data.token_shape(meta),
+                                      target, mean_tok, train_data, val_fraction, settings,
+                                      lambda x: pool_project(x, model.visual),
+                                      (clip_mean, clip_std), eval_batch_size, device)
+        image_emb.update(fidelity.first_draws(draws))
+        seconds_fidelity = time.time() - t_fidelity
     names, headings, differences = describe_columns(found, 'b' in gens)
     columns = list(image_emb) + list(differences)
     eval_dir = os.path.join(os.path.dirname(gen_path) if gen_path else out_dir, 'eval')
@@ -570,12 +567,7 @@ if __name__ == '__main__':
         data.write_json(os.path.join(eval_dir, 'alignment_summary.json'), summary, indent=2)
         table += rows
         if save_detailed:
-            extra = {f'{k}_per_image_{m}': v for m, f in per_image.items() for k, v in f.items()}
-            np.savez(os.path.join(eval_dir, 'alignment_detailed.npz'), text_image=text_image,
-                     image_ids=np.array([str(i) for i in meta['image_ids']]),
-                     mean_tokens=mean_tok.cpu().numpy(),
-                     **{f'image_embedding_{m}': e for m, e in image_emb.items()},
-                     **{f'similarity_{m}': s for m, s in sims.items()}, **extra)
+            write_detailed(eval_dir, text_image, meta, mean_tok, image_emb, sims, per_image)
 
     # task 2: recall
     if 'recall' in task_list:
@@ -597,16 +589,9 @@ if __name__ == '__main__':
     # task 3: distribution fidelity
     if 'fidelity' in task_list:
         t_fidelity = time.time()
-        settings = {'k': fidelity_k, 'halvings': fidelity_halvings, 'images': fidelity_images,
-                    'tokens': fidelity_tokens, 'seed': fidelity_seed,
-                    'seed_paths': fidelity.seed_draws(gen_path, sampling, seed_generated)}
-        real, draws = fidelity.inputs(image_emb, gen_paths, meta, token_shape(meta), target,
-                                      mean_tok, train_data, val_fraction, settings,
-                                      lambda x: pool_project(x, model.visual),
-                                      (clip_mean, clip_std), eval_batch_size, device)
         report, summary, rows3, columns3 = fidelity.task(real, draws, differences, settings,
                                                          common, bootstrap)
-        summary['seconds'] = time.time() - t_fidelity
+        summary['seconds'] = seconds_fidelity + time.time() - t_fidelity
         data.write_json(os.path.join(eval_dir, 'fidelity_summary.json'), summary, indent=2)
         plot_fidelity(eval_dir, report, real, draws, {**headings, **fidelity.COLUMNS}, common)
 

@@ -1,4 +1,5 @@
-"""Fidelity for eval.py: the units tokens are compared in, and Task 3's draws and summary.
+"""Fidelity for eval.py: the units tokens are compared in, the mean tokens, and Task 3's draws and
+summary.
 
 Token fidelity (under Tasks 1-2's table) and Task 3 standardize tokens with the DiT's own channel
 statistics (fidelity_stats): generated.json's data_stats, else train_data's meta.json. Task 3,
@@ -24,6 +25,7 @@ import os
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
 import data
 from metrics import (BETTER, FIDELITY_INTERVALS, HEADLINE_SET, fidelity_report, fidelity_rows,
@@ -60,6 +62,32 @@ def fidelity_stats(sampling, info_path, train_data, meta, val_data):
                          f"token width; std positive and finite), got {describe(mean)} and "
                          f"{describe(std)}")
     return mean, std, source
+
+
+@torch.no_grad()
+def mean_tokens(train_data, val_fraction, meta, eval_data, max_rows, batch_size, device):
+    """The mean tokens [tokens, dim] and where they come from: the per-position, per-channel mean
+    of at most max_rows evenly spaced rows (0 = all) of train_data's clip.npy that train.py trains
+    on (never held-out ones), a chunk at a time; without it, the evaluated data's channel means."""
+    train_clip = os.path.join(train_data, 'clip.npy')
+    if not os.path.exists(train_clip):
+        source = f"{eval_data}/meta.json clip_mean at every position (no {train_clip})"
+        print(f"eval: the mean-tokens row uses {source}")
+        channel_mean = torch.tensor(meta['clip_mean'], dtype=torch.float32)
+        return channel_mean.expand(data.token_shape(meta)), source
+    n, *shape = data.open_array(train_clip, np.float16).shape
+    if tuple(shape) != data.token_shape(meta):
+        raise SystemExit(f"eval.py: {train_clip} holds tokens of shape {shape}, the evaluated "
+                         f"data {list(data.token_shape(meta))} (tokens, dim): train_data should "
+                         f"be the same encoder's training folder")
+    n = data.holdout_range(n, val_fraction, train_data)[0] if val_fraction > 0 else n
+    rows = (np.linspace(0, n, max_rows, endpoint=False).astype(int) if 0 < max_rows < n
+            else np.arange(n))
+    total = 0
+    for s in tqdm(range(0, len(rows), batch_size), desc='mean tokens', unit='batch'):
+        chunk = np.load(train_clip, mmap_mode='r')[rows[s:s + batch_size]]
+        total = total + torch.from_numpy(chunk).to(device).float().sum(0).double()
+    return (total / len(rows)).float(), f"{train_clip}: per-position mean of {len(rows)} rows"
 
 
 def check_k(k, images, N):
@@ -176,6 +204,12 @@ def inputs(image_emb, gen_paths, meta, shape, target, mean_tok, train_data, val_
     if control is not None:
         draws['u'] = control
     return real, draws
+
+
+def first_draws(draws):
+    """Tasks 1-2's columns from Task 3's draws, where they exist: the true samples' first draw
+    and the unconditional control's (image vectors [N, E])."""
+    return {key: draws[key][0][:, 0].numpy() for key in ('t', 'u') if key in draws}
 
 
 def task(real, draws, differences, settings, common, bootstrap):

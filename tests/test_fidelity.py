@@ -172,6 +172,10 @@ def test_end_to_end_with_true_samples_and_seeds(eval_setup, monkeypatch, capsys)
     data, out, args = eval_setup
     clip = np.load(os.path.join(data, 'clip.npy')).astype(np.float32)
     write_true_samples(data)
+    true = np.load(os.path.join(data, 'clip_samples.npy'), mmap_mode='r+')
+    true[:, 0] = np.load(os.path.join(data, 'clip.npy'))  # the first draw: the real tokens
+    true.flush()
+    del true
     rng = np.random.default_rng(0)
     for seed in (1, 2, 3):
         write_run(out / f'seed{seed}', clip + rng.normal(0, 0.3, clip.shape), seed)
@@ -199,6 +203,19 @@ def test_end_to_end_with_true_samples_and_seeds(eval_setup, monkeypatch, capsys)
     assert set(s['pooled']['floor']) == {'frechet_distance', 'mmd2', 'recall', 'coverage',
                                          'variance_ratio', 'precision', 'density'}
     assert s['seed_spread']['draws'] == 3 and s['protocol']['k'] == 3
+    # Tasks 1-2 score the true samples' first draw and the unconditional control too; the first
+    # draw here is the real tokens themselves, so it scores exactly A's recall and alignment
+    with open(out / 'seed1' / 'eval' / 'recall_summary.json') as f:
+        recall = json.load(f)
+    with open(out / 'seed1' / 'eval' / 'alignment_summary.json') as f:
+        align = json.load(f)
+    for d in ('image_to_text', 'text_to_image'):
+        for k in (1, 5, 10):
+            assert recall['true_samples'][d][f'recall@{k}'] == recall['method_a'][d][f'recall@{k}']
+        assert recall['unconditional'][d]['recall@5'] is not None
+    assert align['true_samples']['mean_cosine_similarity'] == \
+        align['method_a']['mean_cosine_similarity']
+    assert align['unconditional']['mean_cosine_similarity'] is not None
     assert len(s['protocol']['seed_generated']) == 2
     printed = capsys.readouterr().out
     assert 'conditional MMD2 x1e3' in printed and 'pooled coverage' in printed
