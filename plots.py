@@ -67,9 +67,11 @@ def plot_title(common):
 
 
 def method_colors(labels):
-    """A colour per method: A, B, R and the mean tokens fixed, the baselines after them."""
-    others = ['tab:red', 'tab:purple', 'tab:brown', 'tab:pink', 'tab:olive', 'tab:cyan']
-    colors = {'a': 'tab:blue', 'b': 'tab:orange', 'r': 'tab:green', 'm': 'tab:gray'}
+    """A colour per method: A, B, R, the mean tokens and Task 3's columns fixed, the baselines
+    after them."""
+    others = ['tab:red', 'tab:purple', 'tab:brown', 'tab:pink', 'tab:olive']
+    colors = {'a': 'tab:blue', 'b': 'tab:orange', 'r': 'tab:green', 'm': 'tab:gray',
+              'f': 'tab:blue', 't': 'k', 'u': 'tab:cyan'}  # f, t, u: Task 3's floor and controls
     baselines = [m for m in labels if m not in colors]
     return {**colors, **{m: others[j % len(others)] for j, m in enumerate(baselines)}}
 
@@ -161,6 +163,13 @@ def fidelity_bars(plt, path, report, labels, colors, title):
         ax.set_xticks(range(len(cols)), [labels[c] for c in cols], rotation=45, ha='right',
                       fontsize=7)
         ax.set_title(m.replace('_', ' '), fontsize=9)
+        if key == 'cmmd':  # the generators' differences, not the controls' far bars, set the scale
+            near = [scale * c[1] for c, col in zip(cis, cols) if col not in ('m', 'u')]
+            top = 2.5 * max(near) if near else None
+            for i, v in enumerate(values):
+                if top and v > top:
+                    ax.text(i, top * 0.97, f"{v:.0f}", ha='center', va='top', fontsize=7)
+            ax.set_ylim(top=top)
     fig.suptitle(f"Task 3: distribution fidelity (95% intervals)\n{title}", fontsize=8, wrap=True)
     save(fig, path)
 
@@ -189,7 +198,7 @@ def plot_fidelity(eval_dir, report, real, draws, labels, common):
     plt = pyplot()
     if plt is None:
         return
-    colors = {**method_colors(labels), 'f': 'tab:blue', 'u': 'tab:olive', 't': 'k'}
+    colors = method_colors(labels)
     fidelity_bars(plt, os.path.join(eval_dir, 'fidelity.png'), report, labels, colors,
                   plot_title(common))
     if 't' in draws:
