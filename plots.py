@@ -162,7 +162,7 @@ def fidelity_bars(plt, path, report, labels, colors, title):
                error_kw=dict(lw=0.8, capsize=2, ecolor='k'))
         ax.set_xticks(range(len(cols)), [labels[c] for c in cols], rotation=45, ha='right',
                       fontsize=7)
-        ax.set_title(m.replace('_', ' '), fontsize=9)
+        ax.set_title({'recall': 'k-NN recall'}.get(m, m.replace('_', ' ')), fontsize=9)
         if key == 'cmmd':  # the generators' differences, not the controls' far bars, set the scale
             near = [scale * c[1] for c, col in zip(cis, cols) if col not in ('m', 'u')]
             top = 2.5 * max(near) if near else None
