@@ -53,7 +53,7 @@ def fidelity_stats(sampling, info_path, train_data, meta, val_data):
         print(f"eval: note: token fidelity is standardized with {source}, not in the DiT's own "
               f"units")
         return meta['clip_mean'], meta['clip_std'], source
-    D = meta['clip']['dim']
+    D = data.token_shape(meta)[1]
     mean, std = stats.get('clip_mean'), stats.get('clip_std')
     if not (isinstance(mean, list) and isinstance(std, list) and len(mean) == len(std) == D
             and all(isinstance(s, (int, float)) and s > 0 and math.isfinite(s) for s in std)):

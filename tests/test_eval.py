@@ -5,7 +5,6 @@ import importlib.util
 import json
 import os
 import re
-import runpy
 import shutil
 import sys
 import time
@@ -15,34 +14,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import ROOT, make_data_folder
+from conftest import make_data_folder, run_eval, write_generated
 from eval import pool_project
 from plots import plot_eval, plot_title
-
-EVAL = os.path.join(ROOT, 'eval.py')
-# A tiny CLIP: 16 tokens of width 8 (4x4 patches of a 16 px image), joint space 6, one layer per
-# tower.
-TINY_CLIP = {'embed_dim': 6, 'quick_gelu': True,
-             'vision_cfg': {'image_size': 16, 'layers': 1, 'width': 8, 'head_width': 8,
-                            'patch_size': 4},
-             'text_cfg': {'context_length': 16, 'vocab_size': 49408, 'width': 8, 'heads': 1,
-                          'layers': 1}}
-
-
-@pytest.fixture(scope='module')
-def tiny_clip(tmp_path_factory):
-    """Register eval-test-tiny-clip (and its pool_type='avg' twin) with open_clip; return the
-    name."""
-    import open_clip
-    folder = tmp_path_factory.mktemp('encoders')
-    avg = json.loads(json.dumps(TINY_CLIP))
-    avg['vision_cfg']['pool_type'] = 'avg'
-    for name, cfg in [('eval-test-tiny-clip', TINY_CLIP), ('eval-test-tiny-clip-avg', avg)]:
-        with open(folder / f'{name}.json', 'w') as f:
-            json.dump(cfg, f)
-    open_clip.add_model_config(str(folder))
-    return 'eval-test-tiny-clip'
-
 
 def test_method_a_is_open_clip_avg_pooling(tiny_clip):
     import open_clip
@@ -79,26 +53,6 @@ def test_repeated_captions_get_identical_features(tiny_clip, tmp_path):
         tokens = open_clip.get_tokenizer(tiny_clip)(['a blue square'])
         alone = F.normalize(model.encode_text(tokens), dim=-1)
     np.testing.assert_allclose(feats[1], alone[0].numpy(), atol=1e-6)
-
-
-def run_eval(monkeypatch, *args):
-    monkeypatch.setattr(sys, 'argv', ['eval.py', *args])
-    runpy.run_path(EVAL, run_name='__main__')
-
-
-@pytest.fixture
-def eval_setup(tmp_path, tiny_clip):
-    """A data folder shaped like the tiny CLIP (16 tokens x 8, joint space 6) and an out_dir."""
-    data = make_data_folder(str(tmp_path / 'data'), n=24, tokens=16, clip_dim=8, embed_dim=6)
-    args = [f'--val_data={data}', f'--out_dir={tmp_path / "out"}', f'--clip_model={tiny_clip}',
-            '--clip_pretrained=', '--eval_batch_size=5']
-    return data, tmp_path / 'out', args
-
-
-def write_generated(path, array):
-    out = np.lib.format.open_memmap(str(path), mode='w+', dtype=np.float16, shape=array.shape)
-    out[:] = array
-    out.flush()
 
 
 def load_summaries(out):

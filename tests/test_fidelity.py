@@ -11,7 +11,7 @@ import sweep
 from metrics import (conditional_mmd2, fidelity_columns, frechet_distance, halving_terms,
                      knn_radii, knn_terms, mmd2, mmd2_terms, own_kernel_means, prdc, sq_distances,
                      within_distances)
-from test_eval import eval_setup, load_summaries, run_eval, tiny_clip, write_generated  # noqa: F401
+from conftest import run_eval, write_generated
 
 
 def exact_gaussian(rng, mu, cov, n=500):
